@@ -1,0 +1,1554 @@
+"""Parameter Golf record stack: train, compress and score an 11-layer GQA transformer in one script.
+
+Shards -> 11L/512d GQA transformer (partial RoPE, XSA, SmearGate, BigramHash, value embeddings,
+U-Net skips) -> Muon + AdamW under a wall-clock cap -> EMA/SWA -> full-Hessian GPTQ int6 + zstd
+artifact (code + model < 16,000,000 bytes) -> roundtrip, sliding-window and score-first TTT eval
+in bits per byte, all on the dequantized artifact.
+
+Record run (8xH100, FineWeb sp1024):
+    torchrun --standalone --nproc_per_node=8 train_gpt.py
+Tiny CPU run (every phase, data made on the spot; see README):
+    python3 tests/make_tiny_data.py /tmp/pg_tiny
+    PRESET=tiny DATA_PATH=/tmp/pg_tiny TOKENIZER_PATH=/tmp/pg_tiny/tokenizer.model python3 train_gpt.py
+Tests:
+    python3 -m pytest -q tests
+
+Every knob is an environment variable named after a field of `Hyperparameters` (upper-cased).
+Outputs: logs/<RUN_ID>.txt, logs/<RUN_ID>.json, final_model.int6.ptz.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import glob
+import io
+import json
+import lzma
+import math
+import os
+import platform
+import sys
+import time
+import typing
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------
+# Hyperparameters
+
+SIZE_LIMIT_BYTES = 16_000_000  # decimal bytes, code + compressed model (challenge README)
+ARTIFACT_NAME = "final_model.int6.ptz"
+# Env vars with these prefixes belong to this script: an unknown one is a typo, not a no-op.
+OWNED_ENV_PREFIXES = ("TTT_", "GPTQ_", "EVAL_", "TRAIN_", "MUON_", "ADAM_", "EMA_", "SWA_", "VE_",
+                      "BIGRAM_", "XSA_", "ROPE_", "MODEL_", "MLP_", "QK_", "LOGIT_", "TIED_",
+                      "WARMUP_", "WARMDOWN_", "VAL_", "QUANT_", "ATTN_", "NUM_", "GRAD_")
+RUNTIME_ENV = {"NUM_NODES"}  # launcher variables that share an owned prefix
+
+
+class ConfigError(ValueError):
+    """A bad input: reported as one line naming the variable or file, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # data and run
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece .model
+    run_id: str = ""  # log/summary name; empty = random uuid
+    seed: int = 1337  # init, data order (coprime loader), TTT and calibration sampling
+    preset: str = ""  # "" (record) or "tiny"; applied before env overrides
+    device: str = "auto"  # auto | cuda | cpu
+    train_loader: str = "sequential"  # sequential | coprime (multi-shard, SEED-dependent order)
+    eval_artifact: str = ""  # skip training: score this artifact on DATA_PATH's val shards
+    token_losses_dir: str = ""  # write <dir>/{sliding,ttt}.npy per-token NLL arrays
+    # model
+    vocab_size: int = 1024  # must equal the tokenizer's
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4  # GQA: num_heads // num_kv_heads query heads per KV head
+    mlp_mult: float = 3.0  # hidden = mlp_mult * model_dim
+    negative_slope: float = 0.5  # MLP act = leaky_relu(x, slope)^2; 0 gives relu^2
+    rope_dims: int = 16  # rotary dims per head (partial RoPE), the rest position-free
+    rope_base: float = 10000.0  # plain RoPE at every length (no length-dependent rescale)
+    qk_gain_init: float = 1.5  # per-head query gain after q/k RMS norm
+    logit_softcap: float = 30.0  # logits = c * tanh(logits / c)
+    tied_embed_init_std: float = 0.005
+    ln_scale: bool = True  # scale block-i norm outputs by 1/sqrt(i+1)
+    xsa_last_n: int = 11  # exclusive self-attention on the last N layers
+    bigram_vocab_size: int = 2816  # hashed bigram table rows (0 disables)
+    bigram_dim: int = 112
+    ve_layers: str = "9,10"  # comma list of layers that get value embeddings ("" disables)
+    ve_dim: int = 128
+    attn_backend: str = "auto"  # auto (fa3 > fa2 > sdpa) | fa3 | fa2 | sdpa
+    # batch and schedule
+    train_seq_len: int = 2048
+    train_batch_tokens: int = 786_432  # global tokens per optimizer step, any world size
+    micro_batch_seqs: int = 48  # max sequences per rank per forward (sets grad accumulation)
+    iterations: int = 20_000
+    warmdown_iters: int = 3500  # LR decays linearly to 0 over about this many final steps
+    warmup_steps: int = 20  # compile warm-up steps, rolled back and not timed
+    max_wallclock_seconds: float = 600.0  # training cap (0 = none, ITERATIONS ends the run)
+    train_log_every: int = 500
+    compile: int = -1  # -1 = on for CUDA; CPU never compiles
+    # optimizers
+    matrix_lr: float = 0.025  # Muon, block matrices
+    scalar_lr: float = 0.025  # AdamW, gains/mixes/small projections
+    tied_embed_lr: float = 0.035  # AdamW, embedding tables
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_wd: float = 0.04  # decoupled, times the scheduled LR
+    adam_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3  # global L2 norm of the averaged gradient (0 = off)
+    # weight averaging
+    ema_decay: float = 0.997  # per step
+    swa_every: int = 50  # steps between SWA snapshots during the warmdown
+    swa_start_scale: float = 0.2  # SWA collects once the LR scale is below this
+    weight_average: str = "ema"  # ema | swa | blend (mean of the two): what gets quantized
+    # quantization and artifact
+    gptq_calib: str = "train"  # train (inside the cap) | none (identity Hessian = GPTQ-lite)
+    gptq_calib_batches: int = 64  # calibration micro-batches per rank
+    gptq_reserve_seconds: float = 10.0  # taken out of MAX_WALLCLOCK_SECONDS for calibration
+    gptq_block_size: int = 128
+    quant_compressor: str = "zstd"  # zstd (level 22) | lzma (preset 9 extreme)
+    # evaluation
+    eval_seq_len: int = 2048
+    eval_stride: int = 64
+    eval_batch_seqs: int = 32  # windows per forward
+    ttt_enabled: bool = True
+    ttt_lr: float = 0.002
+    ttt_epochs: int = 3
+    ttt_chunk_tokens: int = 32_768
+    ttt_freeze_blocks: int = 0
+    ttt_momentum: float = 0.9
+    ttt_batch_seqs: int = 32  # global sequences per SGD step
+    ttt_grad_clip: float = 1.0
+
+    def __post_init__(self):
+        def need(cond: bool, var: str, msg: str):
+            if not cond:
+                raise ConfigError(f"{var}={getattr(self, var.lower())}: {msg}")
+        need(self.model_dim % self.num_heads == 0, "MODEL_DIM", "must be divisible by NUM_HEADS")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS", "must be divisible by NUM_KV_HEADS")
+        need(0 < self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
+             f"must be even and in (0, head_dim={self.head_dim}]")
+        need(0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N", "must be in [0, NUM_LAYERS]")
+        need(all(0 <= i < self.num_layers for i in self.ve_layer_ids), "VE_LAYERS",
+             "layer ids must be in [0, NUM_LAYERS)")
+        need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE", "must be 0 or >= 2")
+        need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
+             f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", "must be in (0, EVAL_SEQ_LEN]")
+        need(self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
+             f"must be a multiple of EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", "must be in [0, NUM_LAYERS]")
+        need(self.micro_batch_seqs > 0 and self.iterations > 0, "MICRO_BATCH_SEQS", "and ITERATIONS must be > 0")
+        for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", ("sequential", "coprime")),
+                             ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")),
+                             ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "none")),
+                             ("QUANT_COMPRESSOR", ("zstd", "lzma")), ("PRESET", ("", "tiny"))):
+            need(getattr(self, var.lower()) in allowed, var, f"must be one of {allowed}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def ve_layer_ids(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.ve_layers.split(",") if s.strip())
+
+    @property
+    def train_files(self) -> str:
+        return os.path.join(self.data_path, "fineweb_train_*.bin")
+
+    @property
+    def val_files(self) -> str:
+        return os.path.join(self.data_path, "fineweb_val_*.bin")
+
+    @classmethod
+    def from_env(cls, env: typing.Mapping[str, str] = os.environ) -> "Hyperparameters":
+        """Defaults <- PRESET <- environment. Unknown owned names and malformed values raise."""
+        hints = typing.get_type_hints(cls)
+        names = {f.name.upper(): f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in env if k.startswith(OWNED_ENV_PREFIXES) and k not in names
+                         and k not in RUNTIME_ENV)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown variable (not a Hyperparameters field)")
+        values: dict[str, typing.Any] = dict(PRESETS.get(env.get("PRESET", ""), {}))
+        for var, name in names.items():
+            if var in env:
+                values[name] = _parse_env(var, env[var], hints[name])
+        return cls(**values)
+
+
+def _parse_env(var: str, raw: str, kind: type) -> typing.Any:
+    try:
+        if kind is bool:
+            if raw not in ("0", "1"):
+                raise ValueError("expected 0 or 1")
+            return raw == "1"
+        return kind(raw)
+    except ValueError as e:
+        raise ConfigError(f"{var}={raw!r}: not a valid {kind.__name__} ({e})") from None
+
+
+PRESETS: dict[str, dict[str, typing.Any]] = {
+    "tiny": dict(vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
+                 xsa_last_n=2, ve_layers="0,1", ve_dim=16, bigram_vocab_size=256, bigram_dim=16,
+                 train_seq_len=128, eval_seq_len=128, eval_stride=32, eval_batch_seqs=8,
+                 train_batch_tokens=4096, micro_batch_seqs=32, iterations=40, warmdown_iters=10,
+                 warmup_steps=2, max_wallclock_seconds=0.0, train_log_every=10, ema_decay=0.9, swa_every=2,
+                 gptq_calib_batches=4, gptq_reserve_seconds=0.0, ttt_chunk_tokens=4096,
+                 ttt_batch_seqs=8, ttt_epochs=1, compile=0, device="cpu"),
+}
+
+
+def model_config(h: Hyperparameters) -> dict:
+    """The shape of the network: stored in the artifact so that it reloads on its own."""
+    keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+            "negative_slope", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap",
+            "tied_embed_init_std", "ln_scale", "xsa_last_n", "bigram_vocab_size", "bigram_dim",
+            "ve_layers", "ve_dim")
+    return {k: getattr(h, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime and logging
+
+
+@dataclass
+class Runtime:
+    """Where the run happens. The only place that touches torch.cuda or the launcher's env."""
+    distributed: bool
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.is_cuda else torch.float32
+
+    def sync(self):
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def max_memory_mib(self) -> tuple[float, float]:
+        if not self.is_cuda:
+            return 0.0, 0.0
+        return torch.cuda.max_memory_allocated() / 2**20, torch.cuda.max_memory_reserved() / 2**20
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.is_cuda else f"cpu ({platform.processor() or 'x86_64'})"
+
+    def all_reduce_(self, t: Tensor, op: str = "sum") -> Tensor:
+        """In-place all-reduce (sum, mean or max); a no-op in a single process."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            if op == "mean":
+                t.div_(self.world_size)
+        return t
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+
+def setup_runtime(device_pref: str = "auto", env: typing.Mapping[str, str] = os.environ) -> Runtime:
+    """Distributed iff torchrun's variables are present: NCCL on CUDA, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda: no CUDA device is available")
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    distributed = "RANK" in env and world_size > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return Runtime(distributed, rank, world_size, local_rank, device)
+
+
+_LOG = {"path": None, "is_main": True}
+
+
+def log(msg: str, console: bool = True):
+    """Rank-0 `key:value` log line, to stdout and logs/<RUN_ID>.txt."""
+    if not _LOG["is_main"]:
+        return
+    if console:
+        print(msg, flush=True)
+    if _LOG["path"]:
+        with open(_LOG["path"], "a", encoding="utf-8") as f:
+            print(msg, file=f)
+
+
+def setup_logging(h: Hyperparameters, rt: Runtime) -> str:
+    _LOG["is_main"] = rt.is_main
+    _LOG["path"] = None
+    if rt.is_main:
+        os.makedirs("logs", exist_ok=True)
+        _LOG["path"] = os.path.join("logs", f"{h.run_id}.txt")
+        open(_LOG["path"], "w").close()
+    return _LOG["path"]
+
+
+def log_run_header(h: Hyperparameters, rt: Runtime):
+    """Every hyperparameter in force, sorted, then where and with what the run happens."""
+    for name in sorted(f.name for f in dataclasses.fields(h)):
+        log(f"hparam:{name}={getattr(h, name)!r}")
+    log(f"world_size:{rt.world_size} device:{rt.device_name()} compute_dtype:{str(rt.compute_dtype).split('.')[-1]}")
+    log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+        f"cuda:{torch.version.cuda} attn_backend:{_ATTENTION['name']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+def read_shard(path: str) -> np.ndarray:
+    """A shard's uint16 tokens (memory-mapped) after checking its header and exact file size."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: shard file not found")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header.size != SHARD_HEADER_INTS:
+        raise ConfigError(f"{path}: shard header is shorter than {SHARD_HEADER_BYTES} bytes")
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ConfigError(f"{path}: bad shard header (magic {header[0]}, version {header[1]}; "
+                          f"expected {SHARD_MAGIC}, {SHARD_VERSION})")
+    n = int(header[2])
+    size = os.path.getsize(path)
+    if n < 0 or size != SHARD_HEADER_BYTES + 2 * n:
+        raise ConfigError(f"{path}: file is {size} bytes but its header promises {n} tokens "
+                          f"({SHARD_HEADER_BYTES + 2 * n} bytes)")
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,))
+
+
+def write_shard(path: str, tokens: np.ndarray):
+    """Write tokens in the challenge's shard format (used by tests and tools)."""
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def shard_paths(pattern: str, var: str = "DATA_PATH") -> list[str]:
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise ConfigError(f"{var}: no shards match {pattern}")
+    return paths
+
+
+class SequentialLoader:
+    """One global token stream over the sorted train shards, wrapping at the end.
+
+    Per micro-step every rank takes the same chunk of world*(n+1) tokens and keeps its own
+    disjoint span of n+1 (inputs n tokens, targets shifted by one)."""
+
+    def __init__(self, paths: list[str], rt: Runtime, seed: int = 0):
+        self.paths, self.rt = paths, rt
+        self.file_idx, self.pos = 0, 0
+        self.tokens = read_shard(paths[0])
+
+    def _take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            avail = len(self.tokens) - self.pos
+            if avail <= 0:
+                self.file_idx = (self.file_idx + 1) % len(self.paths)
+                self.tokens, self.pos = read_shard(self.paths[self.file_idx]), 0
+                continue
+            k = min(n, avail)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+    def next_batch(self, seqs: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        span = seqs * seq_len + 1
+        chunk = self._take(self.rt.world_size * span)
+        local = torch.from_numpy(chunk[self.rt.rank * span:(self.rt.rank + 1) * span].astype(np.int64))
+        x, y = local[:-1].view(seqs, seq_len), local[1:].view(seqs, seq_len)
+        return x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+
+
+def _name_hash(paths: list[str]) -> int:
+    """FNV-1a over the shard file names (not their folder), so DATA_PATH's spelling is irrelevant."""
+    h = 0xCBF29CE484222325
+    for b in "\n".join(os.path.basename(p) for p in paths).encode():
+        h = ((h ^ b) * 0x100000001B3) % 2**64
+    return h
+
+
+class CoprimeLoader:
+    """Multi-shard sampler (#0329): each shard is walked block by block in a coprime-stride
+    permutation from a random phase; each batch mixes 8 -> 64 shards over the first 1800 calls,
+    weighted by blocks left. The order depends on SEED and the shard names; all ranks draw the
+    same global list and take windows rank, rank+W, ..."""
+
+    MIX_RAMP_CALLS = 1800
+
+    def __init__(self, paths: list[str], rt: Runtime, seed: int):
+        self.rt = rt
+        self.shards = [read_shard(p) for p in paths]
+        self.rng = np.random.default_rng([seed, _name_hash(paths)])
+        self.cursors: dict[int, dict] = {}
+        self.calls = 0
+
+    def _new_cursor(self, i: int, seq_len: int) -> dict:
+        n = len(self.shards[i])
+        phase = int(self.rng.integers(0, max(0, min(seq_len - 1, n - seq_len - 1)) + 1))
+        blocks = (n - 1 - phase) // seq_len
+        stride = 1
+        while blocks > 2:
+            stride = int(self.rng.integers(1, blocks))
+            if math.gcd(stride, blocks) == 1:
+                break
+        return dict(phase=phase, blocks=blocks, start=int(self.rng.integers(0, blocks)), stride=stride, k=0)
+
+    def _take(self, i: int, seq_len: int) -> int:
+        c = self.cursors.get(i)
+        if c is None or c["k"] >= c["blocks"]:
+            c = self.cursors[i] = self._new_cursor(i, seq_len)
+        block = (c["start"] + c["k"] * c["stride"]) % c["blocks"]
+        c["k"] += 1
+        return c["phase"] + block * seq_len
+
+    def next_batch(self, seqs: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        W = self.rt.world_size
+        total = seqs * W
+        eligible = [i for i, s in enumerate(self.shards) if (len(s) - 1) // seq_len >= 1]
+        if not eligible:
+            raise ConfigError(f"TRAIN_SEQ_LEN={seq_len}: no train shard holds a full sequence")
+        progress = min(self.calls / self.MIX_RAMP_CALLS, 1.0)
+        self.calls += 1
+        left = np.array([(self.cursors[i]["blocks"] - self.cursors[i]["k"]) if i in self.cursors
+                         else (len(self.shards[i]) - 1) // seq_len for i in eligible], dtype=np.float64)
+        p = np.maximum(left, 1) ** (0.90 - 0.40 * progress)
+        lo, hi = min(max(8, W), len(eligible), total), min(max(32, 8 * W), len(eligible), total)
+        mix = int(round(lo + progress * (hi - lo)))
+        chosen = self.rng.choice(len(eligible), size=mix, replace=False, p=p / p.sum())
+        counts = 1 + self.rng.multinomial(total - mix, p[chosen] / p[chosen].sum())
+        lists = [[self._take(eligible[c], seq_len) for _ in range(k)] for c, k in zip(chosen, counts)]
+        lists = [(eligible[c], lst) for c, lst in zip(chosen, lists)]
+        order: list[tuple[int, int]] = []
+        while any(lst for _, lst in lists):
+            for j in self.rng.permutation(len(lists)):
+                if lists[j][1]:
+                    order.append((lists[j][0], lists[j][1].pop()))
+        mine = order[self.rt.rank::W]
+        rows = np.stack([self.shards[i][o:o + seq_len + 1].astype(np.int64) for i, o in mine])
+        t = torch.from_numpy(rows)
+        return (t[:, :-1].to(self.rt.device, non_blocking=True), t[:, 1:].to(self.rt.device, non_blocking=True))
+
+
+def make_train_loader(h: Hyperparameters, rt: Runtime):
+    cls = CoprimeLoader if h.train_loader == "coprime" else SequentialLoader
+    return cls(shard_paths(h.train_files), rt, h.seed)
+
+
+@dataclass
+class ValidationData:
+    """The validation stream and the tokenizer's byte tables that turn NLL into bits per byte."""
+    tokens: Tensor  # int64 (N,), truncated so that N-1 is a multiple of the longest seq len
+    stream_len: int  # length of the untruncated stream (for per-token loss files)
+    base_bytes: Tensor  # int64 (V,) UTF-8 bytes of each piece without its leading-space marker
+    has_leading_space: Tensor  # bool (V,) piece starts with U+2581
+    is_boundary: Tensor  # bool (V,) control/unknown/unused: no space is credited after it
+
+    def to(self, device: torch.device) -> "ValidationData":
+        return ValidationData(self.tokens.to(device), self.stream_len, self.base_bytes.to(device),
+                              self.has_leading_space.to(device), self.is_boundary.to(device))
+
+    def target_bytes(self, prev: Tensor, tgt: Tensor) -> Tensor:
+        """Bytes credited to predicting tgt after input token prev (same shapes)."""
+        return self.base_bytes[tgt] + (self.has_leading_space[tgt] & ~self.is_boundary[prev]).long()
+
+
+def build_byte_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token byte tables (stack.md 2.1): byte tokens 1 byte, control/unknown 0, pieces their
+    UTF-8 length with a leading U+2581 stripped and credited as a space only after a real token."""
+    n = max(sp.vocab_size(), vocab_size)
+    base = torch.zeros(n, dtype=torch.int64)
+    space = torch.zeros(n, dtype=torch.bool)
+    boundary = torch.ones(n, dtype=torch.bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return base, space, boundary
+
+
+def load_tokenizer(h: Hyperparameters):
+    import sentencepiece as spm  # imported here: importing this module has no side effects
+    if not h.tokenizer_path.endswith(".model") or not os.path.isfile(h.tokenizer_path):
+        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path}: no SentencePiece .model file there")
+    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    if sp.vocab_size() != h.vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={h.vocab_size} does not match the tokenizer's "
+                          f"vocab_size={sp.vocab_size()} ({h.tokenizer_path})")
+    return sp
+
+
+def load_validation(h: Hyperparameters, sp, rt: Runtime, seq_len: int) -> ValidationData:
+    """All val shards in sorted order. Called only once evaluation starts (rules C1, C3)."""
+    stream = np.concatenate([read_shard(p) for p in shard_paths(h.val_files)])
+    usable = (len(stream) - 1) // seq_len * seq_len
+    if usable <= 0:
+        raise ConfigError(f"{h.val_files}: validation stream ({len(stream)} tokens) is shorter than "
+                          f"one sequence of {seq_len} + 1")
+    base, space, boundary = build_byte_luts(sp, h.vocab_size)
+    tokens = torch.from_numpy(stream[:usable + 1].astype(np.int64))
+    return ValidationData(tokens, len(stream), base, space, boundary)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+_ATTENTION: dict[str, typing.Any] = {"name": "sdpa", "fn": None}
+
+
+def select_attention_backend(requested: str, device_type: str) -> str:
+    """FlashAttention 3 > FlashAttention 2 > PyTorch SDPA, chosen once per process."""
+    name, fn = "sdpa", None
+    if device_type == "cuda" and requested in ("auto", "fa3"):
+        with contextlib.suppress(ImportError):
+            from flash_attn_interface import flash_attn_func as fn  # Hopper build of FA3
+            name = "fa3"
+    if fn is None and device_type == "cuda" and requested in ("auto", "fa2"):
+        with contextlib.suppress(ImportError):
+            from flash_attn import flash_attn_func as fn
+            name = "fa2"
+    if requested not in ("auto", name):
+        raise ConfigError(f"ATTN_BACKEND={requested}: not importable on this {device_type} machine")
+    _ATTENTION.update(name=name, fn=fn)
+    return name
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D); native GQA in every backend."""
+    fn = _ATTENTION["fn"]
+    if fn is not None:
+        out = fn(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds return (out, lse)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, cast to the activation dtype at the matmul."""
+
+    def __init__(self, d_in: int, d_out: int, zero_init: bool = False):
+        super().__init__(d_in, d_out, bias=False)
+        self.zero_init = zero_init
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary(x: Tensor, rope_dims: int, base: float) -> Tensor:
+    """Partial RoPE on the first rope_dims of each head of x (B,T,H,D). Recomputed per call:
+    no cache, so nothing made under inference_mode can leak into a later backward."""
+    T, half = x.size(1), rope_dims // 2
+    inv_freq = base ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
+    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = angle.cos()[None, :, None, :].to(x.dtype), angle.sin()[None, :, None, :].to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half:rope_dims], x[..., rope_dims:]
+    return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: dict, xsa: bool):
+        super().__init__()
+        d, self.h, self.hkv = cfg["model_dim"], cfg["num_heads"], cfg["num_kv_heads"]
+        self.hd = d // self.h
+        self.c_q = CastedLinear(d, d)
+        self.c_k = CastedLinear(d, self.hkv * self.hd)
+        self.c_v = CastedLinear(d, self.hkv * self.hd)
+        self.proj = CastedLinear(d, d, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((self.h,), float(cfg["qk_gain_init"])))
+        self.rope_dims, self.rope_base, self.xsa = cfg["rope_dims"], cfg["rope_base"], xsa
+
+    def forward(self, x: Tensor, ve: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        v = self.c_v(x)
+        if ve is not None:
+            v = v + ve
+        q = rms_norm(self.c_q(x).view(B, T, self.h, self.hd))
+        k = rms_norm(self.c_k(x).view(B, T, self.hkv, self.hd))
+        v = v.view(B, T, self.hkv, self.hd)
+        q = rotary(q, self.rope_dims, self.rope_base) * self.q_gain.to(x.dtype)[None, None, :, None]
+        k = rotary(k, self.rope_dims, self.rope_base)
+        y = causal_attention(q, k, v)  # (B,T,H,D)
+        if self.xsa:  # exclusive self-attention: drop the part of y along the token's own value
+            y = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
+            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            y = y - (y * vn).sum(-1, keepdim=True) * vn
+        return self.proj(y.reshape(B, T, self.h * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        hidden = int(cfg["mlp_mult"] * cfg["model_dim"])
+        self.fc = CastedLinear(cfg["model_dim"], hidden)
+        self.proj = CastedLinear(hidden, cfg["model_dim"], zero_init=True)
+        self.negative_slope = cfg["negative_slope"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: dict, layer: int):
+        super().__init__()
+        d = cfg["model_dim"]
+        self.attn = Attention(cfg, xsa=layer >= cfg["num_layers"] - cfg["xsa_last_n"])
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg["ln_scale"] else 1.0
+
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+
+class BigramHash(nn.Module):
+    """Hashed (previous, current) token pair -> small table -> projection; the last bucket marks
+    position 0 of each row, where there is no previous token. Uses inputs only (rule A9)."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.buckets = cfg["bigram_vocab_size"]
+        self.embed = nn.Embedding(self.buckets, cfg["bigram_dim"])
+        self.proj = CastedLinear(cfg["bigram_dim"], cfg["model_dim"])
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, ids: Tensor) -> Tensor:
+        h = torch.bitwise_xor(36313 * ids[:, 1:], 27191 * ids[:, :-1]) % (self.buckets - 1)
+        return torch.cat((torch.full_like(ids[:, :1], self.buckets - 1), h), dim=1)
+
+    def forward(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.proj(self.embed(self.bucket_ids(ids)).to(dtype)) * self.scale.to(dtype)
+
+
+class GPT(nn.Module):
+    """The record stack (stack.md section 3), built from a model_config() dict."""
+
+    def __init__(self, cfg: dict, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg, self.compute_dtype = dict(cfg), compute_dtype
+        d, L, V = cfg["model_dim"], cfg["num_layers"], cfg["vocab_size"]
+        self.tok_emb = nn.Embedding(V, d)
+        self.bigram = BigramHash(cfg) if cfg["bigram_vocab_size"] else None
+        self.smear_gate = nn.Parameter(torch.zeros(d))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
+        self.num_encoder = L // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), d))
+        self.ve_layers = [int(s) for s in str(cfg["ve_layers"]).split(",") if s.strip()]
+        if self.ve_layers:
+            kv_dim = cfg["num_kv_heads"] * (d // cfg["num_heads"])
+            self.ve_embed = nn.Embedding(V, cfg["ve_dim"])
+            self.ve_proj = CastedLinear(cfg["ve_dim"], kv_dim)
+            self.ve_scale = nn.Parameter(torch.tensor(0.1))
+            self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.normal_(self.tok_emb.weight, std=self.cfg["tied_embed_init_std"])
+        for m in self.modules():
+            if isinstance(m, CastedLinear):
+                nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)  # bigram output starts at exactly zero
+        if self.ve_layers:
+            nn.init.normal_(self.ve_embed.weight, std=0.01)
+
+    def forward_hidden(self, ids: Tensor) -> Tensor:
+        """ids (B,T) -> final normed hidden states (B,T,d). The one block loop of the model."""
+        dt = self.compute_dtype
+        x = self.tok_emb(ids).to(dt)
+        if self.bigram is not None:
+            x = x + self.bigram(ids, dt)
+        x = rms_norm(x)
+        g = torch.sigmoid(self.smear_gate.to(dt))  # SmearGate: mix in the previous position
+        x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+        x0, skips = x, []
+        ve_base = self.ve_proj(self.ve_embed(ids).to(dt)) * self.ve_scale.to(dt) if self.ve_layers else None
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:  # U-Net: decoder block j takes encoder output L/2-1-j
+                x = x + self.skip_weights[i - self.num_encoder].to(dt) * skips.pop()
+            ve = None
+            if i in self.ve_layers:
+                ve = ve_base * self.ve_layer_scales[self.ve_layers.index(i)].to(dt)
+            x = block(x, x0, ve)
+            if i < self.num_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        c = self.cfg["logit_softcap"]
+        logits = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype)).float()
+        return c * torch.tanh(logits / c)
+
+    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+        """Mean cross-entropy (training), or per-token NLL (B,T) with reduction='none'."""
+        logits = self.logits(self.forward_hidden(ids))
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return nll if reduction == "mean" else nll.view_as(targets)
+
+
+def build_model(cfg: dict, rt: Runtime) -> GPT:
+    return GPT(cfg, rt.compute_dtype).to(rt.device)
+
+
+def maybe_compile(module, h: Hyperparameters, rt: Runtime):
+    """torch.compile on CUDA when COMPILE allows; CPU runs eagerly (interface.md)."""
+    if rt.is_cuda and h.compile != 0:
+        return torch.compile(module, dynamic=False, fullgraph=True)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers: Muon for block matrices, AdamW for embeddings and scalars
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalize a batch of matrices (..., m, n) in bf16 with the quintic
+    Newton-Schulz iteration of Muon (Keller Jordan, modded-nanogpt 2024-10): the result is close
+    to U V^T of G's SVD, singular values pushed into roughly [0.7, 1.2]."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if transposed else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum + Newton-Schulz orthogonalized updates, scaled by sqrt(max(1, rows/cols)),
+    with decoupled weight decay times the scheduled LR. Same-shaped matrices are orthogonalized
+    as one batch; on W ranks, matrix j of a shape group is done by rank j % W and the updates
+    meet in one all-reduce. Expects gradients already averaged over ranks."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, rt: Runtime):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                            weight_decay=weight_decay))
+        self.rt = rt
+
+    @torch.no_grad()
+    def step(self):
+        W, r = self.rt.world_size, self.rt.rank
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            shapes: dict[tuple, list[Tensor]] = {}
+            for p in params:
+                shapes.setdefault(tuple(p.shape), []).append(p)
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device) if W > 1 else None
+            offsets, off, updates = {}, 0, {}
+            for p in params:
+                offsets[p], off = off, off + p.numel()
+            for shape, ps in shapes.items():
+                mine = ps[r::W]
+                if not mine:
+                    continue
+                us = []
+                for p in mine:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    us.append(p.grad.add(buf, alpha=group["momentum"]))
+                O = newton_schulz(torch.stack(us), group["backend_steps"])
+                O *= max(1.0, shape[0] / shape[1]) ** 0.5
+                for p, o in zip(mine, O):
+                    if flat is None:
+                        updates[p] = o
+                    else:
+                        flat[offsets[p]:offsets[p] + p.numel()] = o.reshape(-1)
+            if flat is not None:
+                self.rt.all_reduce_(flat)
+                updates = {p: flat[offsets[p]:offsets[p] + p.numel()].view_as(p) for p in params}
+            for p in params:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(updates[p], alpha=-group["lr"])
+
+
+def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """Muon: the 2-D block matrices. AdamW: embedding tables; everything else (gains, mixes,
+    skip weights, bigram/VE projections) as scalars. Each parameter in exactly one group."""
+    embed_ids = {id(model.tok_emb.weight)}
+    if model.bigram is not None:
+        embed_ids.add(id(model.bigram.embed.weight))
+    if model.ve_layers:
+        embed_ids.add(id(model.ve_embed.weight))
+    groups: dict[str, list] = {"matrix": [], "embed": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if id(p) in embed_ids:
+            groups["embed"].append(p)
+        elif is_int6_matrix(name, p):
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    counted = [id(p) for g in groups.values() for p in g]
+    assert len(counted) == len(set(counted)) == len(list(model.parameters())), "optimizer partition broken"
+    return groups
+
+
+def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
+    g = param_groups(model)
+    adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=rt.is_cuda)
+    opts = [torch.optim.AdamW([dict(params=g["embed"], lr=h.tied_embed_lr, base_lr=h.tied_embed_lr),
+                               dict(params=g["scalar"], lr=h.scalar_lr, base_lr=h.scalar_lr)], **adam),
+            Muon(g["matrix"], h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, rt)]
+    for group in opts[1].param_groups:
+        group["base_lr"] = h.matrix_lr
+    return opts
+
+
+def lr_scale(step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameters) -> float:
+    """LR multiplier: 1, then linear to 0 at the end. With a wall-clock cap the warmdown spans the
+    last WARMDOWN_ITERS steps at the current mean step time, reaching 0 at the cap; without
+    one it is step-based, reaching 0 at ITERATIONS."""
+    if cap_ms <= 0:
+        start = h.iterations - h.warmdown_iters
+        return 1.0 if step < start else max(h.iterations - step, 0) / max(h.warmdown_iters, 1)
+    warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(cap_ms - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def muon_momentum(step: int, h: Hyperparameters) -> float:
+    f = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - f) * h.muon_momentum_warmup_start + f * h.muon_momentum
+
+
+def all_reduce_grads(params: list[nn.Parameter], rt: Runtime, op: str = "mean"):
+    """Average (or sum) gradients over ranks in one flat buffer (no DDP wrapper: one path for CPU and GPU)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not rt.distributed or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    rt.all_reduce_(flat, op)
+    torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight averaging: EMA every step, SWA over the warmdown
+
+
+class WeightAverager:
+    """fp32 EMA of every parameter (decay per step, no bias correction), and an SWA mean of
+    snapshots taken every SWA_EVERY steps once the LR scale is below SWA_START_SCALE."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.ema = [p.detach().float().clone() for p in model.parameters()]
+        self.swa_sum: list[Tensor] | None = None
+        self.swa_count = 0
+
+    @torch.no_grad()
+    def update_ema(self, model: nn.Module):
+        torch._foreach_lerp_(self.ema, [p.detach().float() for p in model.parameters()], 1 - self.decay)
+
+    @torch.no_grad()
+    def add_swa(self, model: nn.Module):
+        ps = [p.detach().float() for p in model.parameters()]
+        if self.swa_sum is None:
+            self.swa_sum = [p.clone() for p in ps]
+        else:
+            torch._foreach_add_(self.swa_sum, ps)
+        self.swa_count += 1
+
+    def averaged(self, mode: str) -> dict[str, Tensor]:
+        """The weights to quantize: 'ema', 'swa' (falls back to EMA without snapshots) or 'blend'."""
+        if mode == "ema" or self.swa_sum is None:
+            tensors = self.ema
+        else:
+            swa = [s / self.swa_count for s in self.swa_sum]
+            tensors = swa if mode == "swa" else [(e + s) / 2 for e, s in zip(self.ema, swa)]
+        return dict(zip(self.names, tensors))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: bits per byte, sliding window, score-first TTT
+
+
+@dataclass
+class EvalResult:
+    loss_sum: float  # nats, summed over scored targets
+    tokens: int
+    bytes: int
+    time_ms: float = 0.0
+
+    @property
+    def val_loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+    @property
+    def val_bpb(self) -> float:
+        return self.loss_sum / (math.log(2) * max(self.bytes, 1))
+
+    def as_dict(self) -> dict:
+        return dict(val_loss=self.val_loss, val_bpb=self.val_bpb, tokens=self.tokens, bytes=self.bytes,
+                    time_ms=round(self.time_ms, 1))
+
+
+def sliding_windows(total: int, seq_len: int, stride: int) -> np.ndarray:
+    """Rows (start, score_from, end) over `total` predicted positions. Window inputs are positions
+    [start, end), of length seq_len (or total if shorter); it scores [score_from, end). The first
+    window scores all of its positions, every later one the stride new positions at its end (the
+    last one fewer), so every position is scored exactly once with >= seq_len - stride context."""
+    L = min(seq_len, total)
+    ends = np.concatenate(([L], np.arange(L + stride, total, stride), [total] if total > L else []))
+    ends = ends.astype(np.int64)
+    score_from = np.concatenate(([0], ends[:-1]))
+    return np.stack((ends - L, score_from, ends), axis=1)
+
+
+def rank_slice(n: int, rt: Runtime) -> slice:
+    return slice(n * rt.rank // rt.world_size, n * (rt.rank + 1) // rt.world_size)
+
+
+class TokenLosses:
+    """Per-token NLL of the validation stream as first scored (NaN where never scored)."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.nll = torch.zeros(n, dtype=torch.float32, device=device)
+        self.hit = torch.zeros(n, dtype=torch.float32, device=device)
+
+    def record(self, target_idx: Tensor, nll: Tensor):
+        self.nll[target_idx] = nll.float()
+        self.hit[target_idx] = 1.0
+
+    def save(self, path: str, rt: Runtime):
+        rt.all_reduce_(self.nll)
+        rt.all_reduce_(self.hit)
+        if rt.is_main:
+            out = torch.where(self.hit > 0, self.nll, torch.full_like(self.nll, float("nan")))
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            np.save(path, out.cpu().numpy())
+
+
+def score_windows(nll_fn, val: ValidationData, wins: np.ndarray, batch: int, rt: Runtime,
+                  losses: TokenLosses | None = None) -> Tensor:
+    """Sum (nll, tokens, bytes) over the scored positions of this rank's share of `wins`,
+    under inference_mode. Batches are padded to a fixed shape (masked rows) for compile."""
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    mine = wins[rank_slice(len(wins), rt)]
+    if len(mine) == 0:
+        return sums
+    L = int(mine[0, 2] - mine[0, 0])
+    ar = torch.arange(L, device=rt.device)
+    with torch.inference_mode():
+        for b in range(0, len(mine), batch):
+            rows = torch.from_numpy(mine[b:b + batch]).to(rt.device)
+            real = len(rows)
+            rows = torch.cat((rows, rows[-1:].expand(batch - real, 3))) if real < batch else rows
+            idx = rows[:, :1] + ar  # (B, L) input positions
+            x, y = val.tokens[idx], val.tokens[idx + 1]
+            nll = nll_fn(x, y).double()
+            mask = (idx >= rows[:, 1:2]) & (torch.arange(batch, device=rt.device) < real)[:, None]
+            sums[0] += nll[mask].sum()
+            sums[1] += mask.sum()
+            sums[2] += val.target_bytes(x, y)[mask].sum()
+            if losses is not None:
+                losses.record(idx[mask] + 1, nll[mask])
+    return sums
+
+
+def to_result(sums: Tensor, rt: Runtime, t0: float) -> EvalResult:
+    rt.all_reduce_(sums)
+    rt.sync()
+    s = sums.tolist()
+    return EvalResult(s[0], int(s[1]), int(s[2]), 1000 * (time.perf_counter() - t0))
+
+
+def nll_function(model: GPT):
+    return lambda x, y: model(x, y, reduction="none")
+
+
+def evaluate(nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime, stride: int,
+             losses: TokenLosses | None = None) -> EvalResult:
+    """Plain eval is stride == EVAL_SEQ_LEN (disjoint windows); sliding eval uses EVAL_STRIDE."""
+    rt.sync()
+    t0 = time.perf_counter()
+    wins = sliding_windows(len(val.tokens) - 1, h.eval_seq_len, stride)
+    return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses), rt, t0)
+
+
+def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime,
+                 losses: TokenLosses | None = None, trace: list | None = None) -> EvalResult:
+    """Legal score-first test-time training (rules A1-A5). The stride windows are grouped into
+    chunks of TTT_CHUNK_TOKENS by their first scored position. For each chunk in order: score all
+    of its windows under inference_mode (the only numbers that count), then, except for the last
+    chunk, train on that chunk's already-scored tokens for TTT_EPOCHS with SGD (cosine LR over
+    chunks, gradients summed over ranks and normalised by the global batch). No token is trained
+    on before it is scored, and none is scored twice."""
+    rt.sync()
+    t0 = time.perf_counter()
+    total, L, C = len(val.tokens) - 1, h.eval_seq_len, h.ttt_chunk_tokens
+    wins = sliding_windows(total, L, h.eval_stride)
+    chunk_of = wins[:, 1] // C
+    n_chunks = int(chunk_of[-1]) + 1
+    for i, block in enumerate(model.blocks):
+        block.requires_grad_(i >= h.ttt_freeze_blocks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    log(f"ttt:start chunks:{n_chunks} chunk_tokens:{C} windows:{len(wins)} stride:{h.eval_stride} "
+        f"lr:{h.ttt_lr} epochs:{h.ttt_epochs} freeze_blocks:{h.ttt_freeze_blocks} "
+        f"params_trained:{sum(p.numel() for p in params)} protocol:score_first")
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    for c in range(n_chunks):
+        sums += score_windows(nll_fn, val, wins[chunk_of == c], h.eval_batch_seqs, rt, losses)
+        if trace is not None:
+            trace.append(("score", c, int(wins[chunk_of == c][:, 2].max())))
+        if c == n_chunks - 1:
+            break  # the last chunk is never trained on
+        for group in opt.param_groups:
+            group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        starts = np.arange(c * C, min((c + 1) * C, total), L)  # whole sequences: C and total are multiples of L
+        for _ in range(h.ttt_epochs):
+            for b in range(0, len(starts), h.ttt_batch_seqs):
+                batch = starts[b:b + h.ttt_batch_seqs]
+                mine = batch[rank_slice(len(batch), rt)]
+                opt.zero_grad(set_to_none=False)
+                if len(mine):
+                    idx = torch.from_numpy(mine).to(rt.device)[:, None] + torch.arange(L, device=rt.device)
+                    loss = model(val.tokens[idx], val.tokens[idx + 1], reduction="none").sum()
+                    (loss / (len(batch) * L)).backward()
+                    if trace is not None:
+                        trace.append(("train", c, int(idx.max()) + 1))
+                all_reduce_grads(params, rt, op="sum")
+                if h.ttt_grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+                opt.step()
+        if rt.is_main and (c % 100 == 0 or c == n_chunks - 2):
+            run = EvalResult(*sums.tolist()[:1], int(sums[1]), int(sums[2]))
+            log(f"ttt_chunk:{c + 1}/{n_chunks} rank0_bpb:{run.val_bpb:.6f} time:{time.perf_counter() - t0:.1f}s")
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    return to_result(sums, rt, t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization and serialization: full-Hessian GPTQ int6, int8 embeddings, zstd-22
+
+INT6_MAX = 31  # symmetric levels -31..31 in an int8 container (the compressor removes the slack)
+INT8_MAX = 127
+INT6_SCALE_FLOOR = 1 / 31  # part of the records' format: rows with clip < 1 share step 1/31
+INT8_SCALE_FLOOR = 1 / 127
+INT8_CLIP_QUANTILE = 0.9999984
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # per-row clip candidates
+PASSTHROUGH_MAX_NUMEL = 65_536  # smaller float tensors are stored as fp16
+GPTQ_DAMP = 0.01  # diagonal damping, fraction of mean(diag(H))
+ARTIFACT_FORMAT = "pg-int6-v1"
+
+
+def row_scales(W: Tensor, quantile: float, qmax: int, floor: float) -> Tensor:
+    """Per-row step size for clip = that quantile of |row|, rounded to fp16 as stored."""
+    a = W.abs()
+    clip = a.amax(dim=1) if quantile >= 1.0 else torch.quantile(a, quantile, dim=1)
+    return (clip / qmax).clamp_min(floor).half().float()
+
+
+def gptq_quantize(W: Tensor, H: Tensor | None = None, block_size: int = 128,
+                  clip_quantiles: typing.Sequence[float] = CLIP_QUANTILES) -> tuple[Tensor, Tensor]:
+    """GPTQ (Frantar et al. 2022, arXiv:2210.17323) to int6 with per-row scales.
+
+    Columns are quantized one at a time in descending diag(H) order (act-order); each column's
+    rounding error, divided by the pivot of the upper Cholesky factor U of H^-1, is pushed onto
+    the columns not yet quantized (lazily, in blocks). Every clip candidate runs as one batch and
+    each row keeps the candidate with the least output error (W-Q) H (W-Q)^T for that row, the
+    error that matters for the layer's output. H=None means identity: no error feedback, which
+    is round-to-nearest with the same clip search (GPTQ-lite). Returns (q int8, scale fp16)."""
+    W = W.detach().float()
+    rows, cols = W.shape
+    H = torch.eye(cols, device=W.device) if H is None else H.detach().float().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W = W.masked_fill(dead[None, :], 0.0)
+    H.diagonal().add_(GPTQ_DAMP * H.diagonal().mean())
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    inv_perm = torch.argsort(perm)
+    Hp = H[perm][:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
+    scales = torch.stack([row_scales(W, q, INT6_MAX, INT6_SCALE_FLOOR) for q in clip_quantiles])  # (K, rows)
+    s = scales[:, :, None]
+    Wk = W[:, perm].expand(len(clip_quantiles), rows, cols).clone()  # (K, rows, cols), permuted
+    Q = torch.zeros_like(Wk)
+    for b0 in range(0, cols, block_size):
+        b1 = min(b0 + block_size, cols)
+        Err = torch.zeros_like(Wk[:, :, b0:b1])
+        for j in range(b0, b1):
+            w = Wk[:, :, j]
+            q = torch.clamp(torch.round(w / s[:, :, 0]), -INT6_MAX, INT6_MAX)
+            Q[:, :, j] = q
+            e = (w - q * s[:, :, 0]) / U[j, j]
+            Err[:, :, j - b0] = e
+            Wk[:, :, j + 1:b1] -= e[:, :, None] * U[j, j + 1:b1]
+        Wk[:, :, b1:] -= Err @ U[b0:b1, b1:]
+    D = W[:, perm][None] - Q * s  # (K, rows, cols) error of each candidate
+    err = ((D @ Hp) * D).sum(-1)  # (K, rows)
+    best = err.argmin(dim=0)
+    rows_idx = torch.arange(rows, device=W.device)
+    q = Q[best, rows_idx][:, inv_perm]
+    return q.to(torch.int8).contiguous(), scales[best, rows_idx].half()
+
+
+def quantize_int8_rows(W: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row int8 with a high-quantile clip (embedding tables)."""
+    W = W.detach().float()
+    clip = torch.quantile(W.abs(), INT8_CLIP_QUANTILE, dim=1) if W.numel() else W.new_zeros(W.size(0))
+    s = (clip / INT8_MAX).clamp_min(INT8_SCALE_FLOOR)
+    q = torch.clamp(torch.round(W.clamp(-clip[:, None], clip[:, None]) / s[:, None]), -INT8_MAX, INT8_MAX)
+    return q.to(torch.int8), s.half()
+
+
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def is_int6_matrix(name: str, t: Tensor) -> bool:
+    """The block linear weights (Q, K, V, out, MLP up/down): Muon-trained, GPTQ-quantized."""
+    return name.startswith("blocks.") and name.endswith(".weight") and t.ndim == 2
+
+
+def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], block_size: int) -> dict:
+    """Block matrices -> GPTQ int6 (identity Hessian when none was collected); other tensors with
+    more than PASSTHROUGH_MAX_NUMEL entries (embedding tables) -> int8 rows; the rest -> fp16."""
+    out: dict[str, dict] = {"int6": {}, "int8": {}, "fp16": {}}
+    for name, t in state.items():
+        if is_int6_matrix(name, t):
+            out["int6"][name] = gptq_quantize(t, hessians.get(name), block_size)
+        elif t.numel() > PASSTHROUGH_MAX_NUMEL and t.ndim == 2:
+            out["int8"][name] = quantize_int8_rows(t)
+        else:
+            out["fp16"][name] = t.detach().half()
+    return out
+
+
+def dequantize_state(qstate: dict) -> dict[str, Tensor]:
+    state = {n: dequantize_rows(q, s) for kind in ("int6", "int8") for n, (q, s) in qstate[kind].items()}
+    state.update({n: t.float() for n, t in qstate["fp16"].items()})
+    return state
+
+
+def compress(raw: bytes, method: str) -> bytes:
+    if method == "lzma":
+        return lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
+    import zstandard
+    return zstandard.ZstdCompressor(level=22).compress(raw)
+
+
+def decompress(blob: bytes) -> bytes:
+    if blob[:4] == b"\x28\xb5\x2f\xfd":  # zstd frame magic
+        import zstandard
+        return zstandard.ZstdDecompressor().decompress(blob)
+    return lzma.decompress(blob)
+
+
+def pack_artifact(qstate: dict, cfg: dict, compressor: str) -> bytes:
+    obj = {"format": ARTIFACT_FORMAT, "config": cfg, "fp16": qstate["fp16"],
+           **{k: {n: {"q": q, "s": s} for n, (q, s) in qstate[k].items()} for k in ("int6", "int8")}}
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return compress(buf.getvalue(), compressor)
+
+
+def unpack_artifact(blob: bytes) -> tuple[dict, dict]:
+    """(model config, dequantized state dict) from an artifact's bytes."""
+    obj = torch.load(io.BytesIO(decompress(blob)), map_location="cpu", weights_only=True)
+    if obj.get("format") != ARTIFACT_FORMAT:
+        raise ConfigError(f"EVAL_ARTIFACT: unknown artifact format {obj.get('format')!r}")
+    qstate = {k: {n: (v["q"], v["s"]) for n, v in obj[k].items()} for k in ("int6", "int8")}
+    qstate["fp16"] = obj["fp16"]
+    return obj["config"], dequantize_state(qstate)
+
+
+def code_bytes() -> int:
+    """Bytes of this script as shipped: they count toward the artifact limit (rule D2)."""
+    return os.path.getsize(os.path.abspath(__file__))
+
+
+def write_artifact(blob: bytes, path: str, limit: int = SIZE_LIMIT_BYTES) -> dict:
+    """Check code + model bytes against the decimal cap, then write atomically (tmp + rename).
+    Over the cap: nothing is written and the run fails."""
+    sizes = dict(path=path, code_bytes=code_bytes(), model_bytes=len(blob), limit_bytes=limit)
+    sizes["total_bytes"] = sizes["code_bytes"] + sizes["model_bytes"]
+    if sizes["total_bytes"] >= limit:
+        raise ConfigError(f"artifact: code {sizes['code_bytes']} + model {sizes['model_bytes']} = "
+                          f"{sizes['total_bytes']} bytes is not under the {limit}-byte cap; nothing written")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    assert os.path.getsize(path) == len(blob)
+    return sizes
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches: typing.Iterable[tuple[Tensor, Tensor]], rt: Runtime) -> dict[str, Tensor]:
+    """H = sum of X^T X over calibration tokens for every int6 matrix, from forward pre-hooks on
+    the real modules (Q/K/V share one input but each gets its own sum), summed over ranks."""
+    hessians: dict[str, Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, CastedLinear) and is_int6_matrix(name + ".weight", mod.weight):
+            key = name + ".weight"
+            hessians[key] = torch.zeros(mod.in_features, mod.in_features, device=rt.device)
+
+            def hook(m, args, key=key):
+                x = args[0].detach().float().reshape(-1, args[0].size(-1))
+                hessians[key].addmm_(x.T, x)
+            hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            for x, _ in batches:
+                model.forward_hidden(x)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    for H in hessians.values():
+        rt.all_reduce_(H)
+    return hessians
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_ms: float
+    tokens: int
+    stop: str  # wallclock | iterations
+    cap_ms: float
+    calib_time_ms: float = 0.0
+
+
+def batch_geometry(h: Hyperparameters, rt: Runtime) -> tuple[int, int]:
+    """(sequences per rank per micro-step, gradient accumulation steps) for a global batch of
+    TRAIN_BATCH_TOKENS at any world size: the fewest micro-steps of at most MICRO_BATCH_SEQS."""
+    seqs = h.train_batch_tokens // h.train_seq_len
+    if seqs % rt.world_size:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens}: {seqs} sequences of {h.train_seq_len} "
+                          f"do not split evenly over {rt.world_size} ranks")
+    per_rank = seqs // rt.world_size
+    accum = next(d for d in range(1, per_rank + 1) if per_rank % d == 0 and per_rank // d <= h.micro_batch_seqs)
+    return per_rank // accum, accum
+
+
+def train_step(model, opts: list, loader, h: Hyperparameters, rt: Runtime, geometry: tuple[int, int],
+               params: list[nn.Parameter], scale: float, step: int) -> Tensor:
+    """One optimizer step over grad_accum micro-batches; returns the mean training loss."""
+    seqs, accum = geometry
+    total = torch.zeros((), device=rt.device)
+    for _ in range(accum):
+        x, y = loader.next_batch(seqs, h.train_seq_len)
+        loss = model(x, y)
+        (loss / accum).backward()
+        total += loss.detach()
+    all_reduce_grads(params, rt)
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+    opts[-1].param_groups[0]["momentum"] = muon_momentum(step, h)
+    if h.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
+    for opt in opts:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total / accum
+
+
+def warm_up(model, opts: list, base_model: GPT, h: Hyperparameters, rt: Runtime, geometry, params):
+    """Compile warm-up on real batches, then restore weights, optimizer state and data position:
+    it is not an LR warm-up and its time is not counted (rule B1)."""
+    saved = copy.deepcopy(base_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
+    loader = make_train_loader(h, rt)
+    for i in range(h.warmup_steps):
+        train_step(model, opts, loader, h, rt, geometry, params, 1.0, 0)
+        log(f"warmup_step:{i + 1}/{h.warmup_steps}")
+    base_model.load_state_dict(saved[0])
+    for opt, state in zip(opts, saved[1]):
+        opt.load_state_dict(state)
+
+
+def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
+    """Train until ITERATIONS or the wall-clock cap (MAX_WALLCLOCK_SECONDS less the calibration
+    reserve). Returns the result, the weight averager and the loader (calibration continues it)."""
+    params = list(base_model.parameters())
+    opts = build_optimizers(base_model, h, rt)
+    geometry = batch_geometry(h, rt)
+    log(f"model_params:{sum(p.numel() for p in params)} micro_batch_seqs:{geometry[0]} grad_accum_steps:{geometry[1]} "
+        f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len}")
+    if h.warmup_steps > 0:
+        warm_up(model, opts, base_model, h, rt, geometry, params)
+    loader = make_train_loader(h, rt)
+    averager = WeightAverager(base_model, h.ema_decay)
+    reserve_ms = 1000 * h.gptq_reserve_seconds if h.gptq_calib == "train" else 0.0
+    cap_ms = max(1000 * h.max_wallclock_seconds - reserve_ms, 1.0) if h.max_wallclock_seconds > 0 else 0.0
+    log(f"train:cap_ms:{cap_ms:.0f} calib_reserve_ms:{reserve_ms:.0f} loader:{h.train_loader}")
+    step, stop = 0, "iterations"
+    rt.sync()
+    t0 = time.perf_counter()
+    while step < h.iterations:
+        elapsed_ms = 1000 * (time.perf_counter() - t0)
+        scale = lr_scale(step, elapsed_ms, cap_ms, h)
+        loss = train_step(model, opts, loader, h, rt, geometry, params, scale, step)
+        averager.update_ema(base_model)
+        step += 1
+        if scale < h.swa_start_scale and step % h.swa_every == 0:
+            if averager.swa_count == 0:
+                log(f"swa:start step:{step} lr_scale:{scale:.4f}")
+            averager.add_swa(base_model)
+        elapsed_ms = 1000 * (time.perf_counter() - t0)
+        if step <= 10 or step % h.train_log_every == 0 or step == h.iterations:
+            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_scale:{scale:.4f} "
+                f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
+        if cap_ms > 0:
+            reached = rt.all_reduce_(torch.tensor([float(elapsed_ms >= cap_ms)], device=rt.device), "max")
+            if reached.item() > 0:
+                stop = "wallclock"
+                break
+    rt.sync()
+    train_ms = 1000 * (time.perf_counter() - t0)
+    if stop == "wallclock":
+        log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+    mem = rt.max_memory_mib()
+    log(f"train:done steps:{step} train_time:{train_ms:.0f}ms tokens:{step * h.train_batch_tokens} "
+        f"swa_snapshots:{averager.swa_count} peak memory allocated: {mem[0]:.0f} MiB reserved: {mem[1]:.0f} MiB")
+    return TrainResult(step, train_ms, step * h.train_batch_tokens, stop, cap_ms), averager, loader
+
+
+def apply_weight_average(base_model: GPT, averager: WeightAverager, mode: str):
+    used = mode if (mode == "ema" or averager.swa_count) else "ema"
+    state = averager.averaged(used)
+    with torch.no_grad():
+        for name, p in base_model.named_parameters():
+            p.copy_(state[name].to(p.dtype))
+    log(f"weight_average:{used} requested:{mode} swa_snapshots:{averager.swa_count} ema_decay:{averager.decay}")
+
+
+def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, result: TrainResult) -> dict[str, Tensor]:
+    """Hessians for GPTQ from training batches, inside the training budget (rules B2, C3)."""
+    if h.gptq_calib == "none":
+        log("calib:source:none (identity Hessians: GPTQ-lite round-to-nearest with clip search)")
+        return {}
+    rt.sync()
+    t0 = time.perf_counter()
+    seqs = batch_geometry(h, rt)[0]
+    batches = (loader.next_batch(seqs, h.train_seq_len) for _ in range(h.gptq_calib_batches))
+    hessians = collect_hessians(base_model, batches, rt)
+    rt.sync()
+    result.calib_time_ms = 1000 * (time.perf_counter() - t0)
+    total = result.train_time_ms + result.calib_time_ms
+    cap = 1000 * h.max_wallclock_seconds
+    log(f"calib:source:train batches:{h.gptq_calib_batches} layers:{len(hessians)} "
+        f"calib_time:{result.calib_time_ms:.0f}ms train+calib:{total:.0f}ms cap:{cap:.0f}ms "
+        f"within_cap:{cap <= 0 or total <= cap}")
+    return hessians
+
+
+def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, rt: Runtime) -> dict:
+    """Quantize (data-free after calibration), compress, check the cap, write on rank 0."""
+    t0 = time.perf_counter()
+    state = {n: p.detach() for n, p in base_model.state_dict().items()}
+    qstate = quantize_state(state, hessians, h.gptq_block_size)
+    blob = pack_artifact(qstate, model_config(h), h.quant_compressor)
+    error, sizes = "", {}
+    if rt.is_main:
+        try:
+            sizes = write_artifact(blob, ARTIFACT_NAME)
+        except ConfigError as e:
+            error = str(e)
+    failed = rt.all_reduce_(torch.tensor([float(bool(error))], device=rt.device), "max").item() > 0
+    if failed:
+        raise ConfigError(error or "artifact: rank 0 could not write the artifact")
+    rt.barrier()
+    log(f"quant:int6:{len(qstate['int6'])} int8:{len(qstate['int8'])} fp16:{len(qstate['fp16'])} "
+        f"gptq_hessians:{len(hessians)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    if rt.is_main:
+        log(f"Serialized model int6+{h.quant_compressor}: {sizes['model_bytes']} bytes")
+        log(f"Code size: {sizes['code_bytes']} bytes")
+        log(f"Total submission size int6+{h.quant_compressor}: {sizes['total_bytes']} bytes "
+            f"(limit {SIZE_LIMIT_BYTES}, under_cap:{sizes['total_bytes'] < SIZE_LIMIT_BYTES})")
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# Final evaluation and main
+
+PHASE_LABELS = {"prequant": "prequant_ema", "roundtrip": "final_int6_roundtrip",
+                "sliding": "final_int6_sliding_window", "ttt": "legal_ttt"}
+
+
+def log_phase(phase: str, r: EvalResult, extra: str = ""):
+    label = PHASE_LABELS[phase]
+    log(f"{label} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{r.time_ms:.0f}ms")
+    log(f"{label}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} tokens:{r.tokens} bytes:{r.bytes}")
+
+
+def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str,
+                   prequant_model: GPT | None = None) -> tuple[dict[str, EvalResult], float]:
+    """Everything after training, timed as the eval budget: val is opened only here."""
+    rt.sync()
+    t0 = time.perf_counter()
+    val = load_validation(h, sp, rt, max(h.train_seq_len, h.eval_seq_len)).to(rt.device)
+    log(f"val_tokens:{len(val.tokens) - 1} val_stream_tokens:{val.stream_len}")
+    results: dict[str, EvalResult] = {}
+    if prequant_model is not None:
+        results["prequant"] = evaluate(maybe_compile(nll_function(prequant_model), h, rt), val, h, rt, h.eval_seq_len)
+        log_phase("prequant", results["prequant"])
+    with open(artifact_path, "rb") as f:
+        cfg, state = unpack_artifact(f.read())
+    if cfg["vocab_size"] != h.vocab_size:
+        raise ConfigError(f"EVAL_ARTIFACT: artifact vocab_size={cfg['vocab_size']} but VOCAB_SIZE={h.vocab_size}")
+    model = build_model(cfg, rt)
+    model.load_state_dict(state, strict=True)
+    nll_fn = maybe_compile(nll_function(model), h, rt)
+    losses = (lambda: TokenLosses(val.stream_len, rt.device)) if h.token_losses_dir else (lambda: None)
+    results["roundtrip"] = evaluate(nll_fn, val, h, rt, h.eval_seq_len)
+    log_phase("roundtrip", results["roundtrip"])
+    tl = losses()
+    results["sliding"] = evaluate(nll_fn, val, h, rt, h.eval_stride, tl)
+    log_phase("sliding", results["sliding"], f" stride:{h.eval_stride}")
+    if tl is not None:
+        tl.save(os.path.join(h.token_losses_dir, "sliding.npy"), rt)
+    if h.ttt_enabled:
+        tl = losses()
+        results["ttt"] = ttt_evaluate(model, nll_fn, val, h, rt, tl)
+        log_phase("ttt", results["ttt"])
+        if tl is not None:
+            tl.save(os.path.join(h.token_losses_dir, "ttt.npy"), rt)
+    rt.sync()
+    eval_ms = 1000 * (time.perf_counter() - t0)
+    log(f"eval:done phases:{','.join(results)} eval_time:{eval_ms:.0f}ms")
+    return results, eval_ms
+
+
+def write_summary(h: Hyperparameters, rt: Runtime, train: TrainResult | None, sizes: dict,
+                  results: dict[str, EvalResult], eval_ms: float):
+    if not rt.is_main:
+        return
+    summary = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, device=rt.device_name(),
+                   config=dataclasses.asdict(h),
+                   train=None if train is None else dict(steps=train.steps, train_time_ms=round(train.train_time_ms, 1),
+                                                         calib_time_ms=round(train.calib_time_ms, 1),
+                                                         tokens=train.tokens, stop=train.stop),
+                   artifact=sizes, eval={k: r.as_dict() for k, r in results.items()},
+                   eval_time_ms=round(eval_ms, 1), val_bpb=list(results.values())[-1].val_bpb)
+    path = os.path.join("logs", f"{h.run_id}.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    log(f"summary:{path} val_bpb:{summary['val_bpb']:.8f}")
+
+
+def artifact_sizes(path: str) -> dict:
+    model = os.path.getsize(path)
+    return dict(path=path, code_bytes=code_bytes(), model_bytes=model, total_bytes=model + code_bytes(),
+                limit_bytes=SIZE_LIMIT_BYTES)
+
+
+def run(h: Hyperparameters, rt: Runtime):
+    setup_logging(h, rt)
+    select_attention_backend(h.attn_backend, rt.device.type)
+    log_run_header(h, rt)
+    sp = load_tokenizer(h)
+    shard_paths(h.val_files)  # fail early if missing; their contents are read only at eval
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    if h.eval_artifact:
+        if not os.path.isfile(h.eval_artifact):
+            raise ConfigError(f"EVAL_ARTIFACT={h.eval_artifact}: file not found")
+        results, eval_ms = evaluate_final(h, rt, sp, h.eval_artifact)
+        return write_summary(h, rt, None, artifact_sizes(h.eval_artifact), results, eval_ms)
+    base_model = build_model(model_config(h), rt)
+    model = maybe_compile(base_model, h, rt)
+    result, averager, loader = train(model, base_model, h, rt)
+    apply_weight_average(base_model, averager, h.weight_average)
+    hessians = calibrate(base_model, loader, h, rt, result)
+    sizes = serialize(base_model, hessians, h, rt)
+    results, eval_ms = evaluate_final(h, rt, sp, ARTIFACT_NAME, prequant_model=base_model)
+    write_summary(h, rt, result, sizes, results, eval_ms)
+
+
+def main(env: typing.Mapping[str, str] = os.environ) -> int:
+    try:
+        h = Hyperparameters.from_env(env)
+        if not h.run_id:
+            h = dataclasses.replace(h, run_id=str(uuid.uuid4()))
+        rt = setup_runtime(h.device, env)
+        run(h, rt)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
