@@ -375,8 +375,9 @@ def shard_paths(pattern: str, var: str = "DATA_PATH") -> list[str]:
 class SequentialLoader:
     """One global token stream over the sorted train shards, wrapping at the end.
 
-    Per micro-step every rank takes the same chunk of world*(n+1) tokens and keeps its own
-    disjoint span of n+1 (inputs n tokens, targets shifted by one)."""
+    Per micro-step the ranks consume the next world*n tokens (plus one peeked target) and rank r
+    keeps span r. Unlike the records' per-rank +1 spans, the global batch is then the same
+    stream of sequences at any world size and gradient accumulation (1 GPU x 8 accum == 8 GPUs)."""
 
     def __init__(self, paths: list[str], rt: Runtime, seed: int = 0):
         self.paths, self.rt = paths, rt
@@ -397,9 +398,10 @@ class SequentialLoader:
         return np.concatenate(parts)
 
     def next_batch(self, seqs: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        span = seqs * seq_len + 1
-        chunk = self._take(self.rt.world_size * span)
-        local = torch.from_numpy(chunk[self.rt.rank * span:(self.rt.rank + 1) * span].astype(np.int64))
+        span = seqs * seq_len
+        chunk = self._take(self.rt.world_size * span + 1)
+        self.pos -= 1  # the last target is the next micro-step's first input
+        local = torch.from_numpy(chunk[self.rt.rank * span:(self.rt.rank + 1) * span + 1].astype(np.int64))
         x, y = local[:-1].view(seqs, seq_len), local[1:].view(seqs, seq_len)
         return x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
 
@@ -1364,7 +1366,8 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
                 log(f"swa:start step:{step} lr_scale:{scale:.4f}")
             averager.add_swa(base_model)
         elapsed_ms = 1000 * (time.perf_counter() - t0)
-        if step <= 10 or step % h.train_log_every == 0 or step == h.iterations:
+        if step <= 10 or step % h.train_log_every == 0 or step == h.iterations:  # same steps on every rank
+            loss = rt.all_reduce_(loss.reshape(1), "mean")
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_scale:{scale:.4f} "
                 f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
         if cap_ms > 0:
