@@ -58,6 +58,10 @@ class ConfigError(ValueError):
     """A bad input: reported as one line naming the variable or file, exit status 2."""
 
 
+class RuleBroken(RuntimeError):
+    """A RECORD=1 run whose compliance audit failed: exit status 3, logs already written."""
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     # data and run
@@ -137,6 +141,8 @@ class Hyperparameters:
     ttt_momentum: float = 0.9
     ttt_batch_seqs: int = 32  # global sequences per SGD step
     ttt_grad_clip: float = 1.0
+    eval_budget_seconds: float = 600.0  # all work after training; TTT epochs shrink to fit it
+    record: bool = False  # record attempt: exit 3 (after writing logs) if the compliance audit fails
 
     def __post_init__(self):
         def need(cond: bool, var: str, msg: str):
@@ -936,6 +942,7 @@ class EvalResult:
     tokens: int
     bytes: int
     time_ms: float = 0.0
+    notes: dict = dataclasses.field(default_factory=dict)  # e.g. the TTT protocol actually run
 
     @property
     def val_loss(self) -> float:
@@ -947,7 +954,7 @@ class EvalResult:
 
     def as_dict(self) -> dict:
         return dict(val_loss=self.val_loss, val_bpb=self.val_bpb, tokens=self.tokens, bytes=self.bytes,
-                    time_ms=round(self.time_ms, 1))
+                    time_ms=round(self.time_ms, 1), **self.notes)
 
 
 def sliding_windows(total: int, seq_len: int, stride: int) -> np.ndarray:
@@ -1033,18 +1040,50 @@ def evaluate(nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime, strid
     return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses), rt, t0)
 
 
+def ttt_plan_epochs(epochs: int, chunks_left: int, score_s: float, epoch_s: float, time_left_s: float) -> int:
+    """The most epochs (<= epochs) with which the chunks left still fit in the time left: each is
+    scored, all but the last are trained. Scoring is never cut; 0 epochs means score only."""
+    for e in range(epochs, 0, -1):
+        if chunks_left * score_s + max(chunks_left - 1, 0) * e * epoch_s <= time_left_s:
+            return e
+    return 0
+
+
+def ttt_train_chunk(model: GPT, opt, params: list, val: ValidationData, starts: np.ndarray, epochs: int,
+                    h: Hyperparameters, rt: Runtime, trace: list | None, chunk: int):
+    """SGD on the whole sequences starting at `starts` (already scored), TTT_BATCH_SEQS per step
+    across all ranks; the loss is normalised by the global batch so any world size agrees."""
+    L = h.eval_seq_len
+    for _ in range(epochs):
+        for b in range(0, len(starts), h.ttt_batch_seqs):
+            batch = starts[b:b + h.ttt_batch_seqs]
+            mine = batch[rank_slice(len(batch), rt)]
+            opt.zero_grad(set_to_none=False)
+            if len(mine):
+                idx = torch.from_numpy(mine).to(rt.device)[:, None] + torch.arange(L, device=rt.device)
+                loss = model(val.tokens[idx], val.tokens[idx + 1], reduction="none").sum()
+                (loss / (len(batch) * L)).backward()
+                if trace is not None:
+                    trace.append(("train", chunk, int(idx.max()) + 1))
+            all_reduce_grads(params, rt, op="sum")
+            if h.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+            opt.step()
+
+
 def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime,
-                 losses: TokenLosses | None = None, trace: list | None = None) -> EvalResult:
+                 losses: TokenLosses | None = None, trace: list | None = None,
+                 deadline: float | None = None) -> EvalResult:
     """Legal score-first test-time training (rules A1-A5). The stride windows are grouped into
     chunks of TTT_CHUNK_TOKENS by their first scored position. For each chunk in order: score all
     of its windows under inference_mode (the only numbers that count), then, except for the last
     chunk, train on that chunk's already-scored tokens for TTT_EPOCHS with SGD (cosine LR over
-    chunks, gradients summed over ranks and normalised by the global batch). No token is trained
-    on before it is scored, and none is scored twice."""
+    chunks). No token is trained on before it is scored, and none is scored twice. With a
+    deadline (perf_counter seconds), epochs shrink when the measured pace would overrun it."""
     rt.sync()
     t0 = time.perf_counter()
-    total, L, C = len(val.tokens) - 1, h.eval_seq_len, h.ttt_chunk_tokens
-    wins = sliding_windows(total, L, h.eval_stride)
+    total, C = len(val.tokens) - 1, h.ttt_chunk_tokens
+    wins = sliding_windows(total, h.eval_seq_len, h.eval_stride)
     chunk_of = wins[:, 1] // C
     n_chunks = int(chunk_of[-1]) + 1
     for i, block in enumerate(model.blocks):
@@ -1057,37 +1096,45 @@ def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt
         f"lr:{h.ttt_lr} epochs:{h.ttt_epochs} freeze_blocks:{h.ttt_freeze_blocks} "
         f"params_trained:{sum(p.numel() for p in params)} protocol:score_first")
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    epochs, score_times, epoch_times, trained_epochs = h.ttt_epochs, [], [], []
     for c in range(n_chunks):
+        t_chunk = time.perf_counter()
         sums += score_windows(nll_fn, val, wins[chunk_of == c], h.eval_batch_seqs, rt, losses)
         if trace is not None:
             trace.append(("score", c, int(wins[chunk_of == c][:, 2].max())))
         if c == n_chunks - 1:
             break  # the last chunk is never trained on
+        rt.sync()
+        t_train = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
-        starts = np.arange(c * C, min((c + 1) * C, total), L)  # whole sequences: C and total are multiples of L
-        for _ in range(h.ttt_epochs):
-            for b in range(0, len(starts), h.ttt_batch_seqs):
-                batch = starts[b:b + h.ttt_batch_seqs]
-                mine = batch[rank_slice(len(batch), rt)]
-                opt.zero_grad(set_to_none=False)
-                if len(mine):
-                    idx = torch.from_numpy(mine).to(rt.device)[:, None] + torch.arange(L, device=rt.device)
-                    loss = model(val.tokens[idx], val.tokens[idx + 1], reduction="none").sum()
-                    (loss / (len(batch) * L)).backward()
-                    if trace is not None:
-                        trace.append(("train", c, int(idx.max()) + 1))
-                all_reduce_grads(params, rt, op="sum")
-                if h.ttt_grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
-                opt.step()
+        starts = np.arange(c * C, min((c + 1) * C, total), h.eval_seq_len)  # C, total: multiples of L
+        ttt_train_chunk(model, opt, params, val, starts, epochs, h, rt, trace, c)
+        trained_epochs.append(epochs)
+        rt.sync()
+        now = time.perf_counter()
+        score_times.append(t_train - t_chunk)
+        if epochs:
+            epoch_times.append((now - t_train) / epochs)
+        if deadline is not None:
+            score_s, epoch_s = float(np.mean(score_times)), float(np.mean(epoch_times)) if epoch_times else 0.0
+            planned = ttt_plan_epochs(epochs, n_chunks - 1 - c, score_s, epoch_s, deadline - now)
+            planned = -int(rt.all_reduce_(torch.tensor([-float(planned)], device=rt.device), "max").item())
+            if planned != epochs:
+                log(f"ttt:plan chunk:{c + 1}/{n_chunks} epochs:{epochs}->{planned} score_s:{score_s:.3f} "
+                    f"epoch_s:{epoch_s:.3f} time_left:{deadline - now:.1f}s")
+                epochs = planned
         if rt.is_main and (c % 100 == 0 or c == n_chunks - 2):
-            run = EvalResult(*sums.tolist()[:1], int(sums[1]), int(sums[2]))
-            log(f"ttt_chunk:{c + 1}/{n_chunks} rank0_bpb:{run.val_bpb:.6f} time:{time.perf_counter() - t0:.1f}s")
+            s = sums.tolist()
+            log(f"ttt_chunk:{c + 1}/{n_chunks} rank0_bpb:{EvalResult(s[0], int(s[1]), int(s[2])).val_bpb:.6f} "
+                f"time:{time.perf_counter() - t0:.1f}s")
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None
-    return to_result(sums, rt, t0)
+    result = to_result(sums, rt, t0)
+    result.notes = dict(chunks=n_chunks, epochs_requested=h.ttt_epochs, epochs_min=min(trained_epochs, default=0),
+                        epochs_total=sum(trained_epochs), score_first=True, last_chunk_trained=False)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1443,6 +1490,9 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
 # ----------------------------------------------------------------------------------------------
 # Final evaluation and main
 
+TRAIN_LIMIT_MS = 600_000  # rules B1, B2: training + calibration on training data
+EVAL_LIMIT_MS = 600_000  # rule B3: from loading the artifact to the last score
+EVAL_MARGIN = 0.03  # fraction of EVAL_BUDGET_SECONDS the TTT planner keeps in hand
 PHASE_LABELS = {"prequant": "prequant_ema", "roundtrip": "final_int6_roundtrip",
                 "sliding": "final_int6_sliding_window", "ttt": "legal_ttt"}
 
@@ -1458,6 +1508,7 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str,
     """Everything after training, timed as the eval budget: val is opened only here."""
     rt.sync()
     t0 = time.perf_counter()
+    deadline = t0 + (1 - EVAL_MARGIN) * h.eval_budget_seconds
     val = load_validation(h, sp, rt, max(h.train_seq_len, h.eval_seq_len)).to(rt.device)
     log(f"val_tokens:{len(val.tokens) - 1} val_stream_tokens:{val.stream_len}")
     results: dict[str, EvalResult] = {}
@@ -1481,7 +1532,7 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str,
         tl.save(os.path.join(h.token_losses_dir, "sliding.npy"), rt)
     if h.ttt_enabled:
         tl = losses()
-        results["ttt"] = ttt_evaluate(model, nll_fn, val, h, rt, tl)
+        results["ttt"] = ttt_evaluate(model, nll_fn, val, h, rt, tl, deadline=deadline)
         log_phase("ttt", results["ttt"])
         if tl is not None:
             tl.save(os.path.join(h.token_losses_dir, "ttt.npy"), rt)
@@ -1491,17 +1542,54 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str,
     return results, eval_ms
 
 
+def compliance_report(h: Hyperparameters, rt: Runtime, train: TrainResult | None, sizes: dict,
+                      results: dict[str, EvalResult], eval_ms: float) -> dict:
+    """The rules a reviewer checks, from this run's own numbers; `broken` lists what fails."""
+    broken, c = [], dict(record_attempt=h.record, hardware=f"{rt.world_size}x {rt.device_name()}")
+    if train is not None:
+        total = train.train_time_ms + train.calib_time_ms
+        c.update(train_time_ms=round(train.train_time_ms), calib_time_ms=round(train.calib_time_ms),
+                 calib_source=h.gptq_calib, train_plus_calib_ms=round(total), train_limit_ms=TRAIN_LIMIT_MS)
+        if total > TRAIN_LIMIT_MS:
+            broken.append(f"B1/B2 train+calib {total:.0f}ms > {TRAIN_LIMIT_MS}ms")
+    c.update(eval_time_ms=round(eval_ms), eval_limit_ms=EVAL_LIMIT_MS, artifact_total_bytes=sizes["total_bytes"],
+             limit_bytes=SIZE_LIMIT_BYTES, val_opened="evaluation only (after training and serialization)")
+    if eval_ms > EVAL_LIMIT_MS:
+        broken.append(f"B3 eval {eval_ms:.0f}ms > {EVAL_LIMIT_MS}ms")
+    if sizes["total_bytes"] >= SIZE_LIMIT_BYTES:
+        broken.append(f"D1 artifact {sizes['total_bytes']} bytes >= {SIZE_LIMIT_BYTES}")
+    c["val_positions"] = results["roundtrip"].tokens
+    c["val_scored"] = {k: r.tokens for k, r in results.items()}
+    broken += [f"A3/C4 {k} scored {r.tokens} of {c['val_positions']} positions"
+               for k, r in results.items() if r.tokens != c["val_positions"]]
+    if "ttt" in results:
+        c["ttt"] = results["ttt"].notes
+    c.update(broken=broken, ok=not broken)
+    log(f"compliance: ok:{c['ok']} train+calib:{c.get('train_plus_calib_ms', 'n/a')}/{TRAIN_LIMIT_MS}ms "
+        f"eval:{c['eval_time_ms']}/{EVAL_LIMIT_MS}ms bytes:{c['artifact_total_bytes']}/{SIZE_LIMIT_BYTES} "
+        f"val_scored:{c['val_scored']} of {c['val_positions']} ttt:{c.get('ttt', 'off')} "
+        f"broken:{'; '.join(broken) or 'none'}")
+    return c
+
+
 def write_summary(h: Hyperparameters, rt: Runtime, train: TrainResult | None, sizes: dict,
                   results: dict[str, EvalResult], eval_ms: float):
-    if not rt.is_main:
-        return
+    report = compliance_report(h, rt, train, sizes, results, eval_ms)
+    if rt.is_main:
+        _write_summary_json(h, rt, train, sizes, results, eval_ms, report)
+    if h.record and not report["ok"]:
+        raise RuleBroken("record attempt breaks rules: " + "; ".join(report["broken"]))
+
+
+def _write_summary_json(h: Hyperparameters, rt: Runtime, train: TrainResult | None, sizes: dict,
+                        results: dict[str, EvalResult], eval_ms: float, report: dict):
     summary = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, device=rt.device_name(),
                    config=dataclasses.asdict(h),
                    train=None if train is None else dict(steps=train.steps, train_time_ms=round(train.train_time_ms, 1),
                                                          calib_time_ms=round(train.calib_time_ms, 1),
                                                          tokens=train.tokens, stop=train.stop),
                    artifact=sizes, eval={k: r.as_dict() for k, r in results.items()},
-                   eval_time_ms=round(eval_ms, 1), val_bpb=list(results.values())[-1].val_bpb)
+                   eval_time_ms=round(eval_ms, 1), val_bpb=list(results.values())[-1].val_bpb, compliance=report)
     path = os.path.join("logs", f"{h.run_id}.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
@@ -1547,6 +1635,9 @@ def main(env: typing.Mapping[str, str] = os.environ) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuleBroken as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
