@@ -124,8 +124,9 @@ class Hyperparameters:
     swa_start_scale: float = 0.2  # SWA collects once the LR scale is below this
     weight_average: str = "ema"  # ema | swa | blend (mean of the two): what gets quantized
     # quantization and artifact
-    gptq_calib: str = "train"  # train (inside the cap) | none (identity Hessian = GPTQ-lite)
-    gptq_calib_batches: int = 64  # calibration micro-batches per rank
+    gptq_calib: str = "train"  # train (inside the cap) | selfgen (model-generated text) | none (GPTQ-lite)
+    gptq_calib_batches: int = 64  # train: micro-batches per rank; selfgen: sequences in all
+    gptq_selfgen_temp: float = 0.8  # sampling temperature of self-generated calibration text
     gptq_reserve_seconds: float = 10.0  # taken out of MAX_WALLCLOCK_SECONDS for calibration
     gptq_block_size: int = 128
     quant_compressor: str = "zstd"  # zstd (level 22) | lzma (preset 9 extreme)
@@ -165,7 +166,7 @@ class Hyperparameters:
         need(self.micro_batch_seqs > 0 and self.iterations > 0, "MICRO_BATCH_SEQS", "and ITERATIONS must be > 0")
         for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", ("sequential", "coprime")),
                              ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")),
-                             ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "none")),
+                             ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
                              ("QUANT_COMPRESSOR", ("zstd", "lzma")), ("PRESET", ("", "tiny"))):
             need(getattr(self, var.lower()) in allowed, var, f"must be one of {allowed}")
 
@@ -1149,6 +1150,7 @@ CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # per-row clip candidate
 PASSTHROUGH_MAX_NUMEL = 65_536  # smaller float tensors are stored as fp16
 GPTQ_DAMP = 0.01  # diagonal damping, fraction of mean(diag(H))
 ARTIFACT_FORMAT = "pg-int6-v1"
+PRUNE_MARGIN_BYTES = 4_096  # pruning aims this far under the cap
 
 
 def row_scales(W: Tensor, quantile: float, qmax: int, floor: float) -> Tensor:
@@ -1254,12 +1256,57 @@ def decompress(blob: bytes) -> bytes:
     return lzma.decompress(blob)
 
 
-def pack_artifact(qstate: dict, cfg: dict, compressor: str) -> bytes:
+def artifact_payload(qstate: dict, cfg: dict) -> bytes:
+    """The uncompressed artifact: torch.save of int8 containers, fp16 scales and passthroughs."""
     obj = {"format": ARTIFACT_FORMAT, "config": cfg, "fp16": qstate["fp16"],
-           **{k: {n: {"q": q, "s": s} for n, (q, s) in qstate[k].items()} for k in ("int6", "int8")}}
+           **{k: {n: {"q": q.cpu(), "s": s.cpu()} for n, (q, s) in qstate[k].items()} for k in ("int6", "int8")}}
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return compress(buf.getvalue(), compressor)
+    return buf.getvalue()
+
+
+def pack_artifact(qstate: dict, cfg: dict, compressor: str) -> bytes:
+    return compress(artifact_payload(qstate, cfg), compressor)
+
+
+def prune_to_fit(qstate: dict, hessians: dict[str, Tensor], cfg: dict, compressor: str,
+                 budget_bytes: int) -> tuple[bytes, int]:
+    """Pack; if the blob is over budget_bytes, zero the int6 entries of magnitude 1 that cost least
+    (cost = scale_row^2 * H_jj, the diagonal estimate of the output error added; ties by position)
+    and binary-search the smallest count whose real compressed size fits. Deterministic.
+    Returns (blob, entries pruned); raises ConfigError if pruning every candidate is not enough."""
+    blob = pack_artifact(qstate, cfg, compressor)
+    if len(blob) <= budget_bytes:
+        return blob, 0
+    names = sorted(qstate["int6"])
+    costs, owner, rows, cols = [], [], [], []
+    for k, name in enumerate(names):
+        q, s = (t.cpu() for t in qstate["int6"][name])
+        H = hessians.get(name)
+        diag = torch.diagonal(H).float().cpu() if H is not None else torch.ones(q.size(1))
+        r, c = torch.nonzero(q.abs() == 1, as_tuple=True)
+        costs.append(s.float()[r] ** 2 * diag[c])
+        owner.append(torch.full_like(r, k)), rows.append(r), cols.append(c)
+    order = torch.argsort(torch.cat(costs), stable=True)
+    owner, rows, cols = (torch.cat(t)[order] for t in (owner, rows, cols))
+
+    def pack_pruned(n: int) -> bytes:
+        pruned = {**qstate, "int6": dict(qstate["int6"])}
+        for k, name in enumerate(names):
+            sel = owner[:n] == k
+            if sel.any():
+                q = pruned["int6"][name][0].cpu().clone()
+                q[rows[:n][sel], cols[:n][sel]] = 0
+                pruned["int6"][name] = (q, pruned["int6"][name][1])
+        return pack_artifact(pruned, cfg, compressor)
+
+    lo, hi = 1, len(order)
+    if hi == 0 or len(pack_pruned(hi)) > budget_bytes:
+        raise ConfigError(f"artifact: cannot fit {budget_bytes} model bytes even with all {hi} +-1 entries pruned")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(pack_pruned(mid)) <= budget_bytes else (mid + 1, hi)
+    return pack_pruned(lo), lo
 
 
 def unpack_artifact(blob: bytes) -> tuple[dict, dict]:
@@ -1333,7 +1380,8 @@ class TrainResult:
     tokens: int
     stop: str  # wallclock | iterations
     cap_ms: float
-    calib_time_ms: float = 0.0
+    calib_time_ms: float = 0.0  # calibration on training data: counts with training (rule B2)
+    selfgen_time_ms: float = 0.0  # data-free generation after training: eval-side work (rule B4)
 
 
 def batch_geometry(h: Hyperparameters, rt: Runtime) -> tuple[int, int]:
@@ -1441,11 +1489,41 @@ def apply_weight_average(base_model: GPT, averager: WeightAverager, mode: str):
     log(f"weight_average:{used} requested:{mode} swa_snapshots:{averager.swa_count} ema_decay:{averager.decay}")
 
 
+@torch.no_grad()
+def generate_sequences(model: GPT, n_seqs: int, seq_len: int, temperature: float, seed: int, rt: Runtime,
+                       batch: int = 8) -> list[Tensor]:
+    """This rank's share of n_seqs sampled sequences: a uniform random first token, then
+    softmax(logits/temperature) sampling with the full prefix re-run each step (no data read)."""
+    g = torch.Generator(device=rt.device).manual_seed(seed + rt.rank)
+    mine = len(range(n_seqs)[rank_slice(n_seqs, rt)])
+    out = []
+    with torch.inference_mode():
+        for b in range(0, mine, batch):
+            ids = torch.randint(0, model.cfg["vocab_size"], (min(batch, mine - b), 1), generator=g, device=rt.device)
+            for _ in range(seq_len - 1):
+                logits = model.logits(model.forward_hidden(ids)[:, -1:])[:, -1]
+                nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=g)
+                ids = torch.cat((ids, nxt), dim=1)
+            out.append(ids)
+    return out
+
+
 def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, result: TrainResult) -> dict[str, Tensor]:
-    """Hessians for GPTQ from training batches, inside the training budget (rules B2, C3)."""
+    """Hessians for GPTQ: from training batches inside the training budget (rules B2, C3), or
+    from text the model generates itself after training (no data; rule B4), or none."""
     if h.gptq_calib == "none":
         log("calib:source:none (identity Hessians: GPTQ-lite round-to-nearest with clip search)")
         return {}
+    if h.gptq_calib == "selfgen":
+        rt.sync()
+        t0 = time.perf_counter()
+        seqs = generate_sequences(base_model, h.gptq_calib_batches, h.train_seq_len, h.gptq_selfgen_temp, h.seed, rt)
+        hessians = collect_hessians(base_model, ((s, None) for s in seqs), rt)
+        rt.sync()
+        result.selfgen_time_ms = 1000 * (time.perf_counter() - t0)
+        log(f"calib:source:selfgen sequences:{h.gptq_calib_batches} temp:{h.gptq_selfgen_temp} layers:{len(hessians)} "
+            f"selfgen_time:{result.selfgen_time_ms:.0f}ms (data-free, after training)")
+        return hessians
     rt.sync()
     t0 = time.perf_counter()
     seqs = batch_geometry(h, rt)[0]
@@ -1466,10 +1544,17 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
     t0 = time.perf_counter()
     state = {n: p.detach() for n, p in base_model.state_dict().items()}
     qstate = quantize_state(state, hessians, h.gptq_block_size)
-    blob = pack_artifact(qstate, model_config(h), h.quant_compressor)
-    error, sizes = "", {}
+    cfg, error, sizes = model_config(h), "", {}
     if rt.is_main:
         try:
+            raw = artifact_payload(qstate, cfg)
+            log(f"quant:payload:{len(raw)} zstd-22:{len(compress(raw, 'zstd'))} lzma-9e:{len(compress(raw, 'lzma'))} "
+                f"chosen:{h.quant_compressor}")
+            budget = SIZE_LIMIT_BYTES - PRUNE_MARGIN_BYTES - code_bytes()
+            blob, pruned = prune_to_fit(qstate, hessians, cfg, h.quant_compressor, budget)
+            if pruned:
+                log(f"quant:pruned {pruned} int6 entries of magnitude 1 (least scale^2*H_jj first) to fit "
+                    f"{budget} model bytes")
             sizes = write_artifact(blob, ARTIFACT_NAME)
         except ConfigError as e:
             error = str(e)
@@ -1549,7 +1634,8 @@ def compliance_report(h: Hyperparameters, rt: Runtime, train: TrainResult | None
     if train is not None:
         total = train.train_time_ms + train.calib_time_ms
         c.update(train_time_ms=round(train.train_time_ms), calib_time_ms=round(train.calib_time_ms),
-                 calib_source=h.gptq_calib, train_plus_calib_ms=round(total), train_limit_ms=TRAIN_LIMIT_MS)
+                 calib_source=h.gptq_calib, train_plus_calib_ms=round(total), train_limit_ms=TRAIN_LIMIT_MS,
+                 selfgen_time_ms=round(train.selfgen_time_ms))
         if total > TRAIN_LIMIT_MS:
             broken.append(f"B1/B2 train+calib {total:.0f}ms > {TRAIN_LIMIT_MS}ms")
     c.update(eval_time_ms=round(eval_ms), eval_limit_ms=EVAL_LIMIT_MS, artifact_total_bytes=sizes["total_bytes"],
@@ -1587,6 +1673,7 @@ def _write_summary_json(h: Hyperparameters, rt: Runtime, train: TrainResult | No
                    config=dataclasses.asdict(h),
                    train=None if train is None else dict(steps=train.steps, train_time_ms=round(train.train_time_ms, 1),
                                                          calib_time_ms=round(train.calib_time_ms, 1),
+                                                         selfgen_time_ms=round(train.selfgen_time_ms, 1),
                                                          tokens=train.tokens, stop=train.stop),
                    artifact=sizes, eval={k: r.as_dict() for k, r in results.items()},
                    eval_time_ms=round(eval_ms, 1), val_bpb=list(results.values())[-1].val_bpb, compliance=report)
