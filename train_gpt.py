@@ -1041,6 +1041,9 @@ def evaluate(nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime, strid
     return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses), rt, t0)
 
 
+clock = time.perf_counter  # the TTT planner's clock (a test swaps in a virtual one)
+
+
 def ttt_plan_epochs(epochs: int, chunks_left: int, score_s: float, epoch_s: float, time_left_s: float) -> int:
     """The most epochs (<= epochs) with which the chunks left still fit in the time left: each is
     scored, all but the last are trained. Scoring is never cut; 0 epochs means score only."""
@@ -1082,7 +1085,7 @@ def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt
     chunks). No token is trained on before it is scored, and none is scored twice. With a
     deadline (perf_counter seconds), epochs shrink when the measured pace would overrun it."""
     rt.sync()
-    t0 = time.perf_counter()
+    t0 = clock()
     total, C = len(val.tokens) - 1, h.ttt_chunk_tokens
     wins = sliding_windows(total, h.eval_seq_len, h.eval_stride)
     chunk_of = wins[:, 1] // C
@@ -1099,21 +1102,21 @@ def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     epochs, score_times, epoch_times, trained_epochs = h.ttt_epochs, [], [], []
     for c in range(n_chunks):
-        t_chunk = time.perf_counter()
+        t_chunk = clock()
         sums += score_windows(nll_fn, val, wins[chunk_of == c], h.eval_batch_seqs, rt, losses)
         if trace is not None:
             trace.append(("score", c, int(wins[chunk_of == c][:, 2].max())))
         if c == n_chunks - 1:
             break  # the last chunk is never trained on
         rt.sync()
-        t_train = time.perf_counter()
+        t_train = clock()
         for group in opt.param_groups:
             group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
         starts = np.arange(c * C, min((c + 1) * C, total), h.eval_seq_len)  # C, total: multiples of L
         ttt_train_chunk(model, opt, params, val, starts, epochs, h, rt, trace, c)
         trained_epochs.append(epochs)
         rt.sync()
-        now = time.perf_counter()
+        now = clock()
         score_times.append(t_train - t_chunk)
         if epochs:
             epoch_times.append((now - t_train) / epochs)
@@ -1128,7 +1131,7 @@ def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt
         if rt.is_main and (c % 100 == 0 or c == n_chunks - 2):
             s = sums.tolist()
             log(f"ttt_chunk:{c + 1}/{n_chunks} rank0_bpb:{EvalResult(s[0], int(s[1]), int(s[2])).val_bpb:.6f} "
-                f"time:{time.perf_counter() - t0:.1f}s")
+                f"time:{clock() - t0:.1f}s")
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None
@@ -1208,7 +1211,7 @@ def quantize_int8_rows(W: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row int8 with a high-quantile clip (embedding tables)."""
     W = W.detach().float()
     clip = torch.quantile(W.abs(), INT8_CLIP_QUANTILE, dim=1) if W.numel() else W.new_zeros(W.size(0))
-    s = (clip / INT8_MAX).clamp_min(INT8_SCALE_FLOOR)
+    s = (clip / INT8_MAX).clamp_min(INT8_SCALE_FLOOR).half().float()  # round with the scale as stored
     q = torch.clamp(torch.round(W.clamp(-clip[:, None], clip[:, None]) / s[:, None]), -INT8_MAX, INT8_MAX)
     return q.to(torch.int8), s.half()
 

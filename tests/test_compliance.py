@@ -1,0 +1,182 @@
+"""Rules a reviewer checks (shared/spec/rules.md): validation data opened only after the artifact
+is written (C1, C3), the eval-budget planner for TTT (B3), the compliance audit and RECORD=1,
+pruning to a byte target (D1), self-generated calibration, and the multi-seed summarizer's
+statistics against scipy (F1).
+
+    python3 -m pytest -q tests/test_compliance.py
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import summarize
+import train_gpt as tg
+from conftest import tiny_env
+
+
+def test_validation_opened_only_after_artifact_written(tiny_data, tmp_path, monkeypatch):
+    """Training, calibration on training data and quantization never read a val shard."""
+    events = []
+    real_read, real_write = tg.read_shard, tg.write_artifact
+    monkeypatch.setattr(tg, "read_shard", lambda p: (events.append(("read", p)), real_read(p))[1])
+    monkeypatch.setattr(tg, "write_artifact", lambda *a, **k: (events.append(("artifact", "")), real_write(*a, **k))[1])
+    monkeypatch.chdir(tmp_path)
+    assert tg.main(tiny_env(tiny_data, RUN_ID="c1", GPTQ_CALIB="train", ITERATIONS=6, TTT_ENABLED=0)) == 0
+    written = events.index(("artifact", ""))
+    val_reads = [i for i, (kind, p) in enumerate(events) if kind == "read" and "fineweb_val_" in p]
+    train_reads = [i for i, (kind, p) in enumerate(events) if kind == "read" and "fineweb_train_" in p]
+    assert val_reads and train_reads
+    assert min(val_reads) > written, "a validation shard was read before the artifact existed"
+    assert max(train_reads) < written, "training data was read after quantization (rule C2)"
+
+
+@pytest.mark.parametrize("epochs,left,score_s,epoch_s,time_left,expected", [
+    (3, 10, 1.0, 1.0, 100.0, 3),   # 10 + 9*3 = 37 fits
+    (3, 10, 1.0, 1.0, 30.0, 2),    # 10 + 9*2 = 28 fits, 37 does not
+    (3, 10, 1.0, 1.0, 12.0, 0),    # even one epoch (19) does not fit: score only
+    (3, 1, 5.0, 100.0, 6.0, 3),    # the last chunk is never trained: only scoring counts
+    (2, 4, 0.5, 2.0, 5.0, 0),      # 2 + 3*1*2 = 8 > 5
+], ids=["fits", "shrinks", "score-only", "last-chunk", "tight"])
+def test_ttt_plan_epochs(epochs, left, score_s, epoch_s, time_left, expected):
+    assert tg.ttt_plan_epochs(epochs, left, score_s, epoch_s, time_left) == expected
+
+
+def test_ttt_planner_keeps_slowed_run_inside_budget(hparams, runtime, tiny_model, tiny_data, monkeypatch):
+    """On a virtual clock where each TTT epoch of a chunk costs 1 s, a 10 s budget cannot hold
+    13 trained chunks x 3 epochs: the planner cuts epochs, finishes in time, scores every token."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_data / "tokenizer.model"))
+    val = tg.load_validation(hparams, sp, runtime, hparams.eval_seq_len)
+    virtual = [0.0]
+    monkeypatch.setattr(tg, "clock", lambda: virtual[0])
+    real_train = tg.ttt_train_chunk
+
+    def slow_train(*args, **kwargs):
+        virtual[0] += 1.0 * args[5]  # args[5] = epochs
+        return real_train(*args, **kwargs)
+    monkeypatch.setattr(tg, "ttt_train_chunk", slow_train)
+    h = tg.dataclasses.replace(hparams, ttt_epochs=3, ttt_chunk_tokens=2048)
+    r = tg.ttt_evaluate(tiny_model, tg.nll_function(tiny_model), val, h, runtime, deadline=10.0)
+    assert virtual[0] <= 10.0
+    assert r.notes["chunks"] == 14 and r.notes["epochs_min"] < 3 and r.notes["epochs_total"] >= 3, r.notes
+    assert r.tokens == len(val.tokens) - 1
+    unlimited = tg.ttt_evaluate(tg.GPT(tiny_model.cfg), tg.nll_function(tiny_model), val, h, runtime)
+    assert unlimited.notes["epochs_total"] == 13 * 3
+
+
+def _results(tokens: int) -> dict:
+    return {k: tg.EvalResult(1.0 * tokens, tokens, tokens) for k in ("roundtrip", "sliding")}
+
+
+@pytest.mark.parametrize("train_ms,calib_ms,eval_ms,total_bytes,tokens,broken", [
+    (590_000, 9_000, 500_000, 15_999_999, 100, []),
+    (595_000, 6_000, 500_000, 15_000_000, 100, ["B1/B2"]),
+    (500_000, 0, 600_001, 15_000_000, 100, ["B3"]),
+    (500_000, 0, 500_000, 16_000_000, 100, ["D1"]),
+    (500_000, 0, 500_000, 15_000_000, 99, ["A3/C4"]),
+], ids=["ok", "train-over", "eval-over", "bytes-at-cap", "unscored"])
+def test_compliance_report(hparams, runtime, train_ms, calib_ms, eval_ms, total_bytes, tokens, broken):
+    train = tg.TrainResult(10, train_ms, 1, "wallclock", 0.0, calib_ms)
+    results = _results(100)
+    results["sliding"] = tg.EvalResult(1.0, tokens, tokens)
+    report = tg.compliance_report(hparams, runtime, train, {"total_bytes": total_bytes}, results, eval_ms)
+    assert [b.split()[0] for b in report["broken"]] == broken
+    assert report["ok"] == (not broken)
+    assert report["train_plus_calib_ms"] == train_ms + calib_ms
+
+
+def test_record_run_breaking_a_rule_exits_3_after_writing_logs(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tg, "EVAL_LIMIT_MS", 0)  # any eval overruns: a broken B3
+    env = tiny_env(tiny_data, RUN_ID="rec", ITERATIONS=4, TTT_ENABLED=0)
+    assert tg.main(env) == 0  # not a record attempt: reported, not fatal
+    assert json.load(open("logs/rec.json"))["compliance"]["broken"][0].startswith("B3")
+    assert tg.main({**env, "RECORD": "1", "RUN_ID": "rec2"}) == 3
+    summary = json.load(open("logs/rec2.json"))
+    assert summary["compliance"]["ok"] is False and summary["compliance"]["record_attempt"] is True
+    assert "compliance: ok:False" in open("logs/rec2.txt").read()
+
+
+def test_prune_to_fit_lands_under_target(tiny_model):
+    """Pruning zeroes only +-1 entries, cheapest first, and the blob fits the byte target."""
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.normal_(0, 0.5)
+    state = {n: p.detach() for n, p in tiny_model.state_dict().items()}
+    qstate = tg.quantize_state(state, {}, 128)
+    cfg = tg.GPT(tiny_model.cfg).cfg
+    full = len(tg.pack_artifact(qstate, cfg, "zstd"))
+    blob, pruned = tg.prune_to_fit(qstate, {}, cfg, "zstd", full - 300)
+    assert pruned > 0 and len(blob) <= full - 300
+    _, deq = tg.unpack_artifact(blob)
+    changed = 0
+    for name, (q, s) in qstate["int6"].items():
+        q2 = torch.round(deq[name] / s.float()[:, None])
+        diff = q2 != q.float()
+        assert torch.all(q[diff].abs() == 1) and torch.all(q2[diff] == 0)
+        changed += int(diff.sum())
+    assert changed == pruned
+    assert tg.prune_to_fit(qstate, {}, cfg, "zstd", full + 10)[1] == 0
+    with pytest.raises(tg.ConfigError, match="cannot fit"):
+        tg.prune_to_fit(qstate, {}, cfg, "zstd", 100)
+
+
+def test_selfgen_sequences_are_model_samples(tiny_model, runtime):
+    seqs = tg.generate_sequences(tiny_model, 5, 12, 0.8, seed=3, rt=runtime, batch=2)
+    ids = torch.cat(seqs)
+    assert ids.shape == (5, 12) and ids.min() >= 0 and ids.max() < tiny_model.cfg["vocab_size"]
+    again = torch.cat(tg.generate_sequences(tiny_model, 5, 12, 0.8, seed=3, rt=runtime, batch=2))
+    assert torch.equal(ids, again)
+
+
+def test_welch_matches_scipy():
+    new, base = [1.1151, 1.1144, 1.1148], [1.1192, 1.1200, 1.1189, 1.1195]
+    ours = summarize.welch(new, base)
+    ref = stats.ttest_ind(new, base, equal_var=False, alternative="less")
+    assert ours["t_statistic"] == pytest.approx(ref.statistic, rel=1e-12)
+    assert ours["welch_df"] == pytest.approx(ref.df, rel=1e-12)
+    assert ours["p_one_sided"] == pytest.approx(ref.pvalue, rel=1e-9)
+    for df in (1.0, 2.7, 30.0):
+        for t in (-8.0, -1.2, 0.0, 2.5):
+            assert summarize.t_cdf(t, df) == pytest.approx(stats.t.cdf(t, df), abs=1e-13)
+
+
+def _run_json(seed: float, loss: float, bpb: float) -> dict:
+    return dict(seed=seed, world_size=8, device="H100", train={"steps": 7000},
+                artifact={"total_bytes": 15_900_000 + seed}, eval={"sliding": {"val_loss": loss, "val_bpb": bpb}})
+
+
+def test_summarize_writes_submission(tmp_path):
+    runs = []
+    for seed, bpb in ((1, 1.1120), (2, 1.1125), (3, 1.1118)):
+        p = tmp_path / f"s{seed}.json"
+        p.write_text(json.dumps(_run_json(seed, bpb / 0.59226, bpb)))
+        runs.append(str(p))
+    out = tmp_path / "submission.json"
+    assert summarize.main(runs + ["--baseline-bpb", "1.1192", "1.1200", "1.1189", "--out", str(out)]) == 0
+    sub = json.loads(out.read_text())
+    assert sub["val_bpb"] == pytest.approx(np.mean([1.1120, 1.1125, 1.1118]))
+    assert sub["val_bpb_std"] == pytest.approx(np.std([1.1120, 1.1125, 1.1118], ddof=1))
+    assert sub["bytes_total"] == 15_900_003 and sub["seeds"] == [1, 2, 3]
+    nats = sub["vs_baseline"]["nats"]
+    assert nats["delta"] == pytest.approx((np.mean([1.1120, 1.1125, 1.1118]) - np.mean([1.1192, 1.1200, 1.1189])) / 0.59226)
+    assert sub["vs_baseline"]["bar_met"] is True  # -0.012 nats, p ~ 1e-4
+    weak = summarize.summarize([_run_json(s, 1.89, 1.119) for s in (1, 2, 3)], [1.1192, 1.1200, 1.1189])
+    assert weak["vs_baseline"]["bar_met"] is False
+
+
+def test_paired_by_document(tmp_path):
+    tokens = np.array([1, 5, 6, 7, 1, 8, 9, 1, 4, 4, 4])
+    base = np.where(np.arange(len(tokens)) == 0, np.nan, 2.0)
+    new = base - np.array([0, .1, .1, .1, .2, .2, .2, .3, .3, .3, .3])
+    np.save(tmp_path / "n.npy", new), np.save(tmp_path / "b.npy", base)
+    r = summarize.paired_by_document(str(tmp_path / "n.npy"), str(tmp_path / "b.npy"), tokens)
+    assert r["documents"] == 3
+    assert r["mean_delta_nats"] == pytest.approx(-0.2)
+    d = np.array([-0.1, -0.2, -0.3])
+    assert r["t_statistic"] == pytest.approx(d.mean() / (d.std(ddof=1) / math.sqrt(3)))
