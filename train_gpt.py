@@ -103,6 +103,7 @@ class Hyperparameters:
     warmup_steps: int = 20  # compile warm-up steps, rolled back and not timed
     max_wallclock_seconds: float = 600.0  # training cap (0 = none, ITERATIONS ends the run)
     train_log_every: int = 500
+    val_loss_every: int = 0  # records' knob; only 0: no validation during training (rule C1)
     compile: int = -1  # -1 = on for CUDA; CPU never compiles
     # optimizers
     matrix_lr: float = 0.025  # Muon, block matrices
@@ -149,6 +150,15 @@ class Hyperparameters:
         def need(cond: bool, var: str, msg: str):
             if not cond:
                 raise ConfigError(f"{var}={getattr(self, var.lower())}: {msg}")
+        for var in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
+                    "TRAIN_BATCH_TOKENS", "MICRO_BATCH_SEQS", "ITERATIONS", "EVAL_SEQ_LEN", "EVAL_BATCH_SEQS",
+                    "TTT_CHUNK_TOKENS", "TTT_BATCH_SEQS", "GPTQ_CALIB_BATCHES", "GPTQ_BLOCK_SIZE", "SWA_EVERY",
+                    "TRAIN_LOG_EVERY", "MUON_BACKEND_STEPS"):
+            need(getattr(self, var.lower()) > 0, var, "must be > 0")
+        need(all(s.strip().isdigit() for s in self.ve_layers.split(",") if s.strip()), "VE_LAYERS",
+             "must be a comma-separated list of layer ids")
+        need(self.val_loss_every == 0, "VAL_LOSS_EVERY", "must be 0: validation data is read only after "
+             "training and serialization (rule C1); the log has train_loss every TRAIN_LOG_EVERY steps")
         need(self.model_dim % self.num_heads == 0, "MODEL_DIM", "must be divisible by NUM_HEADS")
         need(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS", "must be divisible by NUM_KV_HEADS")
         need(0 < self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
@@ -163,7 +173,6 @@ class Hyperparameters:
         need(self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
              f"must be a multiple of EVAL_SEQ_LEN={self.eval_seq_len}")
         need(0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", "must be in [0, NUM_LAYERS]")
-        need(self.micro_batch_seqs > 0 and self.iterations > 0, "MICRO_BATCH_SEQS", "and ITERATIONS must be > 0")
         for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", ("sequential", "coprime")),
                              ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")),
                              ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
