@@ -1458,7 +1458,7 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
     averager = WeightAverager(base_model, h.ema_decay)
     reserve_ms = 1000 * h.gptq_reserve_seconds if h.gptq_calib == "train" else 0.0
     cap_ms = max(1000 * h.max_wallclock_seconds - reserve_ms, 1.0) if h.max_wallclock_seconds > 0 else 0.0
-    log(f"train:cap_ms:{cap_ms:.0f} calib_reserve_ms:{reserve_ms:.0f} loader:{h.train_loader}")
+    log(f"train:cap_ms:{cap_ms:.0f} calib_reserve_ms:{reserve_ms if cap_ms else 0:.0f} loader:{h.train_loader}")
     step, stop = 0, "iterations"
     rt.sync()
     t0 = time.perf_counter()
@@ -1573,7 +1573,10 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
     failed = rt.all_reduce_(torch.tensor([float(bool(error))], device=rt.device), "max").item() > 0
     if failed:
         raise ConfigError(error or "artifact: rank 0 could not write the artifact")
-    rt.barrier()
+    counts = torch.tensor([sizes.get("code_bytes", 0), sizes.get("model_bytes", 0)], device=rt.device)
+    code, model = rt.all_reduce_(counts).tolist()  # rank 0's sizes, on every rank
+    sizes = dict(path=ARTIFACT_NAME, code_bytes=code, model_bytes=model, total_bytes=code + model,
+                 limit_bytes=SIZE_LIMIT_BYTES)
     log(f"quant:int6:{len(qstate['int6'])} int8:{len(qstate['int8'])} fp16:{len(qstate['fp16'])} "
         f"gptq_hessians:{len(hessians)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
     if rt.is_main:
@@ -1720,7 +1723,11 @@ def run(h: Hyperparameters, rt: Runtime):
     apply_weight_average(base_model, averager, h.weight_average)
     hessians = calibrate(base_model, loader, h, rt, result)
     sizes = serialize(base_model, hessians, h, rt)
-    results, eval_ms = evaluate_final(h, rt, sp, ARTIFACT_NAME, prequant_model=base_model)
+    try:
+        results, eval_ms = evaluate_final(h, rt, sp, ARTIFACT_NAME, prequant_model=base_model)
+    except ConfigError as e:  # e.g. a bad val shard: its contents are first read here (rule C1)
+        raise ConfigError(f"{e}; the artifact {ARTIFACT_NAME} is complete: score it with "
+                          f"EVAL_ARTIFACT={ARTIFACT_NAME} once the data is fixed") from None
     write_summary(h, rt, result, sizes, results, eval_ms)
 
 

@@ -25,6 +25,17 @@ REAL_TOKENIZER = SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model"
 REAL_SHARDS = SHARED_DATA / "standin_sp1024"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """One intra-op thread, as the subprocess runs get (OMP_NUM_THREADS=1): the tensors are tiny,
+    and on a busy 2-core machine two spinning OpenMP threads make GPTQ's column loop and the
+    small forwards 10-40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolate():
     """Seed every RNG and restore module globals (attention backend, logging) after each test."""

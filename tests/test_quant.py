@@ -31,16 +31,6 @@ import train_gpt as tg
 from conftest import ROOT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """GPTQ's column loop is many tiny ops: one intra-op thread is ~40x faster than two on a busy
-    CPU. Restored afterwards so other test files keep their setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 BLOCK_LINEAR = re.compile(r"^blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight$")
 
 
