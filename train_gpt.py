@@ -131,6 +131,7 @@ class Hyperparameters:
     gptq_reserve_seconds: float = 10.0  # taken out of MAX_WALLCLOCK_SECONDS for calibration
     gptq_block_size: int = 128
     quant_compressor: str = "zstd"  # zstd (level 22) | lzma (preset 9 extreme)
+    quant_embed: str = "int8"  # tied embedding: int8 rows | gptq (int6 with the output head's Hessian)
     # evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
@@ -176,7 +177,8 @@ class Hyperparameters:
         for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", ("sequential", "coprime")),
                              ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")),
                              ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
-                             ("QUANT_COMPRESSOR", ("zstd", "lzma")), ("PRESET", ("", "tiny"))):
+                             ("QUANT_COMPRESSOR", ("zstd", "lzma")), ("QUANT_EMBED", ("int8", "gptq")),
+                             ("PRESET", ("", "tiny"))):
             need(getattr(self, var.lower()) in allowed, var, f"must be one of {allowed}")
 
     @property
@@ -1234,12 +1236,14 @@ def is_int6_matrix(name: str, t: Tensor) -> bool:
     return name.startswith("blocks.") and name.endswith(".weight") and t.ndim == 2
 
 
-def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], block_size: int) -> dict:
-    """Block matrices -> GPTQ int6 (identity Hessian when none was collected); other tensors with
-    more than PASSTHROUGH_MAX_NUMEL entries (embedding tables) -> int8 rows; the rest -> fp16."""
+def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], block_size: int,
+                   embed_gptq: bool = False) -> dict:
+    """Block matrices -> GPTQ int6 (identity Hessian when none was collected); with embed_gptq the
+    tied embedding too, with the output head's Hessian; other tensors with more than
+    PASSTHROUGH_MAX_NUMEL entries (embedding tables) -> int8 rows; the rest -> fp16."""
     out: dict[str, dict] = {"int6": {}, "int8": {}, "fp16": {}}
     for name, t in state.items():
-        if is_int6_matrix(name, t):
+        if is_int6_matrix(name, t) or (embed_gptq and name == "tok_emb.weight"):
             out["int6"][name] = gptq_quantize(t, hessians.get(name), block_size)
         elif t.numel() > PASSTHROUGH_MAX_NUMEL and t.ndim == 2:
             out["int8"][name] = quantize_int8_rows(t)
@@ -1357,27 +1361,32 @@ def write_artifact(blob: bytes, path: str, limit: int = SIZE_LIMIT_BYTES) -> dic
 @torch.no_grad()
 def collect_hessians(model: GPT, batches: typing.Iterable[tuple[Tensor, Tensor]], rt: Runtime) -> dict[str, Tensor]:
     """H = sum of X^T X over calibration tokens for every int6 matrix, from forward pre-hooks on
-    the real modules (Q/K/V share one input but each gets its own sum), summed over ranks."""
-    hessians: dict[str, Tensor] = {}
+    the real modules, summed over ranks. K and V share Q's input, so they share its H. The tied
+    embedding gets the output head's H (final hidden states), for QUANT_EMBED=gptq."""
+    d = model.cfg["model_dim"]
+    hessians: dict[str, Tensor] = {"tok_emb.weight": torch.zeros(d, d, device=rt.device)}
     hooks = []
+
+    def accumulate(key: str, x: Tensor):
+        x = x.detach().float().reshape(-1, x.size(-1))
+        hessians[key].addmm_(x.T, x)
     for name, mod in model.named_modules():
         if isinstance(mod, CastedLinear) and is_int6_matrix(name + ".weight", mod.weight):
-            key = name + ".weight"
-            hessians[key] = torch.zeros(mod.in_features, mod.in_features, device=rt.device)
-
-            def hook(m, args, key=key):
-                x = args[0].detach().float().reshape(-1, args[0].size(-1))
-                hessians[key].addmm_(x.T, x)
-            hooks.append(mod.register_forward_pre_hook(hook))
+            if name.endswith((".c_k", ".c_v")):
+                continue
+            hessians[name + ".weight"] = torch.zeros(mod.in_features, mod.in_features, device=rt.device)
+            hooks.append(mod.register_forward_pre_hook(lambda m, args, key=name + ".weight": accumulate(key, args[0])))
     try:
         with torch.inference_mode():
             for x, _ in batches:
-                model.forward_hidden(x)
+                accumulate("tok_emb.weight", model.forward_hidden(x))
     finally:
         for hk in hooks:
             hk.remove()
     for H in hessians.values():
         rt.all_reduce_(H)
+    for name in [n for n in hessians if n.endswith(".c_q.weight")]:
+        hessians[name.replace(".c_q.", ".c_k.")] = hessians[name.replace(".c_q.", ".c_v.")] = hessians[name]
     return hessians
 
 
@@ -1555,7 +1564,7 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
     """Quantize (data-free after calibration), compress, check the cap, write on rank 0."""
     t0 = time.perf_counter()
     state = {n: p.detach() for n, p in base_model.state_dict().items()}
-    qstate = quantize_state(state, hessians, h.gptq_block_size)
+    qstate = quantize_state(state, hessians, h.gptq_block_size, embed_gptq=h.quant_embed == "gptq")
     cfg, error, sizes = model_config(h), "", {}
     if rt.is_main:
         try:

@@ -181,8 +181,11 @@ def test_collect_hessians_matches_own_hooks_and_gptq_beats_rtn(hparams, runtime)
     finally:
         for h in handles:
             h.remove()
-    assert set(hessians) == names
+    assert set(hessians) == names | {"tok_emb.weight"}
     assert all(not m._forward_pre_hooks for m in model.modules()), "calibration hooks left behind"
+    with torch.no_grad():  # the tied head's input: final hidden states
+        hid = torch.cat([model.forward_hidden(x).double().reshape(-1, hparams.model_dim) for x, _ in batches])
+    torch.testing.assert_close(hessians["tok_emb.weight"].double(), hid.T @ hid, rtol=1e-4, atol=1e-3)
 
     err_g = err_r = 0.0
     wins = 0
@@ -407,3 +410,14 @@ def test_reloaded_model_matches_dequantized_weights(hparams, runtime):
     assert nll_reloaded.shape == y.shape and torch.isfinite(nll_reloaded).all()
     assert torch.equal(nll_reloaded, nll_reference)
     assert not torch.equal(nll_reloaded, nll_original)  # the weights really were quantized
+
+
+def test_embed_gptq_puts_the_tied_embedding_in_int6(hparams, tiny_model):
+    state = {n: p.detach() for n, p in tiny_model.state_dict().items()}
+    H = torch.eye(hparams.model_dim)
+    default = tg.quantize_state(state, {"tok_emb.weight": H}, 128)
+    embed = tg.quantize_state(state, {"tok_emb.weight": H}, 128, embed_gptq=True)
+    assert "tok_emb.weight" not in default["int6"] and "tok_emb.weight" in embed["int6"]
+    q, s = embed["int6"]["tok_emb.weight"]
+    assert torch.equal((q, s)[0], tg.gptq_quantize(state["tok_emb.weight"], H)[0])
+    assert set(embed["int6"]) - {"tok_emb.weight"} == set(default["int6"])
