@@ -180,3 +180,19 @@ def test_paired_by_document(tmp_path):
     assert r["mean_delta_nats"] == pytest.approx(-0.2)
     d = np.array([-0.1, -0.2, -0.3])
     assert r["t_statistic"] == pytest.approx(d.mean() / (d.std(ddof=1) / math.sqrt(3)))
+
+
+def test_slot_is_never_the_headline_and_breaks_a_record(tiny_data, tmp_path, monkeypatch):
+    """SLOT_ENABLED=1 adds a labelled non-record phase; the headline stays TTT; with RECORD=1 the
+    audit lists rule A7 and the run exits 3."""
+    monkeypatch.chdir(tmp_path)
+    env = tiny_env(tiny_data, RUN_ID="slot", ITERATIONS=4, SLOT_ENABLED=1, SLOT_STEPS=2)
+    assert tg.main(env) == 0
+    summary = json.load(open("logs/slot.json"))
+    assert set(summary["eval"]) == {"prequant", "roundtrip", "sliding", "slot", "ttt"}
+    assert summary["val_bpb"] == summary["eval"]["ttt"]["val_bpb"] != summary["eval"]["slot"]["val_bpb"]
+    assert summary["eval"]["slot"]["tokens"] == summary["eval"]["sliding"]["tokens"]
+    log = open("logs/slot.txt").read()
+    assert "causal_slot_nonrecord_exact" in log and "non-record technique" in log
+    assert tg.main({**env, "RUN_ID": "slot2", "RECORD": "1"}) == 3
+    assert any(b.startswith("A7") for b in json.load(open("logs/slot2.json"))["compliance"]["broken"])

@@ -251,3 +251,44 @@ def test_ttt_changes_score_and_zero_epochs_equals_sliding(h, model, runtime, tmp
     assert (ttt0.tokens, ttt0.bytes) == (sliding.tokens, sliding.bytes)
     assert t0_nll.tobytes() == s_nll.tobytes()
     assert ttt0.loss_sum == pytest.approx(sliding.loss_sum, rel=1e-12, abs=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal SLOT (non-record): the flip test, and a non-causal SLOT that fails it
+
+
+def slot_losses(tmp_path, model, val, h, rt, name="slot", steps=4, lr=0.05):
+    return run_losses(tmp_path, name, lambda tl: tg.evaluate(tg.slot_nll_function(model, steps, lr), val, h, rt,
+                                                             h.eval_stride, tl), val, rt)
+
+
+@pytest.mark.parametrize("t", [FLIP_T, FLIP_T + STRIDE // 2], ids=["range-start", "mid-range"])
+def test_causal_slot_passes_the_flip_test_and_adapts(t, h, model, runtime, tmp_path):
+    val = make_val(h.vocab_size, TOTAL + 1, tail=5)
+    r, a = slot_losses(tmp_path, model, val, h, runtime, name="a")
+    _, b = slot_losses(tmp_path, model, flipped(val, t), h, runtime, name="b")
+    assert r.tokens == TOTAL and np.isfinite(a[1:TOTAL + 1]).all()
+    assert prefix_unchanged(a, b, t) and a[t] != b[t]
+    _, plain = sliding_losses(tmp_path, model, val, h, runtime, name="plain")
+    assert np.array_equal(a[1:L + 1], plain[1:L + 1])  # the first window has no context: no delta
+    assert not np.allclose(a[L + 1:TOTAL + 1], plain[L + 1:TOTAL + 1])  # later windows do adapt
+    _, zero = slot_losses(tmp_path, model, val, h, runtime, name="zero", steps=0)
+    np.testing.assert_allclose(zero[1:TOTAL + 1], plain[1:TOTAL + 1], rtol=1e-5)  # 0 steps: plain sliding
+
+
+def test_flip_test_catches_slot_fitted_on_the_scored_positions(h, model, runtime, tmp_path, monkeypatch):
+    """Standard (non-causal) SLOT fits the delta on the positions it then scores: give every window
+    a context that covers the whole window, and the flip test must fail."""
+    real = tg.slot_nll_function
+
+    def leaky(model, steps, lr):
+        fn = real(model, steps, lr)
+        wrapped = lambda x, y, ctx: fn(x, y, torch.full_like(ctx, x.size(1)))  # noqa: E731
+        wrapped.needs_context = True
+        return wrapped
+    monkeypatch.setattr(tg, "slot_nll_function", leaky)
+    val = make_val(h.vocab_size, TOTAL + 1, tail=5)
+    t = FLIP_T + STRIDE // 2  # inside a window's scored range, after its first scored token
+    _, a = slot_losses(tmp_path, model, val, h, runtime, name="a")
+    _, b = slot_losses(tmp_path, model, flipped(val, t), h, runtime, name="b")
+    assert not prefix_unchanged(a, b, t)
