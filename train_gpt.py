@@ -50,7 +50,7 @@ ARTIFACT_NAME = "final_model.int6.ptz"
 # Env vars with these prefixes belong to this script: an unknown one is a typo, not a no-op.
 OWNED_ENV_PREFIXES = ("TTT_", "GPTQ_", "EVAL_", "TRAIN_", "MUON_", "ADAM_", "EMA_", "SWA_", "VE_",
                       "BIGRAM_", "XSA_", "ROPE_", "MODEL_", "MLP_", "QK_", "LOGIT_", "TIED_",
-                      "WARMUP_", "WARMDOWN_", "VAL_", "QUANT_", "ATTN_", "NUM_", "GRAD_")
+                      "WARMUP_", "WARMDOWN_", "VAL_", "QUANT_", "ATTN_", "NUM_", "GRAD_", "SLOT_", "INT6_")
 RUNTIME_ENV = {"NUM_NODES"}  # launcher variables that share an owned prefix
 
 
@@ -131,6 +131,7 @@ class Hyperparameters:
     gptq_reserve_seconds: float = 10.0  # taken out of MAX_WALLCLOCK_SECONDS for calibration
     gptq_block_size: int = 128
     quant_compressor: str = "zstd"  # zstd (level 22) | lzma (preset 9 extreme)
+    int6_scale_floor: float = 1 / 31  # least int6 step per row (records: 1/31; lower = finer, bigger)
     quant_embed: str = "int8"  # tied embedding: int8 rows | gptq (int6 with the output head's Hessian)
     # evaluation
     eval_seq_len: int = 2048
@@ -170,6 +171,7 @@ class Hyperparameters:
         need(0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N", "must be in [0, NUM_LAYERS]")
         need(all(0 <= i < self.num_layers for i in self.ve_layer_ids), "VE_LAYERS",
              "layer ids must be in [0, NUM_LAYERS)")
+        need(self.int6_scale_floor > 0, "INT6_SCALE_FLOOR", "must be > 0")
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE", "must be 0 or >= 2")
         need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
              f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
@@ -1191,7 +1193,7 @@ def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt
 
 INT6_MAX = 31  # symmetric levels -31..31 in an int8 container (the compressor removes the slack)
 INT8_MAX = 127
-INT6_SCALE_FLOOR = 1 / 31  # part of the records' format: rows with clip < 1 share step 1/31
+INT6_SCALE_FLOOR = 1 / 31  # the records' least step: rows with clip < 1 share it (INT6_SCALE_FLOOR env)
 INT8_SCALE_FLOOR = 1 / 127
 INT8_CLIP_QUANTILE = 0.9999984
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # per-row clip candidates
@@ -1209,7 +1211,8 @@ def row_scales(W: Tensor, quantile: float, qmax: int, floor: float) -> Tensor:
 
 
 def gptq_quantize(W: Tensor, H: Tensor | None = None, block_size: int = 128,
-                  clip_quantiles: typing.Sequence[float] = CLIP_QUANTILES) -> tuple[Tensor, Tensor]:
+                  clip_quantiles: typing.Sequence[float] = CLIP_QUANTILES,
+                  scale_floor: float = INT6_SCALE_FLOOR) -> tuple[Tensor, Tensor]:
     """GPTQ (Frantar et al. 2022, arXiv:2210.17323) to int6 with per-row scales.
 
     Columns are quantized one at a time in descending diag(H) order (act-order); each column's
@@ -1229,7 +1232,7 @@ def gptq_quantize(W: Tensor, H: Tensor | None = None, block_size: int = 128,
     inv_perm = torch.argsort(perm)
     Hp = H[perm][:, perm]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
-    scales = torch.stack([row_scales(W, q, INT6_MAX, INT6_SCALE_FLOOR) for q in clip_quantiles])  # (K, rows)
+    scales = torch.stack([row_scales(W, q, INT6_MAX, scale_floor) for q in clip_quantiles])  # (K, rows)
     s = scales[:, :, None]
     Wk = W[:, perm].expand(len(clip_quantiles), rows, cols).clone()  # (K, rows, cols), permuted
     Q = torch.zeros_like(Wk)
@@ -1271,14 +1274,14 @@ def is_int6_matrix(name: str, t: Tensor) -> bool:
 
 
 def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], block_size: int,
-                   embed_gptq: bool = False) -> dict:
+                   embed_gptq: bool = False, scale_floor: float = INT6_SCALE_FLOOR) -> dict:
     """Block matrices -> GPTQ int6 (identity Hessian when none was collected); with embed_gptq the
     tied embedding too, with the output head's Hessian; other tensors with more than
     PASSTHROUGH_MAX_NUMEL entries (embedding tables) -> int8 rows; the rest -> fp16."""
     out: dict[str, dict] = {"int6": {}, "int8": {}, "fp16": {}}
     for name, t in state.items():
         if is_int6_matrix(name, t) or (embed_gptq and name == "tok_emb.weight"):
-            out["int6"][name] = gptq_quantize(t, hessians.get(name), block_size)
+            out["int6"][name] = gptq_quantize(t, hessians.get(name), block_size, scale_floor=scale_floor)
         elif t.numel() > PASSTHROUGH_MAX_NUMEL and t.ndim == 2:
             out["int8"][name] = quantize_int8_rows(t)
         else:
@@ -1598,7 +1601,7 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
     """Quantize (data-free after calibration), compress, check the cap, write on rank 0."""
     t0 = time.perf_counter()
     state = {n: p.detach() for n, p in base_model.state_dict().items()}
-    qstate = quantize_state(state, hessians, h.gptq_block_size, embed_gptq=h.quant_embed == "gptq")
+    qstate = quantize_state(state, hessians, h.gptq_block_size, h.quant_embed == "gptq", h.int6_scale_floor)
     cfg, error, sizes = model_config(h), "", {}
     if rt.is_main:
         try:

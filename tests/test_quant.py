@@ -421,3 +421,22 @@ def test_embed_gptq_puts_the_tied_embedding_in_int6(hparams, tiny_model):
     q, s = embed["int6"]["tok_emb.weight"]
     assert torch.equal((q, s)[0], tg.gptq_quantize(state["tok_emb.weight"], H)[0])
     assert set(embed["int6"]) - {"tok_emb.weight"} == set(default["int6"])
+
+
+def test_int6_scale_floor_is_a_knob(tiny_model):
+    """INT6_SCALE_FLOOR: the records' 1/31 puts every small row on the step 1/31; a lower floor
+    keeps the row's own step max|w|/31 and a smaller error."""
+    state = {n: p.detach() for n, p in tiny_model.state_dict().items()}
+    name = "blocks.0.attn.c_q.weight"
+    W = state[name]
+    assert W.abs().amax() < 1.0  # a small matrix: the default floor binds on every row
+    records = tg.quantize_state({name: W}, {}, 128)["int6"][name]
+    fine = tg.quantize_state({name: W}, {}, 128, scale_floor=1e-6)["int6"][name]
+    assert torch.all(records[1].float() == torch.tensor(1 / 31).half().float())
+    assert torch.all(fine[1].float() <= (W.abs().amax(1) / 31).half().float())  # the row's own clip, never the floor
+    assert torch.all(fine[1].float() < 1 / 31)
+    err = lambda qs: (tg.dequantize_rows(*qs) - W).pow(2).sum()  # noqa: E731
+    assert err(fine) < 0.1 * err(records)
+    assert tg.Hyperparameters.from_env({"INT6_SCALE_FLOOR": "0.001"}).int6_scale_floor == 0.001
+    with pytest.raises(tg.ConfigError, match="^INT6_SCALE_FLOOR=0.0"):
+        tg.Hyperparameters.from_env({"INT6_SCALE_FLOOR": "0"})
