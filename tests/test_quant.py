@@ -436,7 +436,7 @@ def test_int6_scale_floor_is_a_knob(tiny_model):
     assert torch.all(fine[1].float() <= (W.abs().amax(1) / 31).half().float())  # the row's own clip, never the floor
     assert torch.all(fine[1].float() < 1 / 31)
     err = lambda qs: (tg.dequantize_rows(*qs) - W).pow(2).sum()  # noqa: E731
-    assert err(fine) < 0.1 * err(records)
+    assert err(fine) < 0.2 * err(records)  # steps about 3x finer: squared error about 9x smaller
     assert tg.Hyperparameters.from_env({"INT6_SCALE_FLOOR": "0.001"}).int6_scale_floor == 0.001
     with pytest.raises(tg.ConfigError, match="^INT6_SCALE_FLOOR=0.0"):
         tg.Hyperparameters.from_env({"INT6_SCALE_FLOOR": "0"})
