@@ -440,3 +440,31 @@ def test_int6_scale_floor_is_a_knob(tiny_model):
     assert tg.Hyperparameters.from_env({"INT6_SCALE_FLOOR": "0.001"}).int6_scale_floor == 0.001
     with pytest.raises(tg.ConfigError, match="^INT6_SCALE_FLOOR=0.0"):
         tg.Hyperparameters.from_env({"INT6_SCALE_FLOOR": "0"})
+
+
+def test_gptq_beats_rtn_on_a_trained_model(tiny_data, runtime, tmp_path, monkeypatch):
+    """Train the tiny model for real (20 steps on tiny_data), collect Hessians from training
+    batches, and compare the output error X (W - Wq)^T on those calibration activations."""
+    from conftest import tiny_env
+    monkeypatch.chdir(tmp_path)
+    tg.select_attention_backend("sdpa", "cpu")
+    h = tg.Hyperparameters.from_env(tiny_env(tiny_data, ITERATIONS=20, WARMUP_STEPS=0))
+    torch.manual_seed(0)
+    model = tg.GPT(tg.model_config(h))
+    _, averager, loader = tg.train(model, model, h, runtime)
+    tg.apply_weight_average(model, averager, "ema")
+    batches = [loader.next_batch(8, h.train_seq_len) for _ in range(3)]
+    captured: dict[str, list] = {}
+    handles = [mod.register_forward_pre_hook(lambda m, a, key=name + ".weight": captured.setdefault(key, []).append(
+        a[0].detach().double().reshape(-1, a[0].size(-1))))
+        for name, mod in model.named_modules() if isinstance(mod, tg.CastedLinear) and name.startswith("blocks.")]
+    hessians = tg.collect_hessians(model, batches, runtime)
+    for hd in handles:
+        hd.remove()
+    err_g = err_r = 0.0
+    for name, chunks in captured.items():
+        X, W = torch.cat(chunks), model.state_dict()[name]
+        err_g += output_error(X, W, *tg.gptq_quantize(W, hessians[name]))
+        err_r += output_error(X, W, *tg.gptq_quantize(W, None, clip_quantiles=(1.0,)))
+    assert len(captured) == 6 * h.num_layers
+    assert err_g < 0.8 * err_r, (err_g, err_r)
