@@ -142,7 +142,8 @@ class Hyperparameters:
     ttt_epochs: int = 3
     ttt_chunk_tokens: int = 32_768
     ttt_freeze_blocks: int = 0
-    ttt_momentum: float = 0.9
+    ttt_momentum: float = 0.9  # SGD momentum
+    ttt_optimizer: str = "sgd"  # sgd (the records') | adamw (betas BETA1/BETA2, no weight decay)
     ttt_batch_seqs: int = 32  # global sequences per SGD step
     ttt_grad_clip: float = 1.0
     slot_enabled: bool = False  # causal SLOT phase after sliding: a non-record technique (rule A7)
@@ -182,7 +183,7 @@ class Hyperparameters:
         for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", ("sequential", "coprime")),
                              ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")),
                              ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
-                             ("QUANT_COMPRESSOR", ("zstd", "lzma")), ("QUANT_EMBED", ("int8", "gptq")),
+                             ("QUANT_COMPRESSOR", ("zstd", "lzma")), ("TTT_OPTIMIZER", ("sgd", "adamw")), ("QUANT_EMBED", ("int8", "gptq")),
                              ("PRESET", ("", "tiny"))):
             need(getattr(self, var.lower()) in allowed, var, f"must be one of {allowed}")
 
@@ -1142,9 +1143,12 @@ def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.zeros_like(p)
-    opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    if h.ttt_optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=0.0)
+    else:
+        opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
     log(f"ttt:start chunks:{n_chunks} chunk_tokens:{C} windows:{len(wins)} stride:{h.eval_stride} "
-        f"lr:{h.ttt_lr} epochs:{h.ttt_epochs} freeze_blocks:{h.ttt_freeze_blocks} "
+        f"optimizer:{h.ttt_optimizer} lr:{h.ttt_lr} epochs:{h.ttt_epochs} freeze_blocks:{h.ttt_freeze_blocks} "
         f"params_trained:{sum(p.numel() for p in params)} protocol:score_first")
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     epochs, score_times, epoch_times, trained_epochs = h.ttt_epochs, [], [], []
@@ -1796,6 +1800,7 @@ def main(env: typing.Mapping[str, str] = os.environ) -> int:
             h = dataclasses.replace(h, run_id=str(uuid.uuid4()))
         rt = setup_runtime(h.device, env)
         run(h, rt)
+        rt.barrier()  # every rank done before the group is torn down (gloo aborts otherwise)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -292,3 +292,21 @@ def test_flip_test_catches_slot_fitted_on_the_scored_positions(h, model, runtime
     _, a = slot_losses(tmp_path, model, val, h, runtime, name="a")
     _, b = slot_losses(tmp_path, model, flipped(val, t), h, runtime, name="b")
     assert not prefix_unchanged(a, b, t)
+
+
+def test_ttt_adamw_with_frozen_blocks_is_score_first_and_freezes(h, model, runtime, tmp_path):
+    """TTT_OPTIMIZER=adamw and TTT_FREEZE_BLOCKS=1: the flip test still holds, block 0 is left
+    exactly as loaded, block 1 moves, and every parameter is trainable again afterwards."""
+    h2 = tg.dataclasses.replace(h, ttt_optimizer="adamw", ttt_freeze_blocks=1, ttt_lr=0.01)
+    val = make_val(h.vocab_size, TOTAL + 1, tail=5)
+    m = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    run_losses(tmp_path, "x", lambda tl: tg.ttt_evaluate(m, tg.nll_function(m), val, h2, runtime, tl), val, runtime)
+    for n, p in m.named_parameters():
+        if n.startswith("blocks.0."):
+            assert torch.equal(p, before[n]), n
+    assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters() if n.startswith("blocks.1."))
+    assert all(p.requires_grad and p.grad is None for p in m.parameters())
+    _, a = ttt_losses(tmp_path, model, val, h2, runtime, name="a")
+    _, b = ttt_losses(tmp_path, model, flipped(val, FLIP_T), h2, runtime, name="b")
+    assert prefix_unchanged(a, b, FLIP_T) and a[FLIP_T] != b[FLIP_T]
