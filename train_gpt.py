@@ -1031,9 +1031,9 @@ def score_windows(nll_fn, val: ValidationData, wins: np.ndarray, batch: int, rt:
             ctx = rows[:, 1] - rows[:, 0]  # context positions of each window (already scored)
             nll = (nll_fn(x, y, ctx) if getattr(nll_fn, "needs_context", False) else nll_fn(x, y)).double()
             mask = (idx >= rows[:, 1:2]) & (torch.arange(batch, device=rt.device) < real)[:, None]
-            sums[0] += nll[mask].sum()
+            sums[0] += torch.where(mask, nll, 0.0).sum()  # no boolean indexing: no host sync per batch
             sums[1] += mask.sum()
-            sums[2] += val.target_bytes(x, y)[mask].sum()
+            sums[2] += torch.where(mask, val.target_bytes(x, y), 0).sum()
             if losses is not None:
                 losses.record(idx[mask] + 1, nll[mask])
     return sums
@@ -1444,6 +1444,7 @@ class TrainResult:
     cap_ms: float
     calib_time_ms: float = 0.0  # calibration on training data: counts with training (rule B2)
     selfgen_time_ms: float = 0.0  # data-free generation after training: eval-side work (rule B4)
+    quant_time_ms: float = 0.0  # quantization + compression + write: data-free, eval-side (rule B4)
 
 
 def batch_geometry(h: Hyperparameters, rt: Runtime) -> tuple[int, int]:
@@ -1601,7 +1602,8 @@ def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, result: 
     return hessians
 
 
-def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, rt: Runtime) -> dict:
+def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, rt: Runtime,
+              result: TrainResult | None = None) -> dict:
     """Quantize (data-free after calibration), compress, check the cap, write on rank 0."""
     t0 = time.perf_counter()
     state = {n: p.detach() for n, p in base_model.state_dict().items()}
@@ -1627,8 +1629,11 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
     code, model = rt.all_reduce_(counts).tolist()  # rank 0's sizes, on every rank
     sizes = dict(path=ARTIFACT_NAME, code_bytes=code, model_bytes=model, total_bytes=code + model,
                  limit_bytes=SIZE_LIMIT_BYTES)
+    quant_ms = 1000 * (time.perf_counter() - t0)
+    if result is not None:
+        result.quant_time_ms = quant_ms
     log(f"quant:int6:{len(qstate['int6'])} int8:{len(qstate['int8'])} fp16:{len(qstate['fp16'])} "
-        f"gptq_hessians:{len(hessians)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        f"gptq_hessians:{len(hessians)} time:{quant_ms:.0f}ms")
     if rt.is_main:
         log(f"Serialized model int6+{h.quant_compressor}: {sizes['model_bytes']} bytes")
         log(f"Code size: {sizes['code_bytes']} bytes")
@@ -1710,10 +1715,13 @@ def compliance_report(h: Hyperparameters, rt: Runtime, train: TrainResult | None
                  selfgen_time_ms=round(train.selfgen_time_ms))
         if total > TRAIN_LIMIT_MS:
             broken.append(f"B1/B2 train+calib {total:.0f}ms > {TRAIN_LIMIT_MS}ms")
-    c.update(eval_time_ms=round(eval_ms), eval_limit_ms=EVAL_LIMIT_MS, artifact_total_bytes=sizes["total_bytes"],
-             limit_bytes=SIZE_LIMIT_BYTES, val_opened="evaluation only (after training and serialization)")
-    if eval_ms > EVAL_LIMIT_MS:
-        broken.append(f"B3 eval {eval_ms:.0f}ms > {EVAL_LIMIT_MS}ms")
+    # Data-free work after training (self-generation, quantization) counts with eval: the safe reading of B4.
+    post_ms = eval_ms + (train.selfgen_time_ms + train.quant_time_ms if train is not None else 0.0)
+    c.update(eval_time_ms=round(eval_ms), eval_plus_post_train_ms=round(post_ms), eval_limit_ms=EVAL_LIMIT_MS,
+             artifact_total_bytes=sizes["total_bytes"], limit_bytes=SIZE_LIMIT_BYTES,
+             val_opened="evaluation only (after training and serialization)")
+    if post_ms > EVAL_LIMIT_MS:
+        broken.append(f"B3/B4 eval + post-training work {post_ms:.0f}ms > {EVAL_LIMIT_MS}ms")
     if sizes["total_bytes"] >= SIZE_LIMIT_BYTES:
         broken.append(f"D1 artifact {sizes['total_bytes']} bytes >= {SIZE_LIMIT_BYTES}")
     c["val_positions"] = results["roundtrip"].tokens
@@ -1728,7 +1736,7 @@ def compliance_report(h: Hyperparameters, rt: Runtime, train: TrainResult | None
             broken.append("A7 causal SLOT in a record attempt")
     c.update(broken=broken, ok=not broken)
     log(f"compliance: ok:{c['ok']} train+calib:{c.get('train_plus_calib_ms', 'n/a')}/{TRAIN_LIMIT_MS}ms "
-        f"eval:{c['eval_time_ms']}/{EVAL_LIMIT_MS}ms bytes:{c['artifact_total_bytes']}/{SIZE_LIMIT_BYTES} "
+        f"eval+post_train:{c['eval_plus_post_train_ms']}/{EVAL_LIMIT_MS}ms bytes:{c['artifact_total_bytes']}/{SIZE_LIMIT_BYTES} "
         f"val_scored:{c['val_scored']} of {c['val_positions']} ttt:{c.get('ttt', 'off')} "
         f"broken:{'; '.join(broken) or 'none'}")
     return c
@@ -1750,6 +1758,7 @@ def _write_summary_json(h: Hyperparameters, rt: Runtime, train: TrainResult | No
                    train=None if train is None else dict(steps=train.steps, train_time_ms=round(train.train_time_ms, 1),
                                                          calib_time_ms=round(train.calib_time_ms, 1),
                                                          selfgen_time_ms=round(train.selfgen_time_ms, 1),
+                                                         quant_time_ms=round(train.quant_time_ms, 1),
                                                          tokens=train.tokens, stop=train.stop),
                    artifact=sizes, eval={k: r.as_dict() for k, r in results.items()},
                    eval_time_ms=round(eval_ms, 1), compliance=report,
@@ -1784,7 +1793,7 @@ def run(h: Hyperparameters, rt: Runtime):
     result, averager, loader = train(model, base_model, h, rt)
     apply_weight_average(base_model, averager, h.weight_average)
     hessians = calibrate(base_model, loader, h, rt, result)
-    sizes = serialize(base_model, hessians, h, rt)
+    sizes = serialize(base_model, hessians, h, rt, result)
     try:
         results, eval_ms = evaluate_final(h, rt, sp, ARTIFACT_NAME, prequant_model=base_model)
     except ConfigError as e:  # e.g. a bad val shard: its contents are first read here (rule C1)

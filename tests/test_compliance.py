@@ -73,21 +73,25 @@ def _results(tokens: int) -> dict:
     return {k: tg.EvalResult(1.0 * tokens, tokens, tokens) for k in ("roundtrip", "sliding")}
 
 
-@pytest.mark.parametrize("train_ms,calib_ms,eval_ms,total_bytes,tokens,broken", [
-    (590_000, 9_000, 500_000, 15_999_999, 100, []),
-    (595_000, 6_000, 500_000, 15_000_000, 100, ["B1/B2"]),
-    (500_000, 0, 600_001, 15_000_000, 100, ["B3"]),
-    (500_000, 0, 500_000, 16_000_000, 100, ["D1"]),
-    (500_000, 0, 500_000, 15_000_000, 99, ["A3/C4"]),
-], ids=["ok", "train-over", "eval-over", "bytes-at-cap", "unscored"])
-def test_compliance_report(hparams, runtime, train_ms, calib_ms, eval_ms, total_bytes, tokens, broken):
-    train = tg.TrainResult(10, train_ms, 1, "wallclock", 0.0, calib_ms)
+@pytest.mark.parametrize("train_ms,calib_ms,eval_ms,quant_ms,total_bytes,tokens,broken", [
+    (590_000, 9_000, 500_000, 99_000, 15_999_999, 100, []),
+    (595_000, 6_000, 500_000, 0, 15_000_000, 100, ["B1/B2"]),
+    (500_000, 0, 600_001, 0, 15_000_000, 100, ["B3/B4"]),
+    (500_000, 0, 550_000, 50_001, 15_000_000, 100, ["B3/B4"]),
+    (500_000, 0, 500_000, 0, 16_000_000, 100, ["D1"]),
+    (500_000, 0, 500_000, 0, 15_000_000, 99, ["A3/C4"]),
+], ids=["ok", "train-over", "eval-over", "eval-plus-quant-over", "bytes-at-cap", "unscored"])
+def test_compliance_report(hparams, runtime, train_ms, calib_ms, eval_ms, quant_ms, total_bytes, tokens, broken):
+    """Training data work counts with training; data-free post-training work (quantization,
+    self-generation) counts with evaluation (the safe reading of rule B4)."""
+    train = tg.TrainResult(10, train_ms, 1, "wallclock", 0.0, calib_ms, quant_time_ms=quant_ms)
     results = _results(100)
     results["sliding"] = tg.EvalResult(1.0, tokens, tokens)
     report = tg.compliance_report(hparams, runtime, train, {"total_bytes": total_bytes}, results, eval_ms)
     assert [b.split()[0] for b in report["broken"]] == broken
     assert report["ok"] == (not broken)
     assert report["train_plus_calib_ms"] == train_ms + calib_ms
+    assert report["eval_plus_post_train_ms"] == eval_ms + quant_ms
 
 
 def test_record_run_breaking_a_rule_exits_3_after_writing_logs(tiny_data, tmp_path, monkeypatch):
