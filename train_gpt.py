@@ -295,6 +295,14 @@ class Runtime:
                 t.div_(self.world_size)
         return t
 
+    def all_gather_async(self, local: Tensor) -> tuple[Tensor, typing.Any]:
+        """(concatenation of every rank's `local` along dim 0, handle to wait on); single process:
+        (local, None)."""
+        if not self.distributed:
+            return local, None
+        out = torch.empty((self.world_size * local.size(0), *local.shape[1:]), dtype=local.dtype, device=local.device)
+        return out, dist.all_gather_into_tensor(out, local, async_op=True)
+
     def barrier(self):
         if self.distributed:
             dist.barrier()
@@ -808,9 +816,11 @@ def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum + Newton-Schulz orthogonalized updates, scaled by sqrt(max(1, rows/cols)),
-    with decoupled weight decay times the scheduled LR. Same-shaped matrices are orthogonalized
-    as one batch; on W ranks, matrix j of a shape group is done by rank j % W and the updates
-    meet in one all-reduce. Expects gradients already averaged over ranks."""
+    with decoupled weight decay times the scheduled LR. Expects gradients averaged over ranks.
+    Same-shaped matrices form a bank that is orthogonalized as one batch. On W ranks each rank
+    orthogonalizes a contiguous 1/W of every bank (padded) and keeps only those momentum buffers;
+    the bf16 results (exact: the iteration runs in bf16) meet in one async all-gather per bank,
+    so the next bank's Newton-Schulz overlaps the previous bank's communication."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, rt: Runtime):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
@@ -821,36 +831,30 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         W, r = self.rt.world_size, self.rt.rank
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            shapes: dict[tuple, list[Tensor]] = {}
-            for p in params:
-                shapes.setdefault(tuple(p.shape), []).append(p)
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device) if W > 1 else None
-            offsets, off, updates = {}, 0, {}
-            for p in params:
-                offsets[p], off = off, off + p.numel()
-            for shape, ps in shapes.items():
-                mine = ps[r::W]
-                if not mine:
-                    continue
-                us = []
-                for p in mine:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    us.append(p.grad.add(buf, alpha=group["momentum"]))
-                O = newton_schulz(torch.stack(us), group["backend_steps"])
-                O *= max(1.0, shape[0] / shape[1]) ** 0.5
-                for p, o in zip(mine, O):
-                    if flat is None:
-                        updates[p] = o
-                    else:
-                        flat[offsets[p]:offsets[p] + p.numel()] = o.reshape(-1)
-            if flat is not None:
-                self.rt.all_reduce_(flat)
-                updates = {p: flat[offsets[p]:offsets[p] + p.numel()].view_as(p) for p in params}
-            for p in params:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(updates[p], alpha=-group["lr"])
+            banks: dict[tuple, list[Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    banks.setdefault(tuple(p.shape), []).append(p)
+            pending = []
+            for shape, ps in banks.items():
+                k = -(-len(ps) // W)  # matrices per rank
+                mine = ps[r * k:(r + 1) * k]
+                local = torch.zeros(k, *shape, dtype=torch.bfloat16, device=ps[0].device)
+                if mine:
+                    us = []
+                    for p in mine:
+                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                        buf.mul_(group["momentum"]).add_(p.grad)
+                        us.append(p.grad.add(buf, alpha=group["momentum"]))
+                    local[:len(mine)] = newton_schulz(torch.stack(us), group["backend_steps"])
+                pending.append((ps, shape, *self.rt.all_gather_async(local)))
+            for ps, shape, updates, handle in pending:
+                if handle is not None:
+                    handle.wait()
+                scale = max(1.0, shape[0] / shape[1]) ** 0.5
+                for p, u in zip(ps, updates):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
 
 
 def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:

@@ -308,12 +308,12 @@ def test_two_process_training_matches_one_process(train_run, tmp_path):
     print(f"1 vs 2 processes: step-1 loss diff {d_loss:.2e}, prequant val_bpb diff {d_bpb:.2e}")
     assert "world_size:2 " in two.log
     assert d_loss <= 1.0001e-4  # same global batch: equal to the 4 printed decimals
-    assert d_bpb < 2e-3
+    assert d_bpb < 1e-5  # measured 3e-8: only the order of float sums differs (grad all-reduce vs accumulation)
     if two.proc.returncode != 0:
         raise ScriptCrashed(two.proc.stderr[-3000:])
     s1, s2 = train_run.summary, two.summary
     assert s2["world_size"] == 2 and s2["train"]["tokens"] == s1["train"]["tokens"]
-    assert s2["eval"]["prequant"]["val_bpb"] == pytest.approx(s1["eval"]["prequant"]["val_bpb"], abs=2e-3)
+    assert s2["eval"]["prequant"]["val_bpb"] == pytest.approx(s1["eval"]["prequant"]["val_bpb"], abs=1e-5)
 
 
 @pytest.mark.slow
