@@ -4,7 +4,7 @@
     DATA_PATH=../shared/data/standin_sp1024 TOKENIZER_PATH=../shared/data/tokenizers/fineweb_1024_bpe.model \
         NUM_LAYERS=11 ... python3 tests/bench_quant.py
 
-Configuration comes from the environment exactly as for train_gpt.py. After training and weight
+Configuration comes from the environment exactly as for train_gpt.py (INT6_SCALE_FLOOR too). After training and weight
 averaging it prints, per variant, the plain-eval (roundtrip) val_bpb of the dequantized weights,
 the gap to the unquantized averaged weights, and the compressed model bytes (zstd-22 and lzma-9e):
   rtn          round-to-nearest int6, clip at the row max (no search, no Hessian)
@@ -26,10 +26,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import train_gpt as tg  # noqa: E402
 
 
-def rtn_state(state: dict, hessians: dict, block: int, embed_gptq: bool = False) -> dict:
-    out = tg.quantize_state(state, {}, block)
+def rtn_state(state: dict, hessians: dict, block: int, embed_gptq: bool = False,
+              scale_floor: float = tg.INT6_SCALE_FLOOR) -> dict:
+    out = tg.quantize_state(state, {}, block, scale_floor=scale_floor)
     for name in out["int6"]:
-        out["int6"][name] = tg.gptq_quantize(state[name], None, block, clip_quantiles=(1.0,))
+        out["int6"][name] = tg.gptq_quantize(state[name], None, block, clip_quantiles=(1.0,), scale_floor=scale_floor)
     return out
 
 
@@ -56,11 +57,11 @@ def main() -> int:
     sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     val = tg.load_validation(h, sp, rt, max(h.train_seq_len, h.eval_seq_len)).to(rt.device)
     pre = tg.evaluate(tg.nll_function(base), val, h, rt, h.eval_seq_len)
-    print(f"bench_quant:prequant val_bpb:{pre.val_bpb:.5f} tokens:{pre.tokens}")
+    print(f"bench_quant:prequant val_bpb:{pre.val_bpb:.5f} tokens:{pre.tokens} int6_scale_floor:{h.int6_scale_floor}")
     cfg = tg.model_config(h)
     for name, (fn, source, embed) in variants.items():
         t0 = time.perf_counter()
-        qstate = fn(state, hess[source], h.gptq_block_size, embed_gptq=embed)
+        qstate = fn(state, hess[source], h.gptq_block_size, embed_gptq=embed, scale_floor=h.int6_scale_floor)
         quant_s = time.perf_counter() - t0
         raw = tg.artifact_payload(qstate, cfg)
         _, deq = tg.unpack_artifact(tg.compress(raw, "zstd"))
