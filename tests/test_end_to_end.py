@@ -109,7 +109,10 @@ def test_log_starts_with_sorted_hyperparameters_and_ends_with_final_labels(train
     for label in ("final_int6_roundtrip", "final_int6_sliding_window", "legal_ttt"):
         exact_line(train_run.log, label)
     assert any(ln.startswith("Total submission size") for ln in lines)
-    assert "stopping_early" not in train_run.log  # no wall-clock cap in the tiny preset
+    assert not any(ln.startswith("stopping_early") for ln in lines)  # no wall-clock cap in the tiny preset
+    code = Path(tg.__file__).read_text()
+    assert code in train_run.log  # the exact source is in the log file (not on the console)
+    assert code not in train_run.proc.stdout
     assert train_run.summary["config"] == expected
 
 
