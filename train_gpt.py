@@ -297,6 +297,12 @@ class Runtime:
                 t.div_(self.world_size)
         return t
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if it is true on any; single process: no collective, no device sync."""
+        if not self.distributed:
+            return flag
+        return self.all_reduce_(torch.tensor([float(flag)], device=self.device), "max").item() > 0
+
     def all_gather_async(self, local: Tensor) -> tuple[Tensor, typing.Any]:
         """(concatenation of every rank's `local` along dim 0, handle to wait on); single process:
         (local, None)."""
@@ -1541,11 +1547,9 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
             loss = rt.all_reduce_(loss.reshape(1), "mean")
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_scale:{scale:.4f} "
                 f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
-        if cap_ms > 0:
-            reached = rt.all_reduce_(torch.tensor([float(elapsed_ms >= cap_ms)], device=rt.device), "max")
-            if reached.item() > 0:
-                stop = "wallclock"
-                break
+        if cap_ms > 0 and rt.any_rank(elapsed_ms >= cap_ms):
+            stop = "wallclock"
+            break
     rt.sync()
     train_ms = 1000 * (time.perf_counter() - t0)
     if stop == "wallclock":
@@ -1635,8 +1639,7 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
             sizes = write_artifact(blob, ARTIFACT_NAME)
         except ConfigError as e:
             error = str(e)
-    failed = rt.all_reduce_(torch.tensor([float(bool(error))], device=rt.device), "max").item() > 0
-    if failed:
+    if rt.any_rank(bool(error)):
         raise ConfigError(error or "artifact: rank 0 could not write the artifact")
     counts = torch.tensor([sizes.get("code_bytes", 0), sizes.get("model_bytes", 0)], device=rt.device)
     code, model = rt.all_reduce_(counts).tolist()  # rank 0's sizes, on every rank

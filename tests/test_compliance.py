@@ -7,6 +7,7 @@ statistics against scipy (F1).
 """
 
 import json
+import re
 import math
 
 import numpy as np
@@ -200,3 +201,22 @@ def test_slot_is_never_the_headline_and_breaks_a_record(tiny_data, tmp_path, mon
     assert "causal_slot_nonrecord_exact" in log and "non-record technique" in log
     assert tg.main({**env, "RUN_ID": "slot2", "RECORD": "1"}) == 3
     assert any(b.startswith("A7") for b in json.load(open("logs/slot2.json"))["compliance"]["broken"])
+
+
+def test_wallclock_cap_stops_training_with_the_calibration_reserve(tiny_data, runtime, tmp_path, monkeypatch, capsys):
+    """MAX_WALLCLOCK_SECONDS=3 with GPTQ_RESERVE_SECONDS=1: the loop stops on the clock at about
+    2 s, long before ITERATIONS, logs stopping_early, and the LR has decayed toward zero."""
+    monkeypatch.chdir(tmp_path)
+    tg.select_attention_backend("sdpa", "cpu")
+    h = tg.Hyperparameters.from_env(tiny_env(tiny_data, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3,
+                                             GPTQ_RESERVE_SECONDS=1, WARMDOWN_ITERS=5, WARMUP_STEPS=0,
+                                             TRAIN_BATCH_TOKENS=1024, TRAIN_LOG_EVERY=1))
+    model = tg.GPT(tg.model_config(h))
+    result, _, _ = tg.train(model, model, h, runtime)
+    assert result.stop == "wallclock" and result.cap_ms == 2000
+    assert 5 < result.steps < 100_000
+    assert 2000 <= result.train_time_ms < 2000 + 1000  # the crossing step completes, nothing more
+    out = capsys.readouterr().out
+    assert "stopping_early: wallclock_cap train_time:" in out and f"step:{result.steps}/100000" in out
+    last_scale = float(re.findall(r"lr_scale:(\S+)", out)[-1])
+    assert last_scale < 0.5  # warmdown of ~5 steps before the cap
