@@ -297,6 +297,14 @@ class Runtime:
                 t.div_(self.world_size)
         return t
 
+    def to_device(self, tokens: np.ndarray) -> Tensor:
+        """uint16 tokens -> int64 on the device. On CUDA the copy goes as int32 from pinned memory,
+        so it is asynchronous: a copy from pageable memory would wait for the GPU's queue to drain."""
+        t = torch.from_numpy(tokens.astype(np.int32))
+        if self.is_cuda:
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t.long()
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if it is true on any; single process: no collective, no device sync."""
         if not self.distributed:
@@ -448,9 +456,8 @@ class SequentialLoader:
         span = seqs * seq_len
         chunk = self._take(self.rt.world_size * span + 1)
         self.pos -= 1  # the last target is the next micro-step's first input
-        local = torch.from_numpy(chunk[self.rt.rank * span:(self.rt.rank + 1) * span + 1].astype(np.int64))
-        x, y = local[:-1].view(seqs, seq_len), local[1:].view(seqs, seq_len)
-        return x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+        local = self.rt.to_device(chunk[self.rt.rank * span:(self.rt.rank + 1) * span + 1])
+        return local[:-1].view(seqs, seq_len), local[1:].view(seqs, seq_len)
 
 
 def _name_hash(paths: list[str]) -> int:
@@ -518,9 +525,8 @@ class CoprimeLoader:
                 if lists[j][1]:
                     order.append((lists[j][0], lists[j][1].pop()))
         mine = order[self.rt.rank::W]
-        rows = np.stack([self.shards[i][o:o + seq_len + 1].astype(np.int64) for i, o in mine])
-        t = torch.from_numpy(rows)
-        return (t[:, :-1].to(self.rt.device, non_blocking=True), t[:, 1:].to(self.rt.device, non_blocking=True))
+        rows = self.rt.to_device(np.stack([self.shards[i][o:o + seq_len + 1] for i, o in mine]))
+        return rows[:, :-1], rows[:, 1:]
 
 
 def make_train_loader(h: Hyperparameters, rt: Runtime):
