@@ -1690,9 +1690,16 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
     val = load_validation(h, sp, rt, max(h.train_seq_len, h.eval_seq_len)).to(rt.device)
     log(f"val_tokens:{len(val.tokens) - 1} val_stream_tokens:{val.stream_len}")
     results: dict[str, EvalResult] = {}
+
+    def phase(name: str, score: typing.Callable, extra: str = "", per_token: bool = True):
+        losses = TokenLosses(val.stream_len, rt.device) if per_token and h.token_losses_dir else None
+        results[name] = score(losses)
+        log_phase(name, results[name], extra)
+        if losses is not None:
+            losses.save(os.path.join(h.token_losses_dir, f"{name}.npy"), rt)
     if prequant_model is not None:
-        results["prequant"] = evaluate(maybe_compile(nll_function(prequant_model), h, rt), val, h, rt, h.eval_seq_len)
-        log_phase("prequant", results["prequant"])
+        pre_fn = maybe_compile(nll_function(prequant_model), h, rt)
+        phase("prequant", lambda _: evaluate(pre_fn, val, h, rt, h.eval_seq_len), per_token=False)
     with open(artifact_path, "rb") as f:
         cfg, state = unpack_artifact(f.read())
     if cfg["vocab_size"] != h.vocab_size:
@@ -1700,27 +1707,15 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
     model = build_model(cfg, rt)
     model.load_state_dict(state, strict=True)
     nll_fn = maybe_compile(nll_function(model), h, rt)
-    losses = (lambda: TokenLosses(val.stream_len, rt.device)) if h.token_losses_dir else (lambda: None)
-    results["roundtrip"] = evaluate(nll_fn, val, h, rt, h.eval_seq_len)
-    log_phase("roundtrip", results["roundtrip"])
-    tl = losses()
-    results["sliding"] = evaluate(nll_fn, val, h, rt, h.eval_stride, tl)
-    log_phase("sliding", results["sliding"], f" stride:{h.eval_stride}")
-    if tl is not None:
-        tl.save(os.path.join(h.token_losses_dir, "sliding.npy"), rt)
+    phase("roundtrip", lambda _: evaluate(nll_fn, val, h, rt, h.eval_seq_len), per_token=False)
+    phase("sliding", lambda tl: evaluate(nll_fn, val, h, rt, h.eval_stride, tl), f" stride:{h.eval_stride}")
     if h.slot_enabled:
         log("slot: causal SLOT is a non-record technique (no organizer ruling, rule A7); not the headline")
-        tl = losses()
-        results["slot"] = evaluate(slot_nll_function(model, h.slot_steps, h.slot_lr), val, h, rt, h.eval_stride, tl)
-        log_phase("slot", results["slot"], f" stride:{h.eval_stride} steps:{h.slot_steps} lr:{h.slot_lr}")
-        if tl is not None:
-            tl.save(os.path.join(h.token_losses_dir, "slot.npy"), rt)
+        slot_fn = slot_nll_function(model, h.slot_steps, h.slot_lr)
+        phase("slot", lambda tl: evaluate(slot_fn, val, h, rt, h.eval_stride, tl),
+              f" stride:{h.eval_stride} steps:{h.slot_steps} lr:{h.slot_lr}")
     if h.ttt_enabled:
-        tl = losses()
-        results["ttt"] = ttt_evaluate(model, nll_fn, val, h, rt, tl, deadline=deadline)
-        log_phase("ttt", results["ttt"])
-        if tl is not None:
-            tl.save(os.path.join(h.token_losses_dir, "ttt.npy"), rt)
+        phase("ttt", lambda tl: ttt_evaluate(model, nll_fn, val, h, rt, tl, deadline=deadline))
     rt.sync()
     eval_ms = 1000 * (time.perf_counter() - t0)
     log(f"eval:done phases:{','.join(results)} eval_time:{eval_ms:.0f}ms")
