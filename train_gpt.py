@@ -54,6 +54,24 @@ OWNED_ENV_PREFIXES = ("TTT_", "GPTQ_", "EVAL_", "TRAIN_", "MUON_", "ADAM_", "EMA
                       "BIGRAM_", "XSA_", "ROPE_", "MODEL_", "MLP_", "QK_", "LOGIT_", "TIED_",
                       "WARMUP_", "WARMDOWN_", "VAL_", "QUANT_", "ATTN_", "NUM_", "GRAD_", "SLOT_", "INT6_")
 RUNTIME_ENV = {"NUM_NODES"}  # launcher variables that share an owned prefix
+# Names on the records' launch lines (stack.md 13, frontier.md 7) that are not fields here: value ->
+# our variables where the meaning is exactly the same, else an error naming ours ({} = no effect here).
+RECORD_ENV_ALIASES: dict[str, typing.Callable[[str, typing.Mapping[str, str]], dict[str, str]]] = {
+    "EMA_ENABLED": lambda v, env: _alias_choice("EMA_ENABLED", v, {"1": {"WEIGHT_AVERAGE": "ema"}},
+                                                "#549 ignores it and exports EMA weights; EMA_DECAY=0 exports the last weights"),
+    "SWA_ENABLED": lambda v, env: _alias_choice("SWA_ENABLED", v, {"1": {}, "0": {"WEIGHT_AVERAGE": "ema"}}),
+    "VE_ENABLED": lambda v, env: _alias_choice("VE_ENABLED", v, {"1": {}, "0": {"VE_LAYERS": ""}}),
+    "GPTQ_RESERVE_MS": lambda v, env: {"GPTQ_RESERVE_SECONDS": repr(_alias_number("GPTQ_RESERVE_MS", v) / 1000)},
+    "GPTQ_CALIB_SAMPLES": lambda v, env: _alias_train_batches("GPTQ_CALIB_SAMPLES", v, env),
+    "GPTQ_CALIBRATION_BATCHES": lambda v, env: _alias_train_batches("GPTQ_CALIBRATION_BATCHES", v, env),
+    "QUANT_CLIP_RANGE": lambda v, env: _alias_choice("QUANT_CLIP_RANGE", v, {"31": {}},
+                                                     "int6 levels are fixed at +-31 here; INT6_SCALE_FLOOR sets the least step"),
+    "ROPE_YARN": lambda v, env: _alias_choice("ROPE_YARN", v, {"0": {}},
+                                              "RoPE is plain at every length here; ROPE_BASE and ROPE_DIMS set it"),
+    "ROPE_TRAIN_SEQ_LEN": lambda v, env: {},  # read only by YaRN, which ROPE_YARN=0 (the only value here) turns off
+    "VAL_BATCH_SIZE": lambda v, env: _alias_choice("VAL_BATCH_SIZE", v, {},
+                                                   "no validation during training here; EVAL_BATCH_SEQS sets windows per eval forward"),
+}
 
 
 class ConfigError(ValueError):
@@ -121,8 +139,15 @@ class Hyperparameters:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3  # global L2 norm of the averaged gradient (0 = off)
+    # frontier optimizer options (frontier.md section 3); off in the seed presets
+    muon_row_normalize: bool = False  # MuonEq-R: each row of the Nesterov update to unit L2 norm before NS
+    muon_ns_coeffs: str = "classic"  # classic (one quintic for every step) | polar_express (one per step, 5 steps)
+    warmdown_frac: float = 0.0  # warmdown as a fraction of the training budget (0 = WARMDOWN_ITERS decides)
+    min_lr: float = 0.0  # floor of the LR multiplier once the warmdown starts (frontier: 0.1)
+    embed_wd: float = -1.0  # AdamW weight decay of the embedding tables (-1 = ADAM_WD's value)
     # weight averaging
     ema_decay: float = 0.997  # per step
+    ema_warmup: bool = True  # decay min(EMA_DECAY, (1+step)/(10+step)): early steps do not keep the init
     swa_every: int = 50  # steps between SWA snapshots during the warmdown
     swa_start_scale: float = 0.2  # SWA collects once the LR scale is below this
     weight_average: str = "ema"  # ema | swa | blend (mean of the two): what gets quantized
@@ -176,6 +201,14 @@ class Hyperparameters:
              "layer ids must be in [0, NUM_LAYERS)")
         need(self.int6_scale_floor > 0, "INT6_SCALE_FLOOR", "must be > 0")
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE", "must be 0 or >= 2")
+        need(self.muon_ns_coeffs in ("classic", "polar_express"), "MUON_NS_COEFFS",
+             "must be one of ('classic', 'polar_express')")
+        need(self.muon_ns_coeffs == "classic" or self.muon_backend_steps <= len(POLAR_EXPRESS_COEFFS),
+             "MUON_BACKEND_STEPS", f"must be <= {len(POLAR_EXPRESS_COEFFS)} with MUON_NS_COEFFS=polar_express "
+             "(one coefficient triple per step)")
+        need(0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC", "must be in [0, 1]")
+        need(0.0 <= self.min_lr < 1.0, "MIN_LR", "must be in [0, 1)")
+        need(self.embed_wd >= 0 or self.embed_wd == -1.0, "EMBED_WD", "must be >= 0, or -1 for ADAM_WD's value")
         need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
              f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
         need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", "must be in (0, EVAL_SEQ_LEN]")
@@ -207,9 +240,11 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env: typing.Mapping[str, str] = os.environ) -> "Hyperparameters":
-        """Defaults <- PRESET <- environment. Unknown owned names and malformed values raise."""
+        """Defaults <- PRESET <- environment. Unknown owned names and malformed values raise;
+        the records' names in RECORD_ENV_ALIASES are translated first (env_aliases)."""
         hints = typing.get_type_hints(cls)
         names = {f.name.upper(): f.name for f in dataclasses.fields(cls)}
+        env = env_aliases(env)[0]
         unknown = sorted(k for k in env if k.startswith(OWNED_ENV_PREFIXES) and k not in names
                          and k not in RUNTIME_ENV)
         if unknown:
@@ -219,6 +254,50 @@ class Hyperparameters:
             if var in env:
                 values[name] = _parse_env(var, env[var], hints[name])
         return cls(**values)
+
+
+def env_aliases(env: typing.Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(env with the records' names of RECORD_ENV_ALIASES replaced by ours, one `env_alias:` log
+    line per name). An alias whose target is also set, or two aliases disagreeing, raise."""
+    out = {k: v for k, v in env.items() if k not in RECORD_ENV_ALIASES}
+    mapped: dict[str, tuple[str, str]] = {}  # our variable -> (its raw value, the alias that set it)
+    lines = []
+    for alias in sorted(k for k in env if k in RECORD_ENV_ALIASES):
+        targets = RECORD_ENV_ALIASES[alias](env[alias], env)
+        for var, raw in targets.items():
+            if var in env:
+                raise ConfigError(f"{alias}={env[alias]}: the records' name for {var}, which is also set; set only {var}")
+            if var in mapped and mapped[var][0] != raw:
+                raise ConfigError(f"{alias}={env[alias]}: gives {var}={raw!r}, but {mapped[var][1]} gives "
+                                  f"{var}={mapped[var][0]!r}")
+            mapped[var] = (raw, f"{alias}={env[alias]}")
+            out[var] = raw
+        ours = " ".join(f"{var}={raw}" for var, raw in targets.items()) or "(no effect here)"
+        lines.append(f"env_alias:{alias}={env[alias]} -> {ours}")
+    return out, lines
+
+
+def _alias_choice(alias: str, raw: str, choices: dict[str, dict[str, str]], otherwise: str = "") -> dict[str, str]:
+    if raw not in choices:
+        allowed = f"only {'|'.join(choices)} has an exact equivalent here" if choices else "no exact equivalent here"
+        raise ConfigError(f"{alias}={raw}: {allowed}" + (f"; {otherwise}" if otherwise else ""))
+    return choices[raw]
+
+
+def _alias_number(alias: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{alias}={raw!r}: not a valid float") from None
+
+
+def _alias_train_batches(alias: str, raw: str, env: typing.Mapping[str, str]) -> dict[str, str]:
+    """The records' count of calibration batches of training data per rank: our GPTQ_CALIB_BATCHES,
+    which means that only with GPTQ_CALIB=train (the default; selfgen counts sequences)."""
+    if env.get("GPTQ_CALIB", "train") != "train":
+        raise ConfigError(f"{alias}={raw}: counts training batches, but GPTQ_CALIB={env['GPTQ_CALIB']}; "
+                          "set GPTQ_CALIB_BATCHES instead")
+    return {"GPTQ_CALIB_BATCHES": raw}
 
 
 def _parse_env(var: str, raw: str, kind: type) -> typing.Any:
@@ -817,36 +896,72 @@ def maybe_compile(module, h: Hyperparameters, rt: Runtime):
 # Optimizers: Muon for block matrices, AdamW for embeddings and scalars
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932; PR #1344 -> #1787 -> #1855): one (a, b, c) per step,
+# chosen so that five steps take every singular value of G/||G||_F from [1e-3, 1] close to 1.
+POLAR_EXPRESS_COEFFS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 
-def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+def ns_coefficients(name: str, steps: int) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of each Newton-Schulz step: MUON_NS_COEFFS=classic repeats Muon's quintic,
+    polar_express takes the first `steps` Polar Express triples (frontier.md 3.2)."""
+    return POLAR_EXPRESS_COEFFS[:steps] if name == "polar_express" else (NS_COEFFS,) * steps
+
+
+def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7, coeffs: str = "classic") -> Tensor:
     """Approximately orthogonalize a batch of matrices (..., m, n) in bf16 with the quintic
     Newton-Schulz iteration of Muon (Keller Jordan, modded-nanogpt 2024-10): the result is close
-    to U V^T of G's SVD, singular values pushed into roughly [0.7, 1.2]."""
-    a, b, c = NS_COEFFS
+    to U V^T of G's SVD, singular values pushed into roughly [0.7, 1.2] (classic coefficients)."""
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
-    for _ in range(steps):
+    for a, b, c in ns_coefficients(coeffs, steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if transposed else X).to(G.dtype)
 
 
+def row_normalize(U: Tensor, eps: float = 1e-7) -> Tensor:
+    """MuonEq-R (PR #1217/#1260, record #1285; arXiv 2603.28254): every row of the momentum
+    update scaled to unit L2 norm before Newton-Schulz, so no output unit dominates the update."""
+    return U / U.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum + Newton-Schulz orthogonalized updates, scaled by sqrt(max(1, rows/cols)),
     with decoupled weight decay times the scheduled LR. Expects gradients averaged over ranks.
-    Same-shaped matrices form a bank that is orthogonalized as one batch. On W ranks each rank
-    orthogonalizes a contiguous 1/W of every bank (padded) and keeps only those momentum buffers;
-    the bf16 results (exact: the iteration runs in bf16) meet in one async all-gather per bank,
-    so the next bank's Newton-Schulz overlaps the previous bank's communication."""
+    Same-shaped matrices form a bank: its momentum, orthogonalization and update run as batched
+    (_foreach / stacked) ops, not one matrix at a time. On W ranks each rank orthogonalizes a
+    contiguous 1/W of every bank (padded) and keeps only those momentum buffers (made once, at the
+    first step); the bf16 results (exact: the iteration runs in bf16) meet in one async all-gather
+    per bank, so the next bank's Newton-Schulz overlaps the previous bank's communication."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, rt: Runtime):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, rt: Runtime,
+                 row_normalize: bool = False, ns_coeffs: str = "classic"):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                             weight_decay=weight_decay))
         self.rt = rt
+        self.row_normalize = row_normalize
+        self.ns_coeffs = ns_coeffs
+
+    def _bank_update(self, mine: list[Tensor], group: dict) -> Tensor:
+        """Nesterov momentum of this rank's matrices of one bank, then their orthogonalized update."""
+        for p in mine:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        grads = [p.grad for p in mine]
+        bufs = [self.state[p]["momentum_buffer"] for p in mine]
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, grads)
+        U = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
+        if self.row_normalize:
+            U = row_normalize(U)
+        return newton_schulz(U, group["backend_steps"], coeffs=self.ns_coeffs)
 
     @torch.no_grad()
     def step(self):
@@ -862,20 +977,15 @@ class Muon(torch.optim.Optimizer):
                 mine = ps[r * k:(r + 1) * k]
                 local = torch.zeros(k, *shape, dtype=torch.bfloat16, device=ps[0].device)
                 if mine:
-                    us = []
-                    for p in mine:
-                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                        buf.mul_(group["momentum"]).add_(p.grad)
-                        us.append(p.grad.add(buf, alpha=group["momentum"]))
-                    local[:len(mine)] = newton_schulz(torch.stack(us), group["backend_steps"])
+                    local[:len(mine)] = self._bank_update(mine, group)
                 pending.append((ps, shape, *self.rt.all_gather_async(local)))
             for ps, shape, updates, handle in pending:
                 if handle is not None:
                     handle.wait()
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
-                for p, u in zip(ps, updates):
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+                torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(ps, list(updates[:len(ps)].to(ps[0].dtype).unbind(0)),
+                                    alpha=-group["lr"] * scale)
 
 
 def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
@@ -902,24 +1012,32 @@ def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
 def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
     g = param_groups(model)
     adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=rt.is_cuda)
-    opts = [torch.optim.AdamW([dict(params=g["embed"], lr=h.tied_embed_lr, base_lr=h.tied_embed_lr),
+    embed_wd = h.adam_wd if h.embed_wd == -1.0 else h.embed_wd  # EMBED_WD apart from ADAM_WD (#1218)
+    opts = [torch.optim.AdamW([dict(params=g["embed"], lr=h.tied_embed_lr, base_lr=h.tied_embed_lr,
+                                    weight_decay=embed_wd),
                                dict(params=g["scalar"], lr=h.scalar_lr, base_lr=h.scalar_lr)], **adam),
-            Muon(g["matrix"], h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, rt)]
+            Muon(g["matrix"], h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, rt,
+                 h.muon_row_normalize, h.muon_ns_coeffs)]
     for group in opts[1].param_groups:
         group["base_lr"] = h.matrix_lr
     return opts
 
 
 def lr_scale(step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameters) -> float:
-    """LR multiplier: 1, then linear to 0 at the end. With a wall-clock cap the warmdown spans the
-    last WARMDOWN_ITERS steps at the current mean step time, reaching 0 at the cap; without
+    """LR multiplier: 1, then linear to 0 at the end, floored at MIN_LR once it starts to fall.
+    WARMDOWN_FRAC > 0 (frontier.md 3.4, PR #1787): the warmdown is that fraction of the budget, the
+    wall clock (cap_ms) when capped, else ITERATIONS. Otherwise, with a cap, the warmdown spans
+    the last WARMDOWN_ITERS steps at the current mean step time, reaching 0 at the cap; without
     one it is step-based, reaching 0 at ITERATIONS."""
+    if h.warmdown_frac > 0:
+        f = elapsed_ms / cap_ms if cap_ms > 0 else step / h.iterations
+        return 1.0 if f < 1 - h.warmdown_frac else max((1 - f) / h.warmdown_frac, h.min_lr)
     if cap_ms <= 0:
         start = h.iterations - h.warmdown_iters
-        return 1.0 if step < start else max(h.iterations - step, 0) / max(h.warmdown_iters, 1)
+        return 1.0 if step < start else max(max(h.iterations - step, 0) / max(h.warmdown_iters, 1), h.min_lr)
     warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
     remaining_ms = max(cap_ms - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+    return max(remaining_ms / max(warmdown_ms, 1e-9), h.min_lr) if remaining_ms <= warmdown_ms else 1.0
 
 
 def muon_momentum(step: int, h: Hyperparameters) -> float:
@@ -943,10 +1061,15 @@ def all_reduce_grads(params: list[nn.Parameter], rt: Runtime, op: str = "mean"):
 
 class WeightAverager:
     """fp32 EMA of every parameter (decay per step, no bias correction), and an SWA mean of
-    snapshots taken every SWA_EVERY steps once the LR scale is below SWA_START_SCALE."""
+    snapshots taken every SWA_EVERY steps once the LR scale is below SWA_START_SCALE.
+    With warm-up (EMA_WARMUP=1) update n (from 0) uses decay min(EMA_DECAY, (1+n)/(10+n)), the
+    num_updates rule of TensorFlow's ExponentialMovingAverage: the init's weight in the average
+    falls fast, so a short run does not export mostly its initialization. The records use none."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         self.decay = decay
+        self.warmup = warmup
+        self.updates = 0
         self.names = [n for n, _ in model.named_parameters()]
         self.ema = [p.detach().float().clone() for p in model.parameters()]
         self.swa_sum: list[Tensor] | None = None
@@ -954,7 +1077,9 @@ class WeightAverager:
 
     @torch.no_grad()
     def update_ema(self, model: nn.Module):
-        torch._foreach_lerp_(self.ema, [p.detach().float() for p in model.parameters()], 1 - self.decay)
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        self.updates += 1
+        torch._foreach_lerp_(self.ema, [p.detach().float() for p in model.parameters()], 1 - decay)
 
     @torch.no_grad()
     def add_swa(self, model: nn.Module):
@@ -1039,16 +1164,18 @@ class TokenLosses:
 def score_windows(nll_fn, val: ValidationData, wins: np.ndarray, batch: int, rt: Runtime,
                   losses: TokenLosses | None = None) -> Tensor:
     """Sum (nll, tokens, bytes) over the scored positions of this rank's share of `wins`,
-    under inference_mode. Batches are padded to a fixed shape (masked rows) for compile."""
+    under inference_mode. Batches are padded to a fixed shape (masked rows) for compile. The
+    window table goes to the device once: a copy per batch would wait for the GPU's queue."""
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     mine = wins[rank_slice(len(wins), rt)]
     if len(mine) == 0:
         return sums
     L = int(mine[0, 2] - mine[0, 0])
     ar = torch.arange(L, device=rt.device)
+    table = torch.from_numpy(mine).to(rt.device)  # (n, 3) int64
     with torch.inference_mode():
         for b in range(0, len(mine), batch):
-            rows = torch.from_numpy(mine[b:b + batch]).to(rt.device)
+            rows = table[b:b + batch]
             real = len(rows)
             rows = torch.cat((rows, rows[-1:].expand(batch - real, 3))) if real < batch else rows
             idx = rows[:, :1] + ar  # (B, L) input positions
@@ -1531,7 +1658,7 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
     if h.warmup_steps > 0:
         warm_up(model, opts, base_model, h, rt, geometry, params)
     loader = make_train_loader(h, rt)
-    averager = WeightAverager(base_model, h.ema_decay)
+    averager = WeightAverager(base_model, h.ema_decay, h.ema_warmup)
     reserve_ms = 1000 * h.gptq_reserve_seconds if h.gptq_calib == "train" else 0.0
     cap_ms = max(1000 * h.max_wallclock_seconds - reserve_ms, 1.0) if h.max_wallclock_seconds > 0 else 0.0
     log(f"train:cap_ms:{cap_ms:.0f} calib_reserve_ms:{reserve_ms if cap_ms else 0:.0f} loader:{h.train_loader}")
@@ -1794,10 +1921,12 @@ def artifact_sizes(path: str) -> dict:
                 limit_bytes=SIZE_LIMIT_BYTES)
 
 
-def run(h: Hyperparameters, rt: Runtime):
+def run(h: Hyperparameters, rt: Runtime, alias_lines: typing.Sequence[str] = ()):
     setup_logging(h, rt)
     select_attention_backend(h.attn_backend, rt.device.type)
     log_run_header(h, rt)
+    for line in alias_lines:  # the records' variable names that were translated (env_aliases)
+        log(line)
     sp = load_tokenizer(h)
     shard_paths(h.val_files)  # fail early if missing; their contents are read only at eval
     torch.manual_seed(h.seed)
@@ -1828,7 +1957,7 @@ def main(env: typing.Mapping[str, str] = os.environ) -> int:
         if not h.run_id:
             h = dataclasses.replace(h, run_id=str(uuid.uuid4()))
         rt = setup_runtime(h.device, env)
-        run(h, rt)
+        run(h, rt, env_aliases(env)[1])
         rt.barrier()  # every rank done before the group is torn down (gloo aborts otherwise)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -92,7 +92,7 @@ def test_malformed_numbers_name_the_variable(var, raw):
         tg.Hyperparameters.from_env({var: raw})
 
 
-@pytest.mark.parametrize("var", ["TTT_EPOCH", "GPTQ_CALIB_SAMPLES", "EVAL_STRIDES", "MODEL_DIMS", "NUM_LAYER",
+@pytest.mark.parametrize("var", ["TTT_EPOCH", "GPTQ_CALIB_SAMPLE", "EVAL_STRIDES", "MODEL_DIMS", "NUM_LAYER",
                                  "VAL_LOSS_EVERYY", "TRAIN_SEQLEN", "MUON_LR"])
 def test_unknown_owned_variable_raises(var):
     with pytest.raises(tg.ConfigError, match=f"^{var}: unknown variable"):
