@@ -79,8 +79,10 @@ def exact_line(log: str, label: str) -> dict:
 
 @pytest.fixture(scope="module")
 def train_run(tiny_data, tmp_path_factory) -> Run:
-    """The reference tiny run (1 process), also writing per-token losses."""
-    run = launch(tmp_path_factory.mktemp("e2e"), tiny_env(tiny_data, RUN_ID="e2e", TOKEN_LOSSES_DIR="token_losses"))
+    """The reference tiny run (1 process), also writing per-token losses. Micro-batches of 16 of
+    the 32 sequences per step: 2 accumulation steps here do what 2 processes do (see below)."""
+    run = launch(tmp_path_factory.mktemp("e2e"), tiny_env(tiny_data, RUN_ID="e2e", TOKEN_LOSSES_DIR="token_losses",
+                                                          MICRO_BATCH_SEQS=16))
     run.check_ok()
     return run
 
@@ -310,13 +312,19 @@ def test_two_process_training_matches_one_process(train_run, tmp_path):
     d_bpb = abs(exact_line(two.log, "prequant_ema")["val_bpb"] - exact_line(train_run.log, "prequant_ema")["val_bpb"])
     print(f"1 vs 2 processes: step-1 loss diff {d_loss:.2e}, prequant val_bpb diff {d_bpb:.2e}")
     assert "world_size:2 " in two.log
-    assert d_loss <= 1.0001e-4  # same global batch: equal to the 4 printed decimals
-    assert d_bpb < 1e-5  # measured 3e-8: only the order of float sums differs (grad all-reduce vs accumulation)
+    # Same micro-batches (16 sequences) on both sides, so training is bitwise the same arithmetic:
+    # loss/2 backpropagates exactly half of every gradient, g1/2 + g2/2 == (g1 + g2)/2 in floats,
+    # and the gloo sum of two is commutative. With unequal micro-batches (32 in one forward vs 2 x 16)
+    # the loss means round differently and 40 steps of bf16 Newton-Schulz amplify that: 3e-8 bpb at
+    # SEED=1337 when this test was written, 5.5e-5 at SEED=0, 1.27e-4 once in CI. Its size is chaos (seed, the machine's
+    # kernels), not a bound to tune; with equal micro-batches both sides measured bitwise equal.
+    assert d_loss == 0
+    assert d_bpb <= 1.5e-8  # the 8 printed decimals; only eval's float64 sums are split across ranks
     if two.proc.returncode != 0:
         raise ScriptCrashed(two.proc.stderr[-3000:])
     s1, s2 = train_run.summary, two.summary
     assert s2["world_size"] == 2 and s2["train"]["tokens"] == s1["train"]["tokens"]
-    assert s2["eval"]["prequant"]["val_bpb"] == pytest.approx(s1["eval"]["prequant"]["val_bpb"], abs=1e-5)
+    assert s2["eval"]["prequant"]["val_bpb"] == pytest.approx(s1["eval"]["prequant"]["val_bpb"], abs=1e-12)
 
 
 @pytest.mark.slow
