@@ -91,7 +91,7 @@ class Hyperparameters:
     seed: int = 1337  # init, data order (coprime loader), TTT and calibration sampling
     preset: str = ""  # "" (record) or "tiny"; applied before env overrides
     device: str = "auto"  # auto | cuda | cpu
-    train_loader: str = "sequential"  # sequential | coprime (multi-shard, SEED-dependent order)
+    train_loader: str = "coprime"  # coprime (multi-shard, SEED-dependent order; #1060) | sequential
     eval_artifact: str = ""  # skip training: score this artifact on DATA_PATH's val shards
     token_losses_dir: str = ""  # write <dir>/{sliding,ttt}.npy per-token NLL arrays
     # model
@@ -155,7 +155,7 @@ class Hyperparameters:
     gptq_calib: str = "train"  # train (inside the cap) | selfgen (model-generated text) | none (GPTQ-lite)
     gptq_calib_batches: int = 64  # train: micro-batches per rank; selfgen: sequences in all
     gptq_selfgen_temp: float = 0.8  # sampling temperature of self-generated calibration text
-    gptq_reserve_seconds: float = 10.0  # taken out of MAX_WALLCLOCK_SECONDS for calibration
+    gptq_reserve_seconds: float = 14.0  # taken out of MAX_WALLCLOCK_SECONDS for calibration (#1060: 14 s)
     gptq_block_size: int = 128
     quant_compressor: str = "zstd"  # zstd (level 22) | lzma (preset 9 extreme)
     int6_scale_floor: float = 1 / 31  # least int6 step per row (records: 1/31; lower = finer, bigger)
@@ -318,7 +318,7 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                  train_batch_tokens=4096, micro_batch_seqs=32, iterations=40, warmdown_iters=10,
                  warmup_steps=2, max_wallclock_seconds=0.0, train_log_every=10, ema_decay=0.9, swa_every=2,
                  gptq_calib_batches=4, gptq_reserve_seconds=0.0, ttt_chunk_tokens=4096,
-                 ttt_batch_seqs=8, ttt_epochs=1, compile=0, device="cpu"),
+                 ttt_batch_seqs=8, ttt_epochs=1, compile=0, device="cpu", train_loader="sequential"),
 }
 
 
@@ -1922,12 +1922,12 @@ def artifact_sizes(path: str) -> dict:
 
 
 def run(h: Hyperparameters, rt: Runtime, alias_lines: typing.Sequence[str] = ()):
+    sp = load_tokenizer(h)  # before any file is written: a VOCAB_SIZE mismatch leaves nothing behind
     setup_logging(h, rt)
     select_attention_backend(h.attn_backend, rt.device.type)
     log_run_header(h, rt)
     for line in alias_lines:  # the records' variable names that were translated (env_aliases)
         log(line)
-    sp = load_tokenizer(h)
     shard_paths(h.val_files)  # fail early if missing; their contents are read only at eval
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)

@@ -18,7 +18,8 @@ import train_gpt as tg
 RECORD = dict(num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=3.0, negative_slope=0.5,
               rope_dims=16, logit_softcap=30.0, xsa_last_n=11, bigram_vocab_size=2816, bigram_dim=112,
               ve_layers="9,10", train_seq_len=2048, train_batch_tokens=786_432, ttt_enabled=True,
-              eval_stride=64, vocab_size=1024, eval_seq_len=2048)
+              eval_stride=64, vocab_size=1024, eval_seq_len=2048,
+              train_loader="coprime", gptq_calib="train", gptq_calib_batches=64, gptq_reserve_seconds=14.0)  # #1060
 
 # The CPU shapes that interface.md lists ("Shapes must be free to shrink for CPU tests").
 INTERFACE_TINY = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
