@@ -74,7 +74,8 @@ def test_no_exact_equivalent_raises_naming_ours(env, names):
     ({"GPTQ_RESERVE_MS": "14000", "GPTQ_RESERVE_SECONDS": "14"}, "also set; set only GPTQ_RESERVE_SECONDS"),
     ({"VE_ENABLED": "0", "VE_LAYERS": ""}, "also set; set only VE_LAYERS"),
     ({"EMA_ENABLED": "1", "WEIGHT_AVERAGE": "ema"}, "also set; set only WEIGHT_AVERAGE"),
-    ({"GPTQ_CALIB_SAMPLES": "64", "GPTQ_CALIBRATION_BATCHES": "16"}, "^GPTQ_CALIB_SAMPLES=64: gives GPTQ_CALIB_BATCHES='64', but GPTQ_CALIBRATION_BATCHES=16 gives"),
+    ({"GPTQ_CALIB_SAMPLES": "64", "GPTQ_CALIBRATION_BATCHES": "16"},
+     "^GPTQ_CALIB_SAMPLES=64: gives GPTQ_CALIB_BATCHES='64', but GPTQ_CALIBRATION_BATCHES=16 gives"),
     ({"GPTQ_RESERVE_MS": "14s"}, "not a valid float"),
 ], ids=["reserve_twice", "ve_twice", "ema_twice", "two_aliases_disagree", "malformed"])
 def test_conflicts_and_bad_values_raise(env, match):
@@ -91,13 +92,14 @@ def test_aliases_are_not_fields_and_unknown_names_still_raise():
             tg.Hyperparameters.from_env({var: "1"})
 
 
-def test_main_logs_the_mapping(tmp_path, monkeypatch, capsys):
-    """The run logs each translated name (a missing tokenizer then stops it: exit 2)."""
+def test_main_logs_the_mapping(tiny_data, tmp_path, monkeypatch, capsys):
+    """The run logs each translated name (a DATA_PATH without shards then stops it: exit 2)."""
     monkeypatch.chdir(tmp_path)
-    env = {"PRESET": "tiny", "RUN_ID": "alias", "TOKENIZER_PATH": str(tmp_path / "none.model"),
-           "GPTQ_RESERVE_MS": "14000", "VE_ENABLED": "1"}
+    env = {"PRESET": "tiny", "RUN_ID": "alias", "TOKENIZER_PATH": str(tiny_data / "tokenizer.model"),
+           "DATA_PATH": str(tmp_path), "GPTQ_RESERVE_MS": "14000", "VE_ENABLED": "1"}
     assert tg.main(env) == 2
     log = (tmp_path / "logs" / "alias.txt").read_text()
-    assert "env_alias:GPTQ_RESERVE_MS=14000 -> GPTQ_RESERVE_SECONDS=14.0\nenv_alias:VE_ENABLED=1 -> (no effect here)\n" in log
+    assert ("env_alias:GPTQ_RESERVE_MS=14000 -> GPTQ_RESERVE_SECONDS=14.0\n"
+            "env_alias:VE_ENABLED=1 -> (no effect here)\n") in log
     assert "hparam:gptq_reserve_seconds=14.0\n" in log
-    assert "error: TOKENIZER_PATH=" in capsys.readouterr().err
+    assert "error: DATA_PATH: no shards match" in capsys.readouterr().err

@@ -316,7 +316,7 @@ def test_two_process_training_matches_one_process(train_run, tmp_path):
     # loss/2 backpropagates exactly half of every gradient, g1/2 + g2/2 == (g1 + g2)/2 in floats,
     # and the gloo sum of two is commutative. With unequal micro-batches (32 in one forward vs 2 x 16)
     # the loss means round differently and 40 steps of bf16 Newton-Schulz amplify that: 3e-8 bpb at
-    # SEED=1337 when this test was written, 5.5e-5 at SEED=0, 1.27e-4 once in CI. Its size is chaos (seed, the machine's
+    # SEED=1337 and 5.5e-5 at SEED=0 (both measured on this data), 1.27e-4 once in CI. Its size is chaos (seed, the machine's
     # kernels), not a bound to tune; with equal micro-batches both sides measured bitwise equal.
     assert d_loss == 0
     assert d_bpb <= 1.5e-8  # the 8 printed decimals; only eval's float64 sums are split across ranks
