@@ -70,6 +70,8 @@ RECORD_ENV_ALIASES: dict[str, typing.Callable[[str, typing.Mapping[str, str]], d
     "ROPE_YARN": lambda v, env: _alias_choice(
         "ROPE_YARN", v, {"0": {}}, "RoPE is plain at every length here; ROPE_BASE and ROPE_DIMS set it"),
     "ROPE_TRAIN_SEQ_LEN": lambda v, env: {},  # read only by YaRN, which ROPE_YARN=0 (the only value here) turns off
+    "VAL_DOC_FRACTION": lambda v, env: _alias_choice(
+        "VAL_DOC_FRACTION", v, {"1.0": {}, "1": {}}, "every validation document is always scored (rule A3)"),
     "VAL_BATCH_SIZE": lambda v, env: _alias_choice(
         "VAL_BATCH_SIZE", v, {}, "no validation during training here; EVAL_BATCH_SEQS sets windows per eval forward"),
 }

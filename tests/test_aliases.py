@@ -29,6 +29,7 @@ EQUIVALENT = [
     ({"VE_ENABLED": "0"}, {"VE_LAYERS": ""}),
     ({"QUANT_CLIP_RANGE": "31"}, {}),
     ({"ROPE_YARN": "0", "ROPE_TRAIN_SEQ_LEN": "2048"}, {}),
+    ({"VAL_DOC_FRACTION": "1.0"}, {}),
 ]
 
 
@@ -63,7 +64,8 @@ def test_the_549_averaging_names_together_export_the_ema():
     ({"VAL_BATCH_SIZE": "524288"}, "EVAL_BATCH_SEQS"),
     ({"GPTQ_CALIB_SAMPLES": "64", "GPTQ_CALIB": "selfgen"}, "GPTQ_CALIB_BATCHES"),
     ({"VE_ENABLED": "2"}, "only 1|0"),
-], ids=["ema_off", "yarn_on", "clip_range", "val_batch", "samples_with_selfgen", "ve_bad_value"])
+    ({"VAL_DOC_FRACTION": "0.5"}, "every validation document"),
+], ids=["ema_off", "yarn_on", "clip_range", "val_batch", "samples_with_selfgen", "ve_bad_value", "val_subset"])
 def test_no_exact_equivalent_raises_naming_ours(env, names):
     alias = next(k for k in env if k in tg.RECORD_ENV_ALIASES)
     with pytest.raises(tg.ConfigError, match=f"^{alias}={env[alias]}: .*{names}"):
