@@ -3,20 +3,28 @@ seed stack, and all of them (PRESET=frontier's model), on a small model at equal
 
     OMP_NUM_THREADS=1 python3 tests/bench_frontier.py --vocab 1024 --out /tmp/bench_sp1024
     OMP_NUM_THREADS=1 python3 tests/bench_frontier.py --vocab 8192 --out /tmp/bench_sp8192
+    OMP_NUM_THREADS=1 python3 tests/bench_frontier.py --vocab 1024 --out /tmp/bench_sp1024 --timing 7
 
 Data: the stand-in shards in ../shared/data, with the validation stream cut to its first 65,536
 targets (so the three evaluation passes stay short). Runs go one at a time, the configurations in
 turn, ROUNDS times; the table prints ms/step (mean of the rounds) as a ratio to the seed stack and
 the pre-quantization EMA val_bpb after ITERATIONS steps (same data, same order, same seed).
-CPU figures: ratios only; on a shared machine the absolute times mean little.
+CPU figures: ratios only; on a shared machine the absolute times mean little. `--timing R`
+instead times 4 training steps of every configuration in turn in one process, R rounds, and
+prints the median ms/step as a ratio to the seed stack: finely interleaved, so load changes on a
+shared machine hit every configuration alike. Looping is on there (the cost after the switch).
 """
 
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,18 +79,49 @@ def run(name: str, env: dict, out: Path, rnd: int) -> dict:
     return dict(step_ms=step_ms, bpb=bpb, params=params)
 
 
+def timing(base: dict, names: list[str], rounds: int, steps: int = 4):
+    torch.set_num_threads(1)
+    rt = tg.Runtime(False, 0, 1, 0, torch.device("cpu"))
+    runs = {}
+    for n in names:
+        h = tg.Hyperparameters.from_env({k: str(v) for k, v in dict(base, **OPTIONS[n]).items()})
+        h = tg.resolve_bos_id(h, tg.load_tokenizer(h))
+        torch.manual_seed(h.seed)
+        model = tg.build_model(tg.model_config(h), rt)  # built looped when NUM_LOOPS > 0
+        opts, params, loader = tg.build_optimizers(model, h, rt), list(model.parameters()), tg.make_train_loader(h, rt)
+        geometry = tg.batch_geometry(h, rt)
+        runs[n] = lambda m=model, o=opts, p=params, ld=loader, hh=h, g=geometry: tg.train_step(
+            m, o, ld, hh, rt, g, p, 1.0, 100)
+        runs[n]()  # first step outside the timing
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for n in names:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                runs[n]()
+            times[n].append(1000 * (time.perf_counter() - t0) / steps)
+    seed = statistics.median(times["seed"])
+    print(f"\n{rounds} rounds x {steps} steps of {base['TRAIN_BATCH_TOKENS']} tokens, median ms/step")
+    print("| option | ms/step (median) | vs seed |\n|---|---:|---:|")
+    for n, ts in times.items():
+        print(f"| {n} | {statistics.median(ts):.1f} | {statistics.median(ts) / seed:.2f}x |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=1024, choices=(1024, 8192))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--only", default="", help="comma list of option names (seed is always run)")
+    ap.add_argument("--timing", type=int, default=0, help="rounds of the in-process interleaved timing")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     data = make_data(a.vocab, a.out)
     base = dict(SMALL, DATA_PATH=data, VOCAB_SIZE=a.vocab,
                 TOKENIZER_PATH=SHARED / "tokenizers" / f"fineweb_{a.vocab}_bpe.model")
     names = [n for n in OPTIONS if n == "seed" or not a.only or n in a.only.split(",")]
+    if a.timing:
+        return timing(base, names, a.timing)
     results: dict[str, list[dict]] = {n: [] for n in names}
     for rnd in range(a.rounds):
         for n in names:  # interleaved: every configuration once per round
