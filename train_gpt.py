@@ -52,7 +52,8 @@ ARTIFACT_NAME = "final_model.int6.ptz"
 # Env vars with these prefixes belong to this script: an unknown one is a typo, not a no-op.
 OWNED_ENV_PREFIXES = ("TTT_", "GPTQ_", "EVAL_", "TRAIN_", "MUON_", "ADAM_", "EMA_", "SWA_", "VE_",
                       "BIGRAM_", "XSA_", "ROPE_", "MODEL_", "MLP_", "QK_", "LOGIT_", "TIED_",
-                      "WARMUP_", "WARMDOWN_", "VAL_", "QUANT_", "ATTN_", "NUM_", "GRAD_", "SLOT_", "INT6_")
+                      "WARMUP_", "WARMDOWN_", "VAL_", "QUANT_", "ATTN_", "NUM_", "GRAD_", "SLOT_", "INT6_",
+                      "SKIP_", "LOOP_", "PARALLEL_", "DOC_", "SMEAR_", "GATE_", "SPARSE_")
 RUNTIME_ENV = {"NUM_NODES"}  # launcher variables that share an owned prefix
 # Names on the records' launch lines (stack.md 13, frontier.md 7) that are not fields here: value ->
 # our variables where the meaning is exactly the same, else an error naming ours ({} = no effect here).
@@ -117,6 +118,21 @@ class Hyperparameters:
     ve_layers: str = "9,10"  # comma list of layers that get value embeddings ("" disables)
     ve_dim: int = 128
     attn_backend: str = "auto"  # auto (fa3 > fa2 > sdpa) | fa3 | fa2 | sdpa
+    # frontier architecture (frontier.md section 2; the records' env names, all off in the seed presets)
+    skip_gates_enabled: bool = False  # sigmoid-gated U-Net skips (#1089 -> #1218)
+    num_loops: int = 0  # depth recurrence: extra passes over layers LOOP_START..LOOP_END (0 = off; #1493)
+    loop_start: int = 3  # first physical layer of the looped span
+    loop_end: int = 5  # last physical layer of the looped span (inclusive)
+    enable_looping_at: float = 0.35  # loop on from this fraction of the budget (wall clock if capped, else ITERATIONS)
+    parallel_start_layer: int = 0  # two-lane parallel residuals from this physical decoder layer (0 = off; #1530)
+    parallel_final_lane: str = "mean"  # how the two lanes merge after the last layer (the records': mean)
+    doc_masking: bool = False  # attention never crosses a BOS (FA3 varlen or a masked SDPA; #1530)
+    bos_id: int = -1  # document separator id; -1 = the tokenizer's bos_id()
+    smear_gate_enabled: bool = False  # windowed SmearGate with the BOS fix, replaces the per-channel one (#1667, #1855)
+    gate_window: int = 12  # leading channels read by the SmearGate and the sparse attention gate
+    sparse_attn_gate_enabled: bool = False  # per-head sigmoid gate on the attention output (#1787)
+    sparse_attn_gate_scale: float = 1.0  # gate = sigmoid(scale * W x[:GATE_WINDOW]); the final record: 0.5
+    sparse_attn_gate_init_std: float = 0.0  # W's init (0: gate = 0.5 at init)
     # batch and schedule
     train_seq_len: int = 2048
     train_batch_tokens: int = 786_432  # global tokens per optimizer step, any world size
@@ -200,6 +216,16 @@ class Hyperparameters:
         need(0 < self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
              f"must be even and in (0, head_dim={self.head_dim}]")
         need(0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N", "must be in [0, NUM_LAYERS]")
+        need(self.num_loops >= 0, "NUM_LOOPS", "must be >= 0")
+        need(self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end, "LOOP_START",
+             f"must be in [0, LOOP_END={self.loop_end}]")
+        need(self.num_loops == 0 or self.loop_end < self.num_layers, "LOOP_END",
+             f"must be < NUM_LAYERS={self.num_layers}")
+        need(0 <= self.enable_looping_at <= 1, "ENABLE_LOOPING_AT", "must be a fraction in [0, 1]")
+        need(0 <= self.parallel_start_layer < self.num_layers, "PARALLEL_START_LAYER",
+             f"must be 0 (off) or a layer id below NUM_LAYERS={self.num_layers}")
+        need(0 < self.gate_window <= self.model_dim, "GATE_WINDOW", f"must be in (0, MODEL_DIM={self.model_dim}]")
+        need(self.sparse_attn_gate_init_std >= 0, "SPARSE_ATTN_GATE_INIT_STD", "must be >= 0")
         need(all(0 <= i < self.num_layers for i in self.ve_layer_ids), "VE_LAYERS",
              "layer ids must be in [0, NUM_LAYERS)")
         need(self.int6_scale_floor > 0, "INT6_SCALE_FLOOR", "must be > 0")
@@ -219,7 +245,8 @@ class Hyperparameters:
              f"must be a multiple of EVAL_SEQ_LEN={self.eval_seq_len}")
         need(0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", "must be in [0, NUM_LAYERS]")
         for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", ("sequential", "coprime")),
-                             ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")), ("PRESET", ("", "tiny")),
+                             ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")), ("PRESET", ("", "tiny", "frontier")),
+                             ("PARALLEL_FINAL_LANE", ("mean",)),
                              ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
                              ("QUANT_COMPRESSOR", ("zstd", "lzma")), ("QUANT_EMBED", ("int8", "gptq")),
                              ("TTT_OPTIMIZER", ("sgd", "adamw"))):
@@ -324,6 +351,17 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                  warmup_steps=2, max_wallclock_seconds=0.0, train_log_every=10, ema_decay=0.9, swa_every=2,
                  gptq_calib_batches=4, gptq_reserve_seconds=0.0, ttt_chunk_tokens=4096,
                  ttt_batch_seqs=8, ttt_epochs=1, compile=0, device="cpu", train_loader="sequential"),
+    # The 1.0611 record's model and optimizer (PR #1855; frontier.md section 7), on sp8192 shards.
+    "frontier": dict(data_path="./data/datasets/fineweb10B_sp8192",
+                     tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model", vocab_size=8192,
+                     mlp_mult=4.0, qk_gain_init=5.0, bigram_vocab_size=0, ve_layers="",
+                     skip_gates_enabled=True, num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35,
+                     parallel_start_layer=8, doc_masking=True, smear_gate_enabled=True, gate_window=12,
+                     sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, sparse_attn_gate_init_std=0.0,
+                     matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.97, beta2=0.99,
+                     muon_wd=0.095, adam_wd=0.02, ema_decay=0.9965,
+                     muon_row_normalize=True, muon_ns_coeffs="polar_express", warmdown_frac=0.85, min_lr=0.1,
+                     embed_wd=0.085),
 }
 
 
@@ -332,7 +370,9 @@ def model_config(h: Hyperparameters) -> dict:
     keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
             "negative_slope", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap",
             "tied_embed_init_std", "ln_scale", "xsa_last_n", "bigram_vocab_size", "bigram_dim",
-            "ve_layers", "ve_dim")
+            "ve_layers", "ve_dim", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
+            "parallel_start_layer", "doc_masking", "bos_id", "smear_gate_enabled", "gate_window",
+            "sparse_attn_gate_enabled", "sparse_attn_gate_scale", "sparse_attn_gate_init_std")
     return {k: getattr(h, k) for k in keys}
 
 
@@ -668,6 +708,17 @@ def load_tokenizer(h: Hyperparameters):
     return sp
 
 
+def resolve_bos_id(h: Hyperparameters, sp) -> Hyperparameters:
+    """BOS_ID=-1 takes the tokenizer's; document masking and the SmearGate's BOS fix need one."""
+    if h.bos_id < 0:
+        h = dataclasses.replace(h, bos_id=sp.bos_id())
+    if h.bos_id < 0 and (h.doc_masking or h.smear_gate_enabled):
+        raise ConfigError("BOS_ID=-1: DOC_MASKING and SMEAR_GATE_ENABLED need a document separator and "
+                          f"the tokenizer {h.tokenizer_path} has no BOS")
+    log(f"bos_id:{h.bos_id} doc_masking:{int(h.doc_masking)}")
+    return h
+
+
 def load_validation(h: Hyperparameters, sp, rt: Runtime, seq_len: int) -> ValidationData:
     """All val shards in sorted order. Called only once evaluation starts (rules C1, C3)."""
     stream = np.concatenate([read_shard(p) for p in shard_paths(h.val_files)])
@@ -683,15 +734,17 @@ def load_validation(h: Hyperparameters, sp, rt: Runtime, seq_len: int) -> Valida
 # ----------------------------------------------------------------------------------------------
 # Model
 
-_ATTENTION: dict[str, typing.Any] = {"name": "sdpa", "fn": None}
+_ATTENTION: dict[str, typing.Any] = {"name": "sdpa", "fn": None, "varlen": None}
 
 
 def select_attention_backend(requested: str, device_type: str) -> str:
     """FlashAttention 3 > FlashAttention 2 > PyTorch SDPA, chosen once per process."""
     name, fn = "sdpa", None
+    varlen = None
     if device_type == "cuda" and requested in ("auto", "fa3"):
         with contextlib.suppress(ImportError):
             from flash_attn_interface import flash_attn_func as fn  # Hopper build of FA3
+            from flash_attn_interface import flash_attn_varlen_func as varlen
             name = "fa3"
     if fn is None and device_type == "cuda" and requested in ("auto", "fa2"):
         with contextlib.suppress(ImportError):
@@ -699,18 +752,48 @@ def select_attention_backend(requested: str, device_type: str) -> str:
             name = "fa2"
     if requested not in ("auto", name):
         raise ConfigError(f"ATTN_BACKEND={requested}: not importable on this {device_type} machine")
-    _ATTENTION.update(name=name, fn=fn)
+    _ATTENTION.update(name=name, fn=fn, varlen=varlen)
     return name
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D); native GQA in every backend."""
+def document_segments(ids: Tensor, bos_id: int) -> Tensor:
+    """Document masking (VarLen attention, #1530): attention never crosses a BOS. With FA3 the
+    int32 cu_seqlens of the flattened (B*T) stream, cut at every BOS and every row start; padded
+    with the total length to the static size B*T+1 (empty segments) so compiled shapes stay
+    fixed. Otherwise the block-diagonal causal mask (B,1,T,T) for SDPA: the same attention."""
+    B, T = ids.shape
+    if _ATTENTION["varlen"] is not None:
+        starts = ids == bos_id
+        starts[:, 0] = True
+        pos = torch.nonzero_static(starts.flatten(), size=B * T, fill_value=B * T).flatten()
+        return torch.cat((pos, pos.new_full((1,), B * T))).int()
+    doc = torch.cumsum(ids == bos_id, dim=1)  # (B,T) document index within the row
+    causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor | None = None) -> Tensor:
+    """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D); native GQA in every backend. `docs` (from
+    document_segments) restricts each position to its own document."""
+    if docs is not None:
+        return document_attention(q, k, v, docs)
     fn = _ATTENTION["fn"]
     if fn is not None:
         out = fn(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out  # some FA3 builds return (out, lse)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+def document_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor) -> Tensor:
+    """causal_attention within documents: FA3's varlen call on cu_seqlens, or SDPA with the mask."""
+    if docs.dtype == torch.int32:
+        B, T = q.shape[:2]
+        out = _ATTENTION["varlen"](q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), docs, docs, T, T, causal=True)
+        return (out[0] if isinstance(out, tuple) else out).view_as(q)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=docs, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 
@@ -751,8 +834,12 @@ class Attention(nn.Module):
         self.proj = CastedLinear(d, d, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.h,), float(cfg["qk_gain_init"])))
         self.rope_dims, self.rope_base, self.xsa = cfg["rope_dims"], cfg["rope_base"], xsa
+        self.sparse_gate = cfg["sparse_attn_gate_enabled"]
+        if self.sparse_gate:
+            self.attn_gate_w = nn.Parameter(torch.zeros(self.h, cfg["gate_window"]))  # the records' name
+            self.gate_scale = cfg["sparse_attn_gate_scale"]
 
-    def forward(self, x: Tensor, ve: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         v = self.c_v(x)
         if ve is not None:
@@ -762,12 +849,22 @@ class Attention(nn.Module):
         v = v.view(B, T, self.hkv, self.hd)
         q = rotary(q, self.rope_dims, self.rope_base) * self.q_gain.to(x.dtype)[None, None, :, None]
         k = rotary(k, self.rope_dims, self.rope_base)
-        y = causal_attention(q, k, v)  # (B,T,H,D)
+        y = causal_attention(q, k, v, docs)  # (B,T,H,D)
         if self.xsa:  # exclusive self-attention: drop the part of y along the token's own value
             y = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
             vn = F.normalize(v, dim=-1).unsqueeze(3)
             y = y - (y * vn).sum(-1, keepdim=True) * vn
+        if self.sparse_gate:
+            y = sparse_attn_gate(y.reshape(B, T, self.h, self.hd), x, self.attn_gate_w, self.gate_scale)
         return self.proj(y.reshape(B, T, self.h * self.hd))
+
+
+def sparse_attn_gate(y: Tensor, x: Tensor, w: Tensor, scale: float) -> Tensor:
+    """Sparse attention output gate (#1787 -> final): head h of y (B,T,H,D) is scaled by
+    sigmoid(scale * w_h . x[:window]), read from the attention input x; w (H, window) starts at 0,
+    so every gate starts at 0.5 and attn_scale absorbs it. 96 parameters a layer at 8 heads."""
+    g = torch.sigmoid(scale * F.linear(x[..., :w.size(1)], w.to(x.dtype)))  # (B,T,H)
+    return y * g[..., None]
 
 
 class MLP(nn.Module):
@@ -793,11 +890,23 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg["ln_scale"] else 1.0
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve, docs)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+    def forward_parallel(self, lanes: tuple[Tensor, Tensor], x0: Tensor, ve: Tensor | None, docs: Tensor | None,
+                         resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
+        """Two-lane parallel residual, form D (#1529/#1530 -> final): attention reads lane 0 mixed
+        with x0, the MLP reads lane 1 as it is, both before this layer's update; lane k becomes
+        resid[k] * lane_k + post[0, k] * attn + post[1, k] * mlp."""
+        lane0, lane1 = lanes
+        dt = lane0.dtype
+        mix, r, p = self.resid_mix.to(dt), resid.to(dt), post.to(dt)
+        a = self.attn_scale.to(dt) * self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.norm_scale, ve, docs)
+        m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * self.norm_scale)
+        return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
 
 
 class BigramHash(nn.Module):
@@ -819,6 +928,31 @@ class BigramHash(nn.Module):
         return self.proj(self.embed(self.bucket_ids(ids)).to(dtype)) * self.scale.to(dtype)
 
 
+class WindowSmearGate(nn.Module):
+    """SmearGate, new form (#1667) with the BOS fix (#1851/#1855), on the raw token embedding:
+    e_t += lam * sigmoid(w . e_t[:window]) * e_{t-1}, except at position 0 and where id_t is BOS,
+    so nothing crosses a document boundary. w and lam start at 0 (the identity); 13 parameters."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.gate_w = nn.Parameter(torch.zeros(1, cfg["gate_window"]))  # the records' smear_gate
+        self.lam = nn.Parameter(torch.zeros(()))  # the records' smear_lambda
+        self.bos_id = cfg["bos_id"]
+
+    def forward(self, e: Tensor, ids: Tensor) -> Tensor:
+        g = self.lam.to(e.dtype) * torch.sigmoid(F.linear(e[..., :self.gate_w.size(1)], self.gate_w.to(e.dtype)))
+        g = g * (ids != self.bos_id).to(e.dtype)[..., None]  # (B,T,1)
+        return e + g * F.pad(e[:, :-1], (0, 0, 1, 0))
+
+
+def loop_layer_order(num_layers: int, loop_start: int, loop_end: int, num_loops: int) -> list[int]:
+    """Depth recurrence (#1204 -> #1493 -> final): the physical layers the block loop visits, with
+    loop_start..loop_end run num_loops+1 times in a row. A repeat reuses every parameter of its
+    layer (matrices, scales, resid_mix, q_gain, LN scale); the first half is the encoder."""
+    span = list(range(loop_start, loop_end + 1))
+    return list(range(loop_start)) + span * (num_loops + 1) + list(range(loop_end + 1, num_layers))
+
+
 class GPT(nn.Module):
     """The record stack (stack.md section 3), built from a model_config() dict."""
 
@@ -828,10 +962,22 @@ class GPT(nn.Module):
         d, L, V = cfg["model_dim"], cfg["num_layers"], cfg["vocab_size"]
         self.tok_emb = nn.Embedding(V, d)
         self.bigram = BigramHash(cfg) if cfg["bigram_vocab_size"] else None
-        self.smear_gate = nn.Parameter(torch.zeros(d))
+        self.smear = WindowSmearGate(cfg) if cfg["smear_gate_enabled"] else None
+        if self.smear is None:
+            self.smear_gate = nn.Parameter(torch.zeros(d))  # per-channel SmearGate of the March stack
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
-        self.num_encoder = L // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), d))
+        self.plain_order = list(range(L))
+        self.loop_order = (loop_layer_order(L, cfg["loop_start"], cfg["loop_end"], cfg["num_loops"])
+                           if cfg["num_loops"] else self.plain_order)
+        self.looping = cfg["num_loops"] > 0  # training turns it on at ENABLE_LOOPING_AT; eval runs looped
+        longest = len(self.loop_order)
+        self.skip_weights = nn.Parameter(torch.ones(min(longest // 2, longest - longest // 2), d))
+        if cfg["skip_gates_enabled"]:  # sigmoid-gated U-Net skips (#1089 -> #1218): lerp from the skip to x
+            self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights))
+        self.parallel_start = cfg["parallel_start_layer"]
+        if self.parallel_start:
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
         self.ve_layers = [int(s) for s in str(cfg["ve_layers"]).split(",") if s.strip()]
         if self.ve_layers:
             kv_dim = cfg["num_kv_heads"] * (d // cfg["num_heads"])
@@ -851,28 +997,61 @@ class GPT(nn.Module):
             nn.init.zeros_(self.bigram.embed.weight)  # bigram output starts at exactly zero
         if self.ve_layers:
             nn.init.normal_(self.ve_embed.weight, std=0.01)
+        if self.cfg["sparse_attn_gate_enabled"] and self.cfg["sparse_attn_gate_init_std"] > 0:
+            for block in self.blocks:
+                nn.init.normal_(block.attn.attn_gate_w, std=self.cfg["sparse_attn_gate_init_std"])
 
     def forward_hidden(self, ids: Tensor) -> Tensor:
         """ids (B,T) -> final normed hidden states (B,T,d). The one block loop of the model."""
         dt = self.compute_dtype
         x = self.tok_emb(ids).to(dt)
+        if self.smear is not None:
+            x = self.smear(x, ids)
         if self.bigram is not None:
             x = x + self.bigram(ids, dt)
         x = rms_norm(x)
-        g = torch.sigmoid(self.smear_gate.to(dt))  # SmearGate: mix in the previous position
-        x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+        if self.smear is None:
+            g = torch.sigmoid(self.smear_gate.to(dt))  # SmearGate: mix in the previous position
+            x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
         x0, skips = x, []
         ve_base = self.ve_proj(self.ve_embed(ids).to(dt)) * self.ve_scale.to(dt) if self.ve_layers else None
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:  # U-Net: decoder block j takes encoder output L/2-1-j
-                x = x + self.skip_weights[i - self.num_encoder].to(dt) * skips.pop()
-            ve = None
-            if i in self.ve_layers:
-                ve = ve_base * self.ve_layer_scales[self.ve_layers.index(i)].to(dt)
-            x = block(x, x0, ve)
-            if i < self.num_encoder:
+        docs = document_segments(ids, self.cfg["bos_id"]) if self.cfg["doc_masking"] else None
+        order = self.loop_order if self.looping else self.plain_order
+        num_encoder = len(order) // 2
+        for j, i in enumerate(order):  # j: position in the (looped) sequence, i: physical layer
+            if self.parallel_start and j >= num_encoder and i >= self.parallel_start:
+                return rms_norm(self.parallel_lanes(order[j:], j - num_encoder, x, x0, skips, ve_base, docs))
+            if j >= num_encoder and skips:  # U-Net: decoder position k takes encoder output n-1-k
+                x = self.add_skip(x, j - num_encoder, skips.pop())
+            x = self.blocks[i](x, x0, self.layer_ve(i, ve_base), docs)
+            if j < num_encoder:
                 skips.append(x)
         return rms_norm(x)
+
+    def layer_ve(self, i: int, ve_base: Tensor | None) -> Tensor | None:
+        if i not in self.ve_layers:
+            return None
+        return ve_base * self.ve_layer_scales[self.ve_layers.index(i)].to(ve_base.dtype)
+
+    def add_skip(self, x: Tensor, k: int, skip: Tensor) -> Tensor:
+        """x + w_k * skip, or with SKIP_GATES_ENABLED sigmoid(g_k) * x + (1 - sigmoid(g_k)) * w_k * skip."""
+        scaled = self.skip_weights[k].to(x.dtype) * skip
+        if not self.cfg["skip_gates_enabled"]:
+            return x + scaled
+        return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[k].to(x.dtype)))
+
+    def parallel_lanes(self, order: list[int], k: int, x: Tensor, x0: Tensor, skips: list[Tensor],
+                       ve_base: Tensor | None, docs: Tensor | None) -> Tensor:
+        """The decoder layers `order` (skip index k onwards) as two-lane parallel residuals (form D,
+        #1530 -> final): both lanes start at x, a remaining skip goes into lane 0 only, and the
+        output is the lanes' mean (PARALLEL_FINAL_LANE=mean)."""
+        lanes = (x, x)
+        for j, i in enumerate(order, start=k):
+            if skips:
+                lanes = (self.add_skip(lanes[0], j, skips.pop()), lanes[1])
+            lanes = self.blocks[i].forward_parallel(lanes, x0, self.layer_ve(i, ve_base), docs,
+                                                    self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i])
+        return 0.5 * (lanes[0] + lanes[1])
 
     def logits(self, hidden: Tensor) -> Tensor:
         c = self.cfg["logit_softcap"]
@@ -1646,9 +1825,11 @@ def warm_up(model, opts: list, base_model: GPT, h: Hyperparameters, rt: Runtime,
     it is not an LR warm-up and its time is not counted (rule B1)."""
     saved = copy.deepcopy(base_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
     loader = make_train_loader(h, rt)
-    for i in range(h.warmup_steps):
-        train_step(model, opts, loader, h, rt, geometry, params, 1.0, 0)
-        log(f"warmup_step:{i + 1}/{h.warmup_steps}")
+    for looping in (False, True) if h.num_loops else (base_model.looping,):  # both graphs of depth recurrence
+        base_model.looping = looping
+        for i in range(h.warmup_steps):
+            train_step(model, opts, loader, h, rt, geometry, params, 1.0, 0)
+            log(f"warmup_step:{i + 1}/{h.warmup_steps}" + (f" looping:{int(looping)}" if h.num_loops else ""))
     base_model.load_state_dict(saved[0])
     for opt, state in zip(opts, saved[1]):
         opt.load_state_dict(state)
@@ -1670,11 +1851,14 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
     cap_ms = max(1000 * h.max_wallclock_seconds - reserve_ms, 1.0) if h.max_wallclock_seconds > 0 else 0.0
     log(f"train:cap_ms:{cap_ms:.0f} calib_reserve_ms:{reserve_ms if cap_ms else 0:.0f} loader:{h.train_loader}")
     step, stop = 0, "iterations"
+    base_model.looping = False
     rt.sync()
     t0 = time.perf_counter()
     while step < h.iterations:
         elapsed_ms = 1000 * (time.perf_counter() - t0)
         scale = lr_scale(step, elapsed_ms, cap_ms, h)
+        if h.num_loops and not base_model.looping:
+            switch_looping(base_model, step, elapsed_ms, cap_ms, h)
         loss = train_step(model, opts, loader, h, rt, geometry, params, scale, step)
         averager.update_ema(base_model)
         step += 1
@@ -1694,10 +1878,22 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
     train_ms = 1000 * (time.perf_counter() - t0)
     if stop == "wallclock":
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+    if h.num_loops and not base_model.looping:
+        base_model.looping = True  # the artifact reloads looped: calibration and evaluation must match it
+        log(f"loop:on after training (ENABLE_LOOPING_AT={h.enable_looping_at} not reached): calibration and eval run looped")
     mem = rt.max_memory_mib()
     log(f"train:done steps:{step} train_time:{train_ms:.0f}ms tokens:{step * h.train_batch_tokens} "
         f"swa_snapshots:{averager.swa_count} peak memory allocated: {mem[0]:.0f} MiB reserved: {mem[1]:.0f} MiB")
     return TrainResult(step, train_ms, step * h.train_batch_tokens, stop, cap_ms), averager, loader
+
+
+def switch_looping(base_model: GPT, step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameters):
+    """Depth recurrence switch-on (#1412 -> #1493): the loop starts at the first step that has used
+    ENABLE_LOOPING_AT of the budget, the wall clock when capped, ITERATIONS otherwise."""
+    used = elapsed_ms / cap_ms if cap_ms > 0 else step / h.iterations
+    if used >= h.enable_looping_at:
+        base_model.looping = True
+        log(f"loop:on step:{step} budget_used:{used:.4f} layers:{','.join(map(str, base_model.loop_order))}")
 
 
 def apply_weight_average(base_model: GPT, averager: WeightAverager, mode: str):
@@ -1935,6 +2131,7 @@ def run(h: Hyperparameters, rt: Runtime, alias_lines: typing.Sequence[str] = ())
     log_run_header(h, rt)
     for line in alias_lines:  # the records' variable names that were translated (env_aliases)
         log(line)
+    h = resolve_bos_id(h, sp)
     shard_paths(h.val_files)  # fail early if missing; their contents are read only at eval
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
