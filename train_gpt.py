@@ -264,6 +264,11 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                  warmup_steps=2, max_wallclock_seconds=0.0, train_log_every=10, ema_decay=0.9, swa_every=2,
                  gptq_calib_batches=4, gptq_reserve_seconds=0.0, ttt_chunk_tokens=4096,
                  ttt_batch_seqs=8, ttt_epochs=1, compile=0, device="cpu"),
+    # The 1.0611 record's quantization (frontier.md section 7); the lead merges the architecture keys.
+    "frontier": dict(quant_clip="sdclip", quant_embed="gptq", matrix_bits=6, embed_bits=7, matrix_clip_sigmas=12.85,
+                     mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0, embed_clip_sigmas=14.0, gated_attn_quant_gate=True,
+                     lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_factor_bits=4, lqer_asym_group=64,
+                     quant_compressor="brotli"),
 }
 
 

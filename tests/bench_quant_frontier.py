@@ -52,6 +52,36 @@ def train_or_load(h, rt, path: str) -> tuple[dict, dict]:
     return state, hessians
 
 
+def layout_payload(qstate: dict, cfg: dict, layout: str) -> bytes:
+    """Payload layouts measured against artifact_payload: torchsave (pg-int6-v1's torch.save of the
+    dict), noshuffle (fp16 bytes interleaved), byname (no role grouping), transposed (codes column-major,
+    as #1855 writes them)."""
+    if layout == "torchsave":
+        buf = tg.io.BytesIO()
+        torch.save(qstate, buf)
+        return buf.getvalue()
+    entries = [(kind, name, i, t.detach().contiguous()) for kind, group in qstate.items() for name, ts in group.items()
+               for i, t in enumerate(ts if isinstance(ts, tuple) else (ts,))]
+    order = (lambda e: (e[3].dtype != torch.int8, e[1], e[0], e[2])) if layout == "byname" else tg._payload_order
+    entries.sort(key=order)
+    codes = b"".join((t.T.contiguous() if layout == "transposed" and t.ndim == 2 else t).numpy().tobytes()
+                     for *_, t in entries if t.dtype == torch.int8)
+    halves = b"".join(t.numpy().tobytes() for *_, t in entries if t.dtype == torch.float16)
+    if layout != "noshuffle":
+        halves = np.frombuffer(halves, np.uint8).reshape(-1, 2).T.tobytes()
+    return tg.json.dumps(cfg).encode() + codes + halves
+
+
+VARIANTS = {  # name -> QuantSpec changes against the seed stack's defaults
+    "today": {},
+    "sdclip": dict(clip="sdclip"),
+    "sdclip+emb7": dict(clip="sdclip", embed_gptq=True, embed_bits=7),
+    "sdclip+emb7+lqer": dict(clip="sdclip", embed_gptq=True, embed_bits=7, lqer_top_k=3),
+    "today+emb7": dict(embed_gptq=True, embed_bits=7),
+    "today+emb7+lqer": dict(embed_gptq=True, embed_bits=7, lqer_top_k=3),
+}
+
+
 def main() -> int:
     h = hparams()
     rt = tg.setup_runtime(h.device, os.environ)
@@ -59,6 +89,36 @@ def main() -> int:
     state, hessians = train_or_load(h, rt, os.environ.get("BENCH_WEIGHTS", "/tmp/bench_quant_frontier.pt"))
     if os.environ.get("BENCH_TRAIN_ONLY") == "1":
         return 0
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    val = tg.load_validation(h, sp, rt, h.eval_seq_len).to(rt.device)
+    cfg = tg.model_config(h)
+
+    def bpb(weights: dict) -> float:
+        model = tg.build_model(cfg, rt)
+        model.load_state_dict(weights, strict=True)
+        return tg.evaluate(tg.nll_function(model), val, h, rt, h.eval_seq_len).val_bpb
+    pre = bpb(state)
+    print(f"bench_quant_frontier:prequant val_bpb:{pre:.5f} vocab:{h.vocab_size} params:{sum(t.numel() for t in state.values())}")
+    base = tg.QuantSpec.from_hparams(h)
+    for name, changes in VARIANTS.items():
+        t0 = time.perf_counter()
+        qstate = tg.quantize_state(state, hessians, tg.dataclasses.replace(base, **changes))
+        quant_s = time.perf_counter() - t0
+        raw = tg.artifact_payload(qstate, cfg)
+        sizes = []
+        for method in tg.COMPRESSORS:
+            t0 = time.perf_counter()
+            blob = tg.compress(raw, method)
+            sizes.append(f"{method}:{len(blob)}/{time.perf_counter() - t0:.2f}s")
+        r = bpb(tg.unpack_artifact(blob)[1])
+        print(f"bench_quant_frontier:{name} roundtrip_bpb:{r:.5f} gap:{r - pre:+.5f} quant_s:{quant_s:.1f} "
+              f"lqer:{','.join(qstate['lqer']) or '-'} " + " ".join(sizes))
+        if name == "sdclip+emb7+lqer":
+            for layout in ("torchsave", "noshuffle", "byname", "transposed"):
+                lraw = layout_payload(qstate, cfg, layout)
+                print(f"bench_quant_frontier:layout:{layout} " + " ".join(
+                    f"{m}:{len(tg.compress(lraw, m))}" for m in tg.COMPRESSORS))
     return 0
 
 
