@@ -135,11 +135,11 @@ class Hyperparameters:
     gptq_block_size: int = 128
     quant_compressor: str = "zstd"  # zstd (level 22) | lzma (preset 9 extreme) | brotli (11) | auto (smallest)
     int6_scale_floor: float = 1 / 31  # least int6 step per row (records: 1/31; lower = finer, bigger)
-    quant_embed: str = "int8"  # tied embedding: int8 rows | gptq (EMBED_BITS GPTQ with the output head's Hessian)
+    quant_embed: str = "int8"  # tied embedding: int8 rows | gptq (int6 with the output head's Hessian)
     # frontier quantization and compression (frontier.md section 4, issue 10)
     quant_clip: str = "search"  # search (per-row clip quantiles, least Hessian-weighted error) | sdclip (k*std(row))
     matrix_bits: int = 6  # GPTQ bits of the block matrices, 2-8
-    embed_bits: int = 6  # GPTQ bits of the tied embedding with QUANT_EMBED=gptq, 2-8 (the 1.06 records: 7)
+    embed_bits: int = 6  # QUANT_EMBED=gptq: GPTQ bits of the tied embedding, 2-8 (the 1.06 records: 7)
     matrix_clip_sigmas: float = 12.85  # sdclip k of block matrices that are neither MLP nor attention
     mlp_clip_sigmas: float = 11.5  # sdclip k of .mlp. matrices (the 1.0611 record's values from here on)
     attn_clip_sigmas: float = 13.0  # sdclip k of .attn. matrices
@@ -1488,12 +1488,12 @@ def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: 
     rest -> fp16. Then LQER corrections of the worst GPTQ'd tensors, if on."""
     out: dict[str, dict] = {"gptq": {}, "int8": {}, "gate": {}, "fp16": {}, "lqer": {}}
     for name, t in state.items():
-        if is_int6_matrix(name, t) or (spec.embed_gptq and name == "tok_emb.weight"):
+        if spec.quant_gate and is_gate_param(name, t):  # first: a gate may also look like a block matrix
+            out["gate"][name] = quantize_gate_rows(t)
+        elif is_int6_matrix(name, t) or (spec.embed_gptq and name == "tok_emb.weight"):
             k = spec.sigmas(name) if spec.clip == "sdclip" else 0.0
             out["gptq"][name] = gptq_quantize(t, hessians.get(name), spec.block_size, scale_floor=spec.scale_floor,
                                               bits=spec.bits(name), sdclip_k=k, name=name)
-        elif spec.quant_gate and is_gate_param(name, t):
-            out["gate"][name] = quantize_gate_rows(t)
         elif t.numel() > PASSTHROUGH_MAX_NUMEL and t.ndim == 2:
             out["int8"][name] = quantize_int8_rows(t)
         else:

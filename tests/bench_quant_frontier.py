@@ -8,7 +8,7 @@ weights every way and print bytes, roundtrip bpb gap and time per variant.
 
 The model is BENCH_MODEL below (4 layers, width 128, MLP 4x) on top of PRESET=tiny; the
 environment can override any field. Training runs once: its averaged weights and training-data
-Hessians are saved to BENCH_WEIGHTS and reused by later runs. Validation data is read only after
+Hessians are saved to BENCH_WEIGHTS and reused by later runs; BENCH_VARIANTS=a,b runs a subset of VARIANTS. Validation data is read only after
 training and calibration. Not a test: a measurement (CPU figures in README.md).
 """
 
@@ -52,10 +52,11 @@ def train_or_load(h, rt, path: str) -> tuple[dict, dict]:
     return state, hessians
 
 
-def layout_payload(qstate: dict, cfg: dict, layout: str) -> bytes:
-    """Payload layouts measured against artifact_payload: torchsave (pg-int6-v1's torch.save of the
-    dict), noshuffle (fp16 bytes interleaved), byname (no role grouping), transposed (codes column-major,
-    as #1855 writes them)."""
+def layout_payload(qstate: dict, layout: str) -> bytes:
+    """The tensor bytes of artifact_payload (no header) in another layout: grouped (the artifact's:
+    codes grouped by role, fp16 bytes shuffled), noshuffle (fp16 bytes interleaved), byname (codes in
+    name order, i.e. by layer), transposed (grouped, codes column-major as #1855 writes them), and
+    torchsave (pg-int6-v1's torch.save of the dict)."""
     if layout == "torchsave":
         buf = tg.io.BytesIO()
         torch.save(qstate, buf)
@@ -69,7 +70,7 @@ def layout_payload(qstate: dict, cfg: dict, layout: str) -> bytes:
     halves = b"".join(t.numpy().tobytes() for *_, t in entries if t.dtype == torch.float16)
     if layout != "noshuffle":
         halves = np.frombuffer(halves, np.uint8).reshape(-1, 2).T.tobytes()
-    return tg.json.dumps(cfg).encode() + codes + halves
+    return codes + halves
 
 
 VARIANTS = {  # name -> QuantSpec changes against the seed stack's defaults
@@ -77,8 +78,9 @@ VARIANTS = {  # name -> QuantSpec changes against the seed stack's defaults
     "sdclip": dict(clip="sdclip"),
     "sdclip+emb7": dict(clip="sdclip", embed_gptq=True, embed_bits=7),
     "sdclip+emb7+lqer": dict(clip="sdclip", embed_gptq=True, embed_bits=7, lqer_top_k=3),
-    "today+emb7": dict(embed_gptq=True, embed_bits=7),
-    "today+emb7+lqer": dict(embed_gptq=True, embed_bits=7, lqer_top_k=3),
+    "sdclip+emb7_noH": dict(clip="sdclip", embed_gptq=True, embed_bits=7),  # the embedding without its Hessian
+    "sdclip+emb8": dict(clip="sdclip", embed_gptq=True, embed_bits=8),
+    "sdclip+lqer": dict(clip="sdclip", lqer_top_k=3),
 }
 
 
@@ -101,9 +103,11 @@ def main() -> int:
     pre = bpb(state)
     print(f"bench_quant_frontier:prequant val_bpb:{pre:.5f} vocab:{h.vocab_size} params:{sum(t.numel() for t in state.values())}")
     base = tg.QuantSpec.from_hparams(h)
-    for name, changes in VARIANTS.items():
+    chosen = os.environ.get("BENCH_VARIANTS", ",".join(VARIANTS)).split(",")  # a subset, by name
+    for name, changes in ((n, VARIANTS[n]) for n in chosen):
         t0 = time.perf_counter()
-        qstate = tg.quantize_state(state, hessians, tg.dataclasses.replace(base, **changes))
+        used = {n: H for n, H in hessians.items() if not (name.endswith("_noH") and n == "tok_emb.weight")}
+        qstate = tg.quantize_state(state, used, tg.dataclasses.replace(base, **changes))
         quant_s = time.perf_counter() - t0
         raw = tg.artifact_payload(qstate, cfg)
         sizes = []
@@ -115,8 +119,8 @@ def main() -> int:
         print(f"bench_quant_frontier:{name} roundtrip_bpb:{r:.5f} gap:{r - pre:+.5f} quant_s:{quant_s:.1f} "
               f"lqer:{','.join(qstate['lqer']) or '-'} " + " ".join(sizes))
         if name == "sdclip+emb7+lqer":
-            for layout in ("torchsave", "noshuffle", "byname", "transposed"):
-                lraw = layout_payload(qstate, cfg, layout)
+            for layout in ("grouped", "noshuffle", "byname", "transposed", "torchsave"):
+                lraw = layout_payload(qstate, layout)
                 print(f"bench_quant_frontier:layout:{layout} " + " ".join(
                     f"{m}:{len(tg.compress(lraw, m))}" for m in tg.COMPRESSORS))
     return 0

@@ -44,6 +44,7 @@ def trained_like_state(seed: int = 0) -> dict[str, torch.Tensor]:
             state[f"blocks.{i}.{name}.weight"] = t(*shape)
         state[f"blocks.{i}.attn.attn_gate_w"] = t(4, 12)
         state[f"blocks.{i}.attn_scale"] = t(64)
+    state["blocks.1.attn.attn_gate.weight"] = t(4, 12)  # a gate shaped and named like a block matrix
     state["skip_gates"] = t(1, 64)
     state["smear_gate.weight"] = t(1, 12)
     return state
@@ -133,8 +134,9 @@ def test_quant_gate_int8_rows_by_name_and_size():
     state = trained_like_state()
     off = tg.quantize_state(state, {})
     on = tg.quantize_state(state, {}, tg.QuantSpec(quant_gate=True))
-    gates = {"blocks.0.attn.attn_gate_w", "blocks.1.attn.attn_gate_w", "skip_gates"}  # smear_gate: 12 < 32
-    assert set(on["gate"]) == gates and not off["gate"] and gates <= set(off["fp16"])
+    gates = {"blocks.0.attn.attn_gate_w", "blocks.1.attn.attn_gate_w", "blocks.1.attn.attn_gate.weight",
+             "skip_gates"}  # smear_gate: 12 < 32 entries, fp16
+    assert set(on["gate"]) == gates and not off["gate"] and gates - set(off["gptq"]) <= set(off["fp16"])
     assert "smear_gate.weight" in on["fp16"]
     for name in gates:
         q, s = on["gate"][name]
