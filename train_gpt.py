@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import glob
 import hashlib
 import io
@@ -53,7 +54,7 @@ ARTIFACT_NAME = "final_model.int6.ptz"
 OWNED_ENV_PREFIXES = ("TTT_", "GPTQ_", "EVAL_", "TRAIN_", "MUON_", "ADAM_", "EMA_", "SWA_", "VE_",
                       "BIGRAM_", "XSA_", "ROPE_", "MODEL_", "MLP_", "QK_", "LOGIT_", "TIED_",
                       "WARMUP_", "WARMDOWN_", "VAL_", "QUANT_", "ATTN_", "NUM_", "GRAD_", "SLOT_", "INT6_",
-                      "SKIP_", "LOOP_", "PARALLEL_", "DOC_", "SMEAR_", "GATE_", "SPARSE_")
+                      "SKIP_", "LOOP_", "PARALLEL_", "DOC_", "SMEAR_", "GATE_", "SPARSE_", "LQER_")
 RUNTIME_ENV = {"NUM_NODES"}  # launcher variables that share an owned prefix
 # Names on the records' launch lines (stack.md 13, frontier.md 7) that are not fields here: value ->
 # our variables where the meaning is exactly the same, else an error naming ours ({} = no effect here).
@@ -176,9 +177,23 @@ class Hyperparameters:
     gptq_selfgen_temp: float = 0.8  # sampling temperature of self-generated calibration text
     gptq_reserve_seconds: float = 14.0  # taken out of MAX_WALLCLOCK_SECONDS for calibration (#1060: 14 s)
     gptq_block_size: int = 128
-    quant_compressor: str = "zstd"  # zstd (level 22) | lzma (preset 9 extreme)
+    quant_compressor: str = "zstd"  # zstd (level 22) | lzma (preset 9 extreme) | brotli (11) | auto (smallest)
     int6_scale_floor: float = 1 / 31  # least int6 step per row (records: 1/31; lower = finer, bigger)
     quant_embed: str = "int8"  # tied embedding: int8 rows | gptq (int6 with the output head's Hessian)
+    # frontier quantization and compression (frontier.md section 4, issue 10)
+    quant_clip: str = "search"  # search (per-row clip quantiles, least Hessian-weighted error) | sdclip (k*std(row))
+    matrix_bits: int = 6  # GPTQ bits of the block matrices, 2-8
+    embed_bits: int = 6  # QUANT_EMBED=gptq: GPTQ bits of the tied embedding, 2-8 (the 1.06 records: 7)
+    matrix_clip_sigmas: float = 12.85  # sdclip k of block matrices that are neither MLP nor attention
+    mlp_clip_sigmas: float = 11.5  # sdclip k of .mlp. matrices (the 1.0611 record's values from here on)
+    attn_clip_sigmas: float = 13.0  # sdclip k of .attn. matrices
+    embed_clip_sigmas: float = 14.0  # sdclip k of the tied embedding
+    gated_attn_quant_gate: bool = False  # the quant gate: gate weights as int8 rows, not fp16 (#1736)
+    lqer_enabled: bool = False  # low-rank correction of the worst GPTQ residuals (#1797)
+    lqer_rank: int = 4
+    lqer_top_k: int = 3  # tensors corrected: the largest ||W - W_hat||_F
+    lqer_factor_bits: int = 4  # bits of the right factor B (A is int2), 2-8
+    lqer_asym_group: int = 64  # B's quantization group (entries per fp16 scale)
     # evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
@@ -229,6 +244,14 @@ class Hyperparameters:
         need(all(0 <= i < self.num_layers for i in self.ve_layer_ids), "VE_LAYERS",
              "layer ids must be in [0, NUM_LAYERS)")
         need(self.int6_scale_floor > 0, "INT6_SCALE_FLOOR", "must be > 0")
+        for var in ("MATRIX_BITS", "EMBED_BITS", "LQER_FACTOR_BITS"):
+            need(2 <= getattr(self, var.lower()) <= 8, var, "must be in 2..8")
+        for var in ("MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS", "LQER_RANK",
+                    "LQER_ASYM_GROUP"):
+            need(getattr(self, var.lower()) > 0, var, "must be > 0")
+        gptq_matrices = 6 * self.num_layers + (self.quant_embed == "gptq")
+        need(not self.lqer_enabled or 0 < self.lqer_top_k <= gptq_matrices, "LQER_TOP_K",
+             f"must be in [1, {gptq_matrices}], the GPTQ'd matrices (6 per layer, +1 with QUANT_EMBED=gptq)")
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE", "must be 0 or >= 2")
         need(self.muon_ns_coeffs in ("classic", "polar_express"), "MUON_NS_COEFFS",
              "must be one of ('classic', 'polar_express')")
@@ -248,7 +271,8 @@ class Hyperparameters:
                              ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")), ("PRESET", ("", "tiny", "frontier")),
                              ("PARALLEL_FINAL_LANE", ("mean",)),
                              ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
-                             ("QUANT_COMPRESSOR", ("zstd", "lzma")), ("QUANT_EMBED", ("int8", "gptq")),
+                             ("QUANT_COMPRESSOR", ("zstd", "lzma", "brotli", "auto")), ("QUANT_EMBED", ("int8", "gptq")),
+                             ("QUANT_CLIP", ("search", "sdclip")),
                              ("TTT_OPTIMIZER", ("sgd", "adamw"))):
             need(getattr(self, var.lower()) in allowed, var, f"must be one of {allowed}")
 
@@ -351,7 +375,8 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                  warmup_steps=2, max_wallclock_seconds=0.0, train_log_every=10, ema_decay=0.9, swa_every=2,
                  gptq_calib_batches=4, gptq_reserve_seconds=0.0, ttt_chunk_tokens=4096,
                  ttt_batch_seqs=8, ttt_epochs=1, compile=0, device="cpu", train_loader="sequential"),
-    # The 1.0611 record's model and optimizer (PR #1855; frontier.md section 7), on sp8192 shards.
+    # The 1.0611 record (PR #1855; frontier.md section 7) on sp8192 shards: model, optimizer, quantization.
+    # Calibration: 16 batches as the record, but inside our cap (its 4.6-4.9 s ran after it, section 9).
     "frontier": dict(data_path="./data/datasets/fineweb10B_sp8192",
                      tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model", vocab_size=8192,
                      mlp_mult=4.0, qk_gain_init=5.0, bigram_vocab_size=0, ve_layers="",
@@ -361,7 +386,11 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                      matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.97, beta2=0.99,
                      muon_wd=0.095, adam_wd=0.02, ema_decay=0.9965,
                      muon_row_normalize=True, muon_ns_coeffs="polar_express", warmdown_frac=0.85, min_lr=0.1,
-                     embed_wd=0.085),
+                     embed_wd=0.085, gptq_calib_batches=16, gptq_reserve_seconds=8.0,
+                     quant_clip="sdclip", quant_embed="gptq", matrix_bits=6, embed_bits=7, matrix_clip_sigmas=12.85,
+                     mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0, embed_clip_sigmas=14.0, gated_attn_quant_gate=True,
+                     lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_factor_bits=4, lqer_asym_group=64,
+                     quant_compressor="brotli"),
 }
 
 
@@ -378,6 +407,11 @@ def model_config(h: Hyperparameters) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Runtime and logging
+
+# Collectives wait this long. NCCL's default 10 min is too short: the other ranks wait in one
+# all-reduce while rank 0 quantizes and compresses (minutes on a slow host with QUANT_COMPRESSOR=auto
+# and pruning), and a real hang should still end the job within the hour.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass
@@ -464,7 +498,8 @@ def setup_runtime(device_pref: str = "auto", env: typing.Mapping[str, str] = os.
         device = torch.device("cpu")
     distributed = "RANK" in env and world_size > 1
     if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=PROCESS_GROUP_TIMEOUT)
     return Runtime(distributed, rank, world_size, local_rank, device)
 
 
@@ -1531,18 +1566,67 @@ def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt
 
 
 # ----------------------------------------------------------------------------------------------
-# Quantization and serialization: full-Hessian GPTQ int6, int8 embeddings, zstd-22
+# Quantization and serialization: full-Hessian GPTQ (int6, or SDClip/int7/LQER), int8 rows, brotli/zstd/lzma
 
 INT6_MAX = 31  # symmetric levels -31..31 in an int8 container (the compressor removes the slack)
 INT8_MAX = 127
-INT6_SCALE_FLOOR = 1 / 31  # the records' least step: rows with clip < 1 share it (INT6_SCALE_FLOOR env)
+INT6_SCALE_FLOOR = 1 / 31  # the records' least int6 step: rows with clip < 1 share it (INT6_SCALE_FLOOR env)
 INT8_SCALE_FLOOR = 1 / 127
 INT8_CLIP_QUANTILE = 0.9999984
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # per-row clip candidates
+SDCLIP_SCALE_FLOOR = 2.0 ** -14  # least normal fp16: a zero row keeps a finite stored step
 PASSTHROUGH_MAX_NUMEL = 65_536  # smaller float tensors are stored as fp16
 GPTQ_DAMP = 0.01  # diagonal damping, fraction of mean(diag(H))
-ARTIFACT_FORMAT = "pg-int6-v1"
+GPTQ_DAMP_RETRIES = 3  # Cholesky failures: damping x10 this many times, then the identity Hessian
+# The quant gate (#1736, widened by #1787): gate weights whose name holds one of these and whose size is in
+# GATE_NUMEL_RANGE are int8 rows instead of fp16. The records matched "attn_gate" (attn_gate_w); the skip
+# and smear gates follow the same rule (the (1, 12) smear gate is below the range and stays fp16).
+GATE_PARAM_PATTERNS = ("attn_gate", "skip_gate", "smear_gate")
+GATE_NUMEL_RANGE = (32, 8192)
+LQER_A_BITS = 2  # asymmetric LQER: the left factor A = U_r S_r is int2 with one scale per matrix (#1797)
+COMPRESSORS = ("brotli", "zstd", "lzma")
+ZSTD_MAGIC, XZ_MAGIC = b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00"  # brotli streams have none: the third case
+ARTIFACT_FORMAT = "pg-quant-v2"
+# Payload order of the code matrices: all layers of one role together (#1855's grouping), so the
+# compressor's window sees alike statistics in a row.
+PAYLOAD_ROLES = ("tok_emb.", ".attn.c_k.", ".attn.c_q.", ".attn.c_v.", ".attn.proj.", ".mlp.fc.", ".mlp.proj.")
 PRUNE_MARGIN_BYTES = 4_096  # pruning aims this far under the cap
+PRUNE_TOLERANCE_BYTES = 2_048  # a pruned blob this close under its budget ends the search
+PRUNE_PRIOR_BYTES_PER_ENTRY = 0.125  # first guess before any measurement: one bit saved per pruned entry
+PRUNE_MAX_COMPRESSIONS = 6  # compressions of the search after the unpruned one (plus one for "all pruned")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How each tensor is quantized: the quantization knobs of Hyperparameters, as one object.
+    The defaults are the seed stack's: Hessian-weighted clip search, int6, int8 embedding rows."""
+    block_size: int = 128
+    embed_gptq: bool = False  # tied embedding GPTQ'd with the output head's Hessian
+    scale_floor: float = INT6_SCALE_FLOOR  # least step of the clip search
+    clip: str = "search"  # search | sdclip
+    matrix_bits: int = 6
+    embed_bits: int = 6
+    clip_sigmas: tuple[float, float, float, float] = (12.85, 11.5, 13.0, 14.0)  # sdclip k: matrix, mlp, attn, embed
+    quant_gate: bool = False
+    lqer_top_k: int = 0  # 0 = no LQER
+    lqer_rank: int = 4
+    lqer_factor_bits: int = 4
+    lqer_group: int = 64
+
+    @classmethod
+    def from_hparams(cls, h: Hyperparameters) -> "QuantSpec":
+        return cls(h.gptq_block_size, h.quant_embed == "gptq", h.int6_scale_floor, h.quant_clip, h.matrix_bits,
+                   h.embed_bits, (h.matrix_clip_sigmas, h.mlp_clip_sigmas, h.attn_clip_sigmas, h.embed_clip_sigmas),
+                   h.gated_attn_quant_gate, h.lqer_top_k if h.lqer_enabled else 0, h.lqer_rank, h.lqer_factor_bits,
+                   h.lqer_asym_group)
+
+    def bits(self, name: str) -> int:
+        return self.embed_bits if name.startswith("tok_emb.") else self.matrix_bits
+
+    def sigmas(self, name: str) -> float:
+        """SDClip's k by tensor type (#1626's per-type clip): embedding, MLP, attention, else matrix."""
+        matrix, mlp, attn, embed = self.clip_sigmas
+        return embed if name.startswith("tok_emb.") else mlp if ".mlp." in name else attn if ".attn." in name else matrix
 
 
 def row_scales(W: Tensor, quantile: float, qmax: int, floor: float) -> Tensor:
@@ -1552,38 +1636,72 @@ def row_scales(W: Tensor, quantile: float, qmax: int, floor: float) -> Tensor:
     return (clip / qmax).clamp_min(floor).half().float()
 
 
+def sdclip_scales(W: Tensor, k: float, qmax: int) -> Tensor:
+    """SDClip (PR #1394): per-row step k * std(row) / qmax, rounded to fp16 as stored. For Gaussian
+    rows the code entropy is about bits - log2(k) + 1.05, so k sets the compressed size directly."""
+    return (k * W.std(dim=1) / qmax).clamp_min(SDCLIP_SCALE_FLOOR).half().float()
+
+
+def inverse_hessian_factor(Hp: Tensor, name: str) -> Tensor | None:
+    """Upper Cholesky factor of (Hp + damping)^-1. On failure (an indefinite or non-finite H) the
+    damping rises x10, up to GPTQ_DAMP_RETRIES times; None if it still fails (the caller then uses
+    the identity Hessian). Each fallback is logged with the matrix name."""
+    damp, mean = GPTQ_DAMP, Hp.diagonal().mean()
+    for attempt in range(GPTQ_DAMP_RETRIES + 1):
+        H = Hp.clone()
+        H.diagonal().add_(damp * mean)
+        U, info = torch.linalg.cholesky_ex(H)
+        if info == 0 and torch.isfinite(U).all():
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(U), upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                if attempt:
+                    log(f"gptq:cholesky_retry name:{name} damp:{damp:g} ok")
+                return U
+        damp *= 10
+    log(f"gptq:cholesky_failed name:{name} damp_tried:{GPTQ_DAMP:g}..{damp / 10:g} fallback:identity_hessian (GPTQ-lite)")
+    return None
+
+
 def gptq_quantize(W: Tensor, H: Tensor | None = None, block_size: int = 128,
                   clip_quantiles: typing.Sequence[float] = CLIP_QUANTILES,
-                  scale_floor: float = INT6_SCALE_FLOOR) -> tuple[Tensor, Tensor]:
-    """GPTQ (Frantar et al. 2022, arXiv:2210.17323) to int6 with per-row scales.
+                  scale_floor: float = INT6_SCALE_FLOOR, bits: int = 6, sdclip_k: float = 0.0,
+                  name: str = "") -> tuple[Tensor, Tensor]:
+    """GPTQ (Frantar et al. 2022, arXiv:2210.17323) to `bits` bits with per-row scales.
 
     Columns are quantized one at a time in descending diag(H) order (act-order); each column's
     rounding error, divided by the pivot of the upper Cholesky factor U of H^-1, is pushed onto
     the columns not yet quantized (lazily, in blocks). Every clip candidate runs as one batch and
     each row keeps the candidate with the least output error (W-Q) H (W-Q)^T for that row, the
-    error that matters for the layer's output. H=None means identity: no error feedback, which
-    is round-to-nearest with the same clip search (GPTQ-lite). Returns (q int8, scale fp16)."""
-    W = W.detach().float()
+    error that matters for the layer's output. sdclip_k > 0 replaces the candidates by SDClip's one
+    scale. H=None means identity: no error feedback, which is round-to-nearest with the same clip
+    (GPTQ-lite); a Hessian whose Cholesky fails falls back to it. Returns (q int8, scale fp16)."""
+    W0 = W = W.detach().float()
     rows, cols = W.shape
+    qmax = 2 ** (bits - 1) - 1
+    if sdclip_k > 0:
+        scales = sdclip_scales(W, sdclip_k, qmax)[None]  # (1, rows): std of the original row
     H = torch.eye(cols, device=W.device) if H is None else H.detach().float().clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W = W.masked_fill(dead[None, :], 0.0)
-    H.diagonal().add_(GPTQ_DAMP * H.diagonal().mean())
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
     inv_perm = torch.argsort(perm)
     Hp = H[perm][:, perm]
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
-    scales = torch.stack([row_scales(W, q, INT6_MAX, scale_floor) for q in clip_quantiles])  # (K, rows)
+    U = inverse_hessian_factor(Hp, name)
+    if U is None:
+        return gptq_quantize(W0, None, block_size, clip_quantiles, scale_floor, bits, sdclip_k, name)
+    Hp.diagonal().add_(GPTQ_DAMP * Hp.diagonal().mean())
+    if sdclip_k <= 0:
+        scales = torch.stack([row_scales(W, q, qmax, scale_floor) for q in clip_quantiles])  # (K, rows)
     s = scales[:, :, None]
-    Wk = W[:, perm].expand(len(clip_quantiles), rows, cols).clone()  # (K, rows, cols), permuted
+    Wk = W[:, perm].expand(len(scales), rows, cols).clone()  # (K, rows, cols), permuted
     Q = torch.zeros_like(Wk)
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)
         Err = torch.zeros_like(Wk[:, :, b0:b1])
         for j in range(b0, b1):
             w = Wk[:, :, j]
-            q = torch.clamp(torch.round(w / s[:, :, 0]), -INT6_MAX, INT6_MAX)
+            q = torch.clamp(torch.round(w / s[:, :, 0]), -qmax, qmax)
             Q[:, :, j] = q
             e = (w - q * s[:, :, 0]) / U[j, j]
             Err[:, :, j - b0] = e
@@ -1606,8 +1724,18 @@ def quantize_int8_rows(W: Tensor) -> tuple[Tensor, Tensor]:
     return q.to(torch.int8), s.half()
 
 
+def quantize_gate_rows(W: Tensor) -> tuple[Tensor, Tensor]:
+    """The quant gate (PR #1736): symmetric int8 per row (a 1-D gate is one row), step max|row|/127."""
+    W = W.detach().float()
+    rows = W.reshape(W.size(0) if W.ndim > 1 else 1, -1)
+    s = (rows.abs().amax(dim=1) / INT8_MAX).clamp_min(SDCLIP_SCALE_FLOOR).half().float()
+    q = torch.clamp(torch.round(rows / s[:, None]), -INT8_MAX, INT8_MAX)
+    return q.to(torch.int8).view(W.shape), s.half()
+
+
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
-    return q.float() * scale.float()[:, None]
+    """codes * per-row step; rows are the leading dim (all of a 1-D tensor is one row)."""
+    return (q.float().reshape(scale.numel(), -1) * scale.float()[:, None]).view(q.shape)
 
 
 def is_int6_matrix(name: str, t: Tensor) -> bool:
@@ -1615,104 +1743,264 @@ def is_int6_matrix(name: str, t: Tensor) -> bool:
     return name.startswith("blocks.") and name.endswith(".weight") and t.ndim == 2
 
 
-def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], block_size: int,
-                   embed_gptq: bool = False, scale_floor: float = INT6_SCALE_FLOOR) -> dict:
-    """Block matrices -> GPTQ int6 (identity Hessian when none was collected); with embed_gptq the
-    tied embedding too, with the output head's Hessian; other tensors with more than
-    PASSTHROUGH_MAX_NUMEL entries (embedding tables) -> int8 rows; the rest -> fp16."""
-    out: dict[str, dict] = {"int6": {}, "int8": {}, "fp16": {}}
+def is_gate_param(name: str, t: Tensor) -> bool:
+    """A gate weight the quant gate stores as int8 rows (GATE_PARAM_PATTERNS, GATE_NUMEL_RANGE)."""
+    return any(p in name for p in GATE_PARAM_PATTERNS) and GATE_NUMEL_RANGE[0] <= t.numel() <= GATE_NUMEL_RANGE[1]
+
+
+def quantize_groups(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
+    """Asymmetric-range groupwise codes of LQER's factors (#1797): the flattened x in groups of
+    `group`, step max|group| / (2^(bits-1) - 0.5), codes in [-2^(bits-1), 2^(bits-1) - 1]."""
+    flat = x.detach().float().flatten()
+    flat = F.pad(flat, (0, -flat.numel() % group)).view(-1, group)
+    half = 2 ** (bits - 1)
+    s = (flat.abs().amax(dim=1) / (half - 0.5)).clamp_min(SDCLIP_SCALE_FLOOR).half().float()
+    q = torch.clamp(torch.round(flat / s[:, None]), -half, half - 1)
+    return q.to(torch.int8).flatten()[:x.numel()].view(x.shape), s.half()
+
+
+def dequantize_groups(q: Tensor, s: Tensor) -> Tensor:
+    group = -(-q.numel() // s.numel())
+    flat = F.pad(q.float().flatten(), (0, s.numel() * group - q.numel())).view(s.numel(), group)
+    return (flat * s.float()[:, None]).flatten()[:q.numel()].view(q.shape)
+
+
+def lqer_correction(E: Tensor, spec: QuantSpec) -> tuple[Tensor, ...]:
+    """LQER, asymmetric (PR #1797 -> #1851): rank-r SVD of the residual E = W - W_hat, A = U_r S_r
+    as int2 with one scale (LQER_A_BITS), B = V_r^T as LQER_FACTOR_BITS codes in groups of
+    LQER_ASYM_GROUP. Returns (qA, sA, qB, sB); the correction is dequant(A) @ dequant(B)."""
+    U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
+    r = min(spec.lqer_rank, S.numel())
+    A, B = U[:, :r] * S[:r], Vh[:r]
+    return (*quantize_groups(A, LQER_A_BITS, A.numel()), *quantize_groups(B, spec.lqer_factor_bits, spec.lqer_group))
+
+
+def lqer_delta(factors: tuple[Tensor, ...]) -> Tensor:
+    qa, sa, qb, sb = factors
+    return dequantize_groups(qa, sa) @ dequantize_groups(qb, sb)
+
+
+def apply_lqer(state: dict[str, Tensor], qstate: dict, spec: QuantSpec) -> dict:
+    """Correct the LQER_TOP_K GPTQ'd tensors with the largest ||W - W_hat||_F; a correction that
+    would not lower that error (possible after the factors' rounding) is dropped."""
+    if spec.lqer_top_k > len(qstate["gptq"]):
+        raise ConfigError(f"LQER_TOP_K={spec.lqer_top_k}: only {len(qstate['gptq'])} GPTQ'd matrices")
+    residual = {n: state[n].detach().float() - dequantize_rows(*qs) for n, qs in qstate["gptq"].items()}
+    top = sorted(residual, key=lambda n: (-residual[n].norm().item(), n))[:spec.lqer_top_k]
+    for name in top:
+        factors = lqer_correction(residual[name], spec)
+        if (residual[name] - lqer_delta(factors)).norm() < residual[name].norm():
+            qstate["lqer"][name] = factors
+    return qstate
+
+
+def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: QuantSpec = QuantSpec()) -> dict:
+    """Block matrices -> GPTQ (identity Hessian when none was collected); with embed_gptq the tied
+    embedding too, with the output head's Hessian; with quant_gate the gate weights -> int8 rows;
+    other tensors with more than PASSTHROUGH_MAX_NUMEL entries (embedding tables) -> int8 rows; the
+    rest -> fp16. Then LQER corrections of the worst GPTQ'd tensors, if on."""
+    out: dict[str, dict] = {"gptq": {}, "int8": {}, "gate": {}, "fp16": {}, "lqer": {}}
     for name, t in state.items():
-        if is_int6_matrix(name, t) or (embed_gptq and name == "tok_emb.weight"):
-            out["int6"][name] = gptq_quantize(t, hessians.get(name), block_size, scale_floor=scale_floor)
+        if spec.quant_gate and is_gate_param(name, t):  # first: a gate may also look like a block matrix
+            out["gate"][name] = quantize_gate_rows(t)
+        elif is_int6_matrix(name, t) or (spec.embed_gptq and name == "tok_emb.weight"):
+            k = spec.sigmas(name) if spec.clip == "sdclip" else 0.0
+            out["gptq"][name] = gptq_quantize(t, hessians.get(name), spec.block_size, scale_floor=spec.scale_floor,
+                                              bits=spec.bits(name), sdclip_k=k, name=name)
         elif t.numel() > PASSTHROUGH_MAX_NUMEL and t.ndim == 2:
             out["int8"][name] = quantize_int8_rows(t)
         else:
             out["fp16"][name] = t.detach().half()
-    return out
+    return apply_lqer(state, out, spec) if spec.lqer_top_k else out
 
 
 def dequantize_state(qstate: dict) -> dict[str, Tensor]:
-    state = {n: dequantize_rows(q, s) for kind in ("int6", "int8") for n, (q, s) in qstate[kind].items()}
+    state = {n: dequantize_rows(q, s) for kind in ("gptq", "int8", "gate") for n, (q, s) in qstate[kind].items()}
     state.update({n: t.float() for n, t in qstate["fp16"].items()})
+    for name, factors in qstate["lqer"].items():
+        state[name] = state[name] + lqer_delta(factors)
     return state
 
 
 def compress(raw: bytes, method: str) -> bytes:
     if method == "lzma":
         return lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
+    if method == "brotli":
+        import brotli
+        return brotli.compress(raw, quality=11, lgwin=24)
     import zstandard
     return zstandard.ZstdCompressor(level=22).compress(raw)
 
 
 def decompress(blob: bytes) -> bytes:
-    if blob[:4] == b"\x28\xb5\x2f\xfd":  # zstd frame magic
+    """The format is told by the magic: zstd, xz, else brotli (which has no magic)."""
+    if blob.startswith(ZSTD_MAGIC):
         import zstandard
         return zstandard.ZstdDecompressor().decompress(blob)
-    return lzma.decompress(blob)
+    if blob.startswith(XZ_MAGIC):
+        return lzma.decompress(blob)
+    import brotli
+    return brotli.decompress(blob)
+
+
+def _payload_order(entry: tuple) -> tuple:
+    kind, name, i, t = entry
+    role = next((k for k, r in enumerate(PAYLOAD_ROLES) if r in "." + name), len(PAYLOAD_ROLES))
+    layer = int(name.split(".")[1]) if name.startswith("blocks.") else -1
+    return t.dtype != torch.int8, role, layer, name, kind, i
 
 
 def artifact_payload(qstate: dict, cfg: dict) -> bytes:
-    """The uncompressed artifact: torch.save of int8 containers, fp16 scales and passthroughs."""
-    obj = {"format": ARTIFACT_FORMAT, "config": cfg, "fp16": qstate["fp16"],
-           **{k: {n: {"q": q.cpu(), "s": s.cpu()} for n, (q, s) in qstate[k].items()} for k in ("int6", "int8")}}
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+    """The uncompressed artifact: u32 header length, a JSON header (format, model config, tensor
+    table), then the raw bytes: every int8 code tensor, grouped by role (PAYLOAD_ROLES), then every
+    fp16 tensor byte-shuffled (all first bytes, then all second bytes; #1218), since the high bytes
+    of fp16 values repeat and compress well on their own."""
+    entries = sorted(((kind, name, i, t.detach().cpu().contiguous())
+                      for kind, group in qstate.items() for name, ts in group.items()
+                      for i, t in enumerate(ts if isinstance(ts, tuple) else (ts,))), key=_payload_order)
+    table = [[kind, name, i, str(t.dtype).split(".")[-1], list(t.shape)] for kind, name, i, t in entries]
+    header = json.dumps({"format": ARTIFACT_FORMAT, "config": cfg, "tensors": table}).encode()
+    codes = b"".join(t.numpy().tobytes() for *_, t in entries if t.dtype == torch.int8)
+    halves = np.frombuffer(b"".join(t.numpy().tobytes() for *_, t in entries if t.dtype == torch.float16), np.uint8)
+    return len(header).to_bytes(4, "little") + header + codes + halves.reshape(-1, 2).T.tobytes()
+
+
+def parse_payload(raw: bytes) -> tuple[dict, dict]:
+    """(model config, quantized state) from artifact_payload's bytes."""
+    n = int.from_bytes(raw[:4], "little")
+    try:
+        header = json.loads(raw[4:4 + n])
+    except ValueError:
+        header = {}
+    if header.get("format") != ARTIFACT_FORMAT:
+        raise ConfigError(f"EVAL_ARTIFACT: unknown artifact format {header.get('format')!r} (expected {ARTIFACT_FORMAT})")
+    int8_bytes = sum(math.prod(shape) for *_, dt, shape in header["tensors"] if dt == "int8")
+    codes = np.frombuffer(raw, np.int8, count=int8_bytes, offset=4 + n)
+    halves = np.frombuffer(raw, np.uint8, offset=4 + n + int8_bytes).reshape(2, -1).T.copy().view(np.float16).ravel()
+    qstate: dict[str, dict] = {"gptq": {}, "int8": {}, "gate": {}, "fp16": {}, "lqer": {}}
+    parts: dict[tuple[str, str], dict[int, Tensor]] = {}
+    pos = {"int8": 0, "float16": 0}
+    for kind, name, i, dt, shape in header["tensors"]:
+        size, src = math.prod(shape), codes if dt == "int8" else halves
+        parts.setdefault((kind, name), {})[i] = torch.from_numpy(src[pos[dt]:pos[dt] + size].copy()).view(shape)
+        pos[dt] += size
+    for (kind, name), ts in parts.items():
+        qstate[kind][name] = ts[0] if kind == "fp16" else tuple(ts[i] for i in range(len(ts)))
+    return header["config"], qstate
 
 
 def pack_artifact(qstate: dict, cfg: dict, compressor: str) -> bytes:
     return compress(artifact_payload(qstate, cfg), compressor)
 
 
-def prune_to_fit(qstate: dict, hessians: dict[str, Tensor], cfg: dict, compressor: str,
-                 budget_bytes: int) -> tuple[bytes, int]:
-    """Pack; if the blob is over budget_bytes, zero the int6 entries of magnitude 1 that cost least
-    (cost = scale_row^2 * H_jj, the diagonal estimate of the output error added; ties by position)
-    and binary-search the smallest count whose real compressed size fits. Deterministic.
-    Returns (blob, entries pruned); raises ConfigError if pruning every candidate is not enough."""
-    blob = pack_artifact(qstate, cfg, compressor)
-    if len(blob) <= budget_bytes:
-        return blob, 0
-    names = sorted(qstate["int6"])
+def prune_candidates(qstate: dict, hessians: dict[str, Tensor]) -> tuple[list[str], Tensor, Tensor, Tensor]:
+    """The GPTQ codes of magnitude 1, cheapest first: cost = scale_row^2 * H_jj, the diagonal
+    estimate of the output error that zeroing adds (ties by position). (names, owner, row, col)."""
+    names = sorted(qstate["gptq"])
     costs, owner, rows, cols = [], [], [], []
     for k, name in enumerate(names):
-        q, s = (t.cpu() for t in qstate["int6"][name])
+        q, s = (t.cpu() for t in qstate["gptq"][name])
         H = hessians.get(name)
         diag = torch.diagonal(H).float().cpu() if H is not None else torch.ones(q.size(1))
         r, c = torch.nonzero(q.abs() == 1, as_tuple=True)
         costs.append(s.float()[r] ** 2 * diag[c])
         owner.append(torch.full_like(r, k)), rows.append(r), cols.append(c)
-    order = torch.argsort(torch.cat(costs), stable=True)
-    owner, rows, cols = (torch.cat(t)[order] for t in (owner, rows, cols))
+    order = torch.argsort(torch.cat(costs), stable=True) if costs else torch.zeros(0, dtype=torch.long)
+    return (names, *(torch.cat(t)[order] if t else order for t in (owner, rows, cols)))
+
+
+def next_prune_count(over: tuple[int, int], under: tuple[int, int] | None, size0: int, target: int, total: int) -> int:
+    """The next count to try: the secant through the closest measured (count, bytes) points on
+    each side of the target, or while nothing fits, an extrapolation at the bytes saved per entry
+    measured so far (PRUNE_PRIOR_BYTES_PER_ENTRY before any measurement)."""
+    n_lo, s_lo = over
+    if under is not None:
+        n_hi, s_hi = under
+        guess = n_lo + math.ceil((s_lo - target) * (n_hi - n_lo) / max(s_lo - s_hi, 1))
+        return min(max(guess, n_lo + 1), n_hi - 1)
+    rate = (size0 - s_lo) / n_lo if n_lo and size0 > s_lo else PRUNE_PRIOR_BYTES_PER_ENTRY
+    return min(max(n_lo + math.ceil((s_lo - target) / rate), n_lo + 1), total)
+
+
+def prune_to_fit(qstate: dict, hessians: dict[str, Tensor], cfg: dict, compressor: str,
+                 budget_bytes: int, blob: bytes | None = None) -> tuple[bytes, int]:
+    """`blob` (packed here when not given) if it fits budget_bytes; else zero the cheapest GPTQ
+    codes of magnitude 1 (prune_candidates) and search the count with secant steps on the real
+    compressed size (next_prune_count), stopping at the first blob within PRUNE_TOLERANCE_BYTES
+    under the budget or when the bracket closes: at most PRUNE_MAX_COMPRESSIONS + 1 compressions.
+    Every blob returned was measured under the budget. Deterministic.
+    Returns (blob, entries pruned); raises ConfigError if pruning every candidate is not enough."""
+    blob = pack_artifact(qstate, cfg, compressor) if blob is None else blob
+    if len(blob) <= budget_bytes:
+        return blob, 0
+    names, owner, rows, cols = prune_candidates(qstate, hessians)
 
     def pack_pruned(n: int) -> bytes:
-        pruned = {**qstate, "int6": dict(qstate["int6"])}
+        pruned = {**qstate, "gptq": dict(qstate["gptq"])}
         for k, name in enumerate(names):
             sel = owner[:n] == k
             if sel.any():
-                q = pruned["int6"][name][0].cpu().clone()
+                q = pruned["gptq"][name][0].cpu().clone()
                 q[rows[:n][sel], cols[:n][sel]] = 0
-                pruned["int6"][name] = (q, pruned["int6"][name][1])
+                pruned["gptq"][name] = (q, pruned["gptq"][name][1])
         return pack_artifact(pruned, cfg, compressor)
 
-    lo, hi = 1, len(order)
-    if hi == 0 or len(pack_pruned(hi)) > budget_bytes:
-        raise ConfigError(f"artifact: cannot fit {budget_bytes} model bytes even with all {hi} +-1 entries pruned")
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if len(pack_pruned(mid)) <= budget_bytes else (mid + 1, hi)
-    return pack_pruned(lo), lo
+    total, size0, target = len(owner), len(blob), budget_bytes - PRUNE_TOLERANCE_BYTES // 2
+    over, under, best, tries = (0, size0), None, None, 0
+    while tries < PRUNE_MAX_COMPRESSIONS and over[0] < total and (under is None or under[0] - over[0] > 1):
+        n = next_prune_count(over, under, size0, target, total)
+        candidate, tries = pack_pruned(n), tries + 1
+        if len(candidate) > budget_bytes:
+            over = (n, len(candidate))
+            continue
+        under, best = (n, len(candidate)), candidate
+        if len(candidate) >= budget_bytes - PRUNE_TOLERANCE_BYTES:
+            break
+    if best is None and over[0] < total:  # out of tries with nothing under: the last resort, all pruned
+        best, tries = pack_pruned(total), tries + 1
+        under = (total, len(best))
+    if best is None or len(best) > budget_bytes:
+        raise ConfigError(f"artifact: cannot fit {budget_bytes} model bytes even with all {total} +-1 entries pruned")
+    log(f"quant:prune entries:{under[0]} of {total} bytes:{len(best)} budget:{budget_bytes} "
+        f"compressions:{tries} (after the unpruned one)")
+    return best, under[0]
+
+
+@dataclass
+class ArtifactBuild:
+    """What build_artifact made: the blob to write and the figures for the log."""
+    blob: bytes
+    qstate: dict
+    compressor: str  # the one whose blob was kept
+    payload_bytes: int
+    compressed: dict[str, tuple[int, float]]  # compressor -> (bytes, seconds), each compressed once
+    pruned: int
+
+
+def build_artifact(state: dict[str, Tensor], hessians: dict[str, Tensor], h: Hyperparameters,
+                   budget_bytes: int | None = None) -> ArtifactBuild:
+    """Quantized state -> artifact blob: quantize (QuantSpec from h), serialize, compress once
+    with QUANT_COMPRESSOR (auto: once with each, the smallest kept), then prune to fit
+    budget_bytes (None: no pruning)."""
+    qstate = quantize_state(state, hessians, QuantSpec.from_hparams(h))
+    cfg = model_config(h)
+    raw = artifact_payload(qstate, cfg)
+    blobs, compressed = {}, {}
+    for method in COMPRESSORS if h.quant_compressor == "auto" else (h.quant_compressor,):
+        t0 = time.perf_counter()
+        blobs[method] = compress(raw, method)
+        compressed[method] = (len(blobs[method]), time.perf_counter() - t0)
+    method = min(blobs, key=lambda m: (len(blobs[m]), m))
+    blob, pruned = blobs[method], 0
+    if budget_bytes is not None:
+        blob, pruned = prune_to_fit(qstate, hessians, cfg, method, budget_bytes, blob)
+    return ArtifactBuild(blob, qstate, method, len(raw), compressed, pruned)
 
 
 def unpack_artifact(blob: bytes) -> tuple[dict, dict]:
     """(model config, dequantized state dict) from an artifact's bytes."""
-    obj = torch.load(io.BytesIO(decompress(blob)), map_location="cpu", weights_only=True)
-    if obj.get("format") != ARTIFACT_FORMAT:
-        raise ConfigError(f"EVAL_ARTIFACT: unknown artifact format {obj.get('format')!r}")
-    qstate = {k: {n: (v["q"], v["s"]) for n, v in obj[k].items()} for k in ("int6", "int8")}
-    qstate["fp16"] = obj["fp16"]
-    return obj["config"], dequantize_state(qstate)
-
+    cfg, qstate = parse_payload(decompress(blob))
+    return cfg, dequantize_state(qstate)
 
 def code_bytes() -> int:
     """Bytes of this script as shipped: they count toward the artifact limit (rule D2)."""
@@ -1957,22 +2245,24 @@ def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, result: 
 
 def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, rt: Runtime,
               result: TrainResult | None = None) -> dict:
-    """Quantize (data-free after calibration), compress, check the cap, write on rank 0."""
+    """Quantize (data-free after calibration), compress, check the cap, write: all on rank 0,
+    while the other ranks wait in the all-reduce below (the process group's timeout covers it)."""
     t0 = time.perf_counter()
-    state = {n: p.detach() for n, p in base_model.state_dict().items()}
-    qstate = quantize_state(state, hessians, h.gptq_block_size, h.quant_embed == "gptq", h.int6_scale_floor)
-    cfg, error, sizes = model_config(h), "", {}
+    error, sizes = "", {}
     if rt.is_main:
         try:
-            raw = artifact_payload(qstate, cfg)
-            log(f"quant:payload:{len(raw)} zstd-22:{len(compress(raw, 'zstd'))} lzma-9e:{len(compress(raw, 'lzma'))} "
-                f"chosen:{h.quant_compressor}")
+            state = {n: p.detach() for n, p in base_model.state_dict().items()}
             budget = SIZE_LIMIT_BYTES - PRUNE_MARGIN_BYTES - code_bytes()
-            blob, pruned = prune_to_fit(qstate, hessians, cfg, h.quant_compressor, budget)
-            if pruned:
-                log(f"quant:pruned {pruned} int6 entries of magnitude 1 (least scale^2*H_jj first) to fit "
+            built = build_artifact(state, hessians, h, budget)
+            log(f"quant:payload:{built.payload_bytes} " + " ".join(
+                f"{m}:{n}bytes/{sec:.1f}s" for m, (n, sec) in built.compressed.items()) + f" chosen:{built.compressor}")
+            if built.pruned:
+                log(f"quant:pruned {built.pruned} GPTQ entries of magnitude 1 (least scale^2*H_jj first) to fit "
                     f"{budget} model bytes")
-            sizes = write_artifact(blob, ARTIFACT_NAME)
+            sizes = write_artifact(built.blob, ARTIFACT_NAME)
+            q = built.qstate
+            log(f"quant:gptq:{len(q['gptq'])} int8:{len(q['int8'])} gate:{len(q['gate'])} fp16:{len(q['fp16'])} "
+                f"lqer:{','.join(q['lqer']) or 'none'} clip:{h.quant_clip} gptq_hessians:{len(hessians)}")
         except ConfigError as e:
             error = str(e)
     if rt.any_rank(bool(error)):
@@ -1984,12 +2274,12 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
     quant_ms = 1000 * (time.perf_counter() - t0)
     if result is not None:
         result.quant_time_ms = quant_ms
-    log(f"quant:int6:{len(qstate['int6'])} int8:{len(qstate['int8'])} fp16:{len(qstate['fp16'])} "
-        f"gptq_hessians:{len(hessians)} time:{quant_ms:.0f}ms")
+    log(f"quant:time:{quant_ms:.0f}ms")
     if rt.is_main:
-        log(f"Serialized model int6+{h.quant_compressor}: {sizes['model_bytes']} bytes")
+        label = f"int{h.matrix_bits}+{built.compressor}"
+        log(f"Serialized model {label}: {sizes['model_bytes']} bytes")
         log(f"Code size: {sizes['code_bytes']} bytes")
-        log(f"Total submission size int6+{h.quant_compressor}: {sizes['total_bytes']} bytes "
+        log(f"Total submission size {label}: {sizes['total_bytes']} bytes "
             f"(limit {SIZE_LIMIT_BYTES}, under_cap:{sizes['total_bytes'] < SIZE_LIMIT_BYTES})")
     return sizes
 

@@ -28,9 +28,9 @@ import train_gpt as tg  # noqa: E402
 
 def rtn_state(state: dict, hessians: dict, block: int, embed_gptq: bool = False,
               scale_floor: float = tg.INT6_SCALE_FLOOR) -> dict:
-    out = tg.quantize_state(state, {}, block, scale_floor=scale_floor)
-    for name in out["int6"]:
-        out["int6"][name] = tg.gptq_quantize(state[name], None, block, clip_quantiles=(1.0,), scale_floor=scale_floor)
+    out = tg.quantize_state(state, {}, tg.QuantSpec(block_size=block, scale_floor=scale_floor))
+    for name in out["gptq"]:
+        out["gptq"][name] = tg.gptq_quantize(state[name], None, block, clip_quantiles=(1.0,), scale_floor=scale_floor)
     return out
 
 
@@ -61,7 +61,10 @@ def main() -> int:
     cfg = tg.model_config(h)
     for name, (fn, source, embed) in variants.items():
         t0 = time.perf_counter()
-        qstate = fn(state, hess[source], h.gptq_block_size, embed_gptq=embed, scale_floor=h.int6_scale_floor)
+        if fn is rtn_state:
+            qstate = fn(state, hess[source], h.gptq_block_size, embed, h.int6_scale_floor)
+        else:
+            qstate = fn(state, hess[source], tg.QuantSpec(h.gptq_block_size, embed, h.int6_scale_floor))
         quant_s = time.perf_counter() - t0
         raw = tg.artifact_payload(qstate, cfg)
         _, deq = tg.unpack_artifact(tg.compress(raw, "zstd"))

@@ -113,14 +113,14 @@ def test_prune_to_fit_lands_under_target(tiny_model):
         for p in tiny_model.parameters():
             p.normal_(0, 0.5)
     state = {n: p.detach() for n, p in tiny_model.state_dict().items()}
-    qstate = tg.quantize_state(state, {}, 128)
+    qstate = tg.quantize_state(state, {})
     cfg = tg.GPT(tiny_model.cfg).cfg
     full = len(tg.pack_artifact(qstate, cfg, "zstd"))
     blob, pruned = tg.prune_to_fit(qstate, {}, cfg, "zstd", full - 300)
     assert pruned > 0 and len(blob) <= full - 300
     _, deq = tg.unpack_artifact(blob)
     changed = 0
-    for name, (q, s) in qstate["int6"].items():
+    for name, (q, s) in qstate["gptq"].items():
         q2 = torch.round(deq[name] / s.float()[:, None])
         diff = q2 != q.float()
         assert torch.all(q[diff].abs() == 1) and torch.all(q2[diff] == 0)

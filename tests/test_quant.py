@@ -278,20 +278,20 @@ def classification_state(hparams) -> dict[str, torch.Tensor]:
 
 def test_quantize_state_classification(hparams):
     state = classification_state(hparams)
-    qstate = tg.quantize_state(state, {}, block_size=128)
+    qstate = tg.quantize_state(state, {})
     int6 = {n for n in state if BLOCK_LINEAR.match(n)}
     int8 = {"tok_emb.weight", "extra.over_limit"}
-    assert set(qstate["int6"]) == int6 and len(int6) == 6 * hparams.num_layers
+    assert set(qstate["gptq"]) == int6 and len(int6) == 6 * hparams.num_layers
     assert set(qstate["int8"]) == int8
     assert set(qstate["fp16"]) == set(state) - int6 - int8
     assert {"blocks.0.resid_mix", "extra.at_limit", "extra.long_vector", "ve_embed.weight",
             "bigram.proj.weight"} <= set(qstate["fp16"])
     assert state["blocks.0.resid_mix"].ndim == 2
-    for kind in ("int6", "int8"):
+    for kind in ("gptq", "int8"):
         for n, (q, s) in qstate[kind].items():
             assert q.dtype == torch.int8 and q.shape == state[n].shape
             assert s.dtype == torch.float16 and s.shape == (state[n].size(0),)
-            assert q.abs().max() <= (31 if kind == "int6" else 127)
+            assert q.abs().max() <= (31 if kind == "gptq" else 127)
     for n, t in qstate["fp16"].items():
         assert t.dtype == torch.float16 and torch.equal(t, state[n].half())
 
@@ -300,7 +300,7 @@ def test_quantize_state_classification(hparams):
 def test_pack_unpack_bitwise(hparams, compressor, magic):
     state = classification_state(hparams)
     hessians = {n: torch.eye(state[n].size(1)) * 2 for n in list(state) if BLOCK_LINEAR.match(n)}
-    qstate = tg.quantize_state(state, hessians, block_size=32)
+    qstate = tg.quantize_state(state, hessians, tg.QuantSpec(block_size=32))
     cfg = dict(tg.model_config(hparams), vocab_size=1152)
     blob = tg.pack_artifact(qstate, cfg, compressor)
     assert blob.startswith(magic)
@@ -333,7 +333,7 @@ def test_on_grid_weights_round_trip_exactly():
     X = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)
     state = {"blocks.0.attn.c_q.weight": W6, "blocks.0.attn.c_k.weight": W6.clone(),
              "tok_emb.weight": W8, "blocks.0.attn_scale": torch.randn(64, generator=g).half().float()}
-    qstate = tg.quantize_state(state, {"blocks.0.attn.c_q.weight": X.T @ X}, block_size=16)
+    qstate = tg.quantize_state(state, {"blocks.0.attn.c_q.weight": X.T @ X}, tg.QuantSpec(block_size=16))
     assert set(qstate["int8"]) == {"tok_emb.weight"}
     _, back = tg.unpack_artifact(tg.pack_artifact(qstate, {"n": 1}, "zstd"))
     for n, t in state.items():
@@ -341,12 +341,14 @@ def test_on_grid_weights_round_trip_exactly():
 
 
 def test_unknown_artifact_format_raises():
-    obj = {"format": "pg-int6-v0", "config": {}, "fp16": {}, "int6": {}, "int8": {}}
+    """An older format (a torch.save zip of pg-int6-v1) and a payload with another format name."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
-    for blob in (tg.compress(buf.getvalue(), "zstd"), lzma.compress(buf.getvalue())):
-        with pytest.raises(tg.ConfigError, match="pg-int6-v0"):
-            tg.unpack_artifact(blob)
+    torch.save({"format": "pg-int6-v1", "config": {}, "fp16": {}, "int6": {}, "int8": {}}, buf)
+    header = b'{"format": "pg-int6-v0", "config": {}, "tensors": []}'
+    for raw, name in ((buf.getvalue(), "None"), (len(header).to_bytes(4, "little") + header, "pg-int6-v0")):
+        for blob in (tg.compress(raw, "zstd"), lzma.compress(raw)):
+            with pytest.raises(tg.ConfigError, match=name):
+                tg.unpack_artifact(blob)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +394,8 @@ def test_reloaded_model_matches_dequantized_weights(hparams, runtime):
     batches = token_batches(cfg["vocab_size"], n=2)
     hessians = tg.collect_hessians(model, batches, runtime)
     state = {n: t.detach() for n, t in model.state_dict().items()}
-    qstate = tg.quantize_state(state, hessians, hparams.gptq_block_size)
-    assert qstate["int6"] and qstate["int8"] and qstate["fp16"]
+    qstate = tg.quantize_state(state, hessians, tg.QuantSpec.from_hparams(hparams))
+    assert qstate["gptq"] and qstate["int8"] and qstate["fp16"]
     blob = tg.pack_artifact(qstate, cfg, "zstd")
 
     cfg_back, state_back = tg.unpack_artifact(blob)
@@ -415,12 +417,12 @@ def test_reloaded_model_matches_dequantized_weights(hparams, runtime):
 def test_embed_gptq_puts_the_tied_embedding_in_int6(hparams, tiny_model):
     state = {n: p.detach() for n, p in tiny_model.state_dict().items()}
     H = torch.eye(hparams.model_dim)
-    default = tg.quantize_state(state, {"tok_emb.weight": H}, 128)
-    embed = tg.quantize_state(state, {"tok_emb.weight": H}, 128, embed_gptq=True)
-    assert "tok_emb.weight" not in default["int6"] and "tok_emb.weight" in embed["int6"]
-    q, s = embed["int6"]["tok_emb.weight"]
+    default = tg.quantize_state(state, {"tok_emb.weight": H})
+    embed = tg.quantize_state(state, {"tok_emb.weight": H}, tg.QuantSpec(embed_gptq=True))
+    assert "tok_emb.weight" not in default["gptq"] and "tok_emb.weight" in embed["gptq"]
+    q, s = embed["gptq"]["tok_emb.weight"]
     assert torch.equal((q, s)[0], tg.gptq_quantize(state["tok_emb.weight"], H)[0])
-    assert set(embed["int6"]) - {"tok_emb.weight"} == set(default["int6"])
+    assert set(embed["gptq"]) - {"tok_emb.weight"} == set(default["gptq"])
 
 
 def test_int6_scale_floor_is_a_knob(tiny_model):
@@ -430,8 +432,8 @@ def test_int6_scale_floor_is_a_knob(tiny_model):
     name = "blocks.0.attn.c_q.weight"
     W = state[name]
     assert W.abs().amax() < 1.0  # a small matrix: the default floor binds on every row
-    records = tg.quantize_state({name: W}, {}, 128)["int6"][name]
-    fine = tg.quantize_state({name: W}, {}, 128, scale_floor=1e-6)["int6"][name]
+    records = tg.quantize_state({name: W}, {})["gptq"][name]
+    fine = tg.quantize_state({name: W}, {}, tg.QuantSpec(scale_floor=1e-6))["gptq"][name]
     assert torch.all(records[1].float() == torch.tensor(1 / 31).half().float())
     assert torch.all(fine[1].float() <= (W.abs().amax(1) / 31).half().float())  # the row's own clip, never the floor
     assert torch.all(fine[1].float() < 1 / 31)
