@@ -210,7 +210,7 @@ class Hyperparameters:
             need(getattr(self, var.lower()) > 0, var, "must be > 0")
         for var in ("TTT_GRAD_STEPS", "PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_NUM_PHASES", "GLOBAL_TTT_EPOCHS"):
             need(getattr(self, var.lower()) >= 0, var, "must be >= 0")
-        need(self.ttt_chunk_size <= self.eval_seq_len, "TTT_CHUNK_SIZE",
+        need(self.eval_mode != "doc" or self.ttt_chunk_size <= self.eval_seq_len, "TTT_CHUNK_SIZE",
              f"must be <= EVAL_SEQ_LEN={self.eval_seq_len}: a chunk is scored in one window of its document")
         need(self.ttt_lora_rank > 0 or not (self.eval_mode == "doc" and self.ttt_enabled), "TTT_LORA_RANK",
              "must be > 0 with LoRA TTT on (EVAL_MODE=doc, TTT_ENABLED=1)")
@@ -1499,6 +1499,16 @@ def lora_batch_work(spans: np.ndarray, chunk: int, seq_len: int) -> int:
     return work
 
 
+def lora_plan_steps(h: Hyperparameters, pace: float, work_left: int, phase_tokens: int, token_s: float | None,
+                    time_left_s: float) -> int:
+    """Grad steps per chunk for the rest of the queue: the most (<= TTT_GRAD_STEPS) whose projected
+    time fits. A batch costs work x pace x (1 + STEP_COST x steps); each global phase still ahead
+    costs its tokens x the last phase's measured seconds per token (before any: one forward and one
+    backward per token at the LoRA pace)."""
+    phases_s = phase_tokens * (token_s or pace * (1 + STEP_COST))
+    return most_that_fits(h.ttt_grad_steps, work_left * pace + phases_s, work_left * pace * STEP_COST, time_left_s)
+
+
 def run_global_phase(model: GPT, val: ValidationData, prefix: np.ndarray, p: int, n_phases: int, last: bool,
                      h: Hyperparameters, rt: Runtime, est_s: float | None, room_s: float) -> float | None:
     """Global phase p over the `prefix` documents, unless no document is left to score after it,
@@ -1567,13 +1577,10 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
                 pace = robust_pace(paces)
                 if deadline is not None and pace is not None:
                     left = sum(work[b] for b in batches[j + 1:]) + sum(work[b] for s in mine[seg + 1:] for b in s)
-                    phases_s = sum(phase_tokens[seg:]) * (token_s or pace * (1 + STEP_COST))
-                    planned = most_that_fits(h.ttt_grad_steps, left * pace + phases_s, left * pace * STEP_COST,
-                                             deadline - clock())
+                    planned = lora_plan_steps(h, pace, left, sum(phase_tokens[seg:]), token_s, deadline - clock())
                     if planned != steps:
                         log(f"ttt:plan rank:{rt.rank} batch:{bi + 1}/{len(queue)} grad_steps:{steps}->{planned} "
-                                f"pace:{pace * 1e6:.3f}us/token phases_s:{phases_s:.1f} "
-                            f"time_left:{deadline - clock():.1f}s")
+                            f"pace:{pace * 1e6:.3f}us/token time_left:{deadline - clock():.1f}s")
                         steps, plan_changes = planned, plan_changes + 1
                 if rt.is_main and len(steps_used) % 50 == 0:
                     tot = sums.tolist()
