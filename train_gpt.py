@@ -2088,11 +2088,12 @@ def compile_warm_up(nll_fn, h: Hyperparameters, rt: Runtime, vocab: int):
         return
     t = time.perf_counter()
     g = torch.Generator(rt.device).manual_seed(h.seed)
-    ids = torch.randint(0, vocab, (h.eval_batch_seqs, h.eval_seq_len + 1), generator=g, device=rt.device)
-    with torch.inference_mode():
-        nll_fn(ids[:, :-1], ids[:, 1:])
+    with torch.inference_mode():  # inputs made in here too: inference tensors, as score_windows passes
+        x, y = (torch.randint(0, vocab, (h.eval_batch_seqs, h.eval_seq_len), generator=g, device=rt.device)
+                for _ in range(2))
+        nll_fn(x, y)  # contiguous (B, L) int64, the shape of every eval batch: the same compiled graph
     rt.sync()
-    log(f"eval:compile_warmup tokens:random shape:{tuple(ids[:, 1:].shape)} time:{time.perf_counter() - t:.1f}s")
+    log(f"eval:compile_warmup tokens:random shape:{tuple(x.shape)} time:{time.perf_counter() - t:.1f}s")
 
 
 def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, prequant_model: GPT | None = None,

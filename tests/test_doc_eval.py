@@ -208,3 +208,27 @@ def test_two_processes_give_the_same_totals(doc_run, tiny_data, artifact, tmp_pa
     assert two["ttt"]["val_bpb"] == pytest.approx(one["ttt"]["val_bpb"], abs=1e-5)
     print(f"1 vs 2 processes, ttt val_bpb diff {abs(two['ttt']['val_bpb'] - one['ttt']['val_bpb']):.2e}")
     assert np.load(doc_run / "tl" / "doc.npy").tobytes() == np.load(tmp_path / "tl" / "doc.npy").tobytes()
+
+
+def test_compile_warm_up_uses_random_tokens_and_the_eval_graph(h, monkeypatch):
+    """On CUDA with COMPILE the eval forward is compiled before the first phase on random tokens
+    (rule A4), with the layout score_windows passes, so the first real batch reuses the graph."""
+    import torch._dynamo
+    monkeypatch.setattr(tg.Runtime, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(tg.Runtime, "sync", lambda self: None)
+    model = noisy_model(h)
+    seen = []
+    compiled = torch.compile(tg.nll_function(model), dynamic=False, fullgraph=True, backend="eager")
+
+    def nll_fn(x, y):
+        seen.append((x.clone(), y.clone()))
+        return compiled(x, y)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    tg.compile_warm_up(nll_fn, tg.dataclasses.replace(h, compile=1), RT, h.vocab_size)
+    val = make_val(doc_stream(h.vocab_size), h.vocab_size)
+    tg.score_windows(nll_fn, val, tg.sliding_windows(len(val.tokens) - 1, L, L), h.eval_batch_seqs, RT)
+    (x, y), real = seen[0], seen[1]
+    assert x.shape == y.shape == real[0].shape == (h.eval_batch_seqs, L) and x.dtype == real[0].dtype
+    assert not torch.equal(x, real[0])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
