@@ -175,7 +175,7 @@ class Hyperparameters:
     global_ttt_chunk_tokens: int = 32_768  # tokens per SGD step (all ranks)
     global_ttt_batch_seqs: int = 32  # rows per forward per rank (one document piece of <= EVAL_SEQ_LEN each)
     global_ttt_grad_clip: float = 1.0
-    eval_budget_seconds: float = 600.0  # all work after training; TTT epochs shrink to fit it
+    eval_budget_seconds: float = 600.0  # all work after training; TTT epochs, grad steps, phases shrink to fit
     record: bool = False  # record attempt: exit 3 (after writing logs) if the compliance audit fails
 
     def __post_init__(self):
