@@ -1,0 +1,274 @@
+"""Batched per-document LoRA TTT and phased global TTT (frontier.md 5.3-5.5; issue 11): one forward
+for plain and adapted scoring (zero adapters are bit-identical to the plain model, for every model
+option set), every adapter live, the per-document flip test (rule A2) with warm-start A and global
+phases, a step-before-score variant that the flip test catches, the planners on a virtual clock
+with a slow first chunk/batch, and bad input.
+
+CPU only, about half a minute:
+    python3 -m pytest -q tests/test_lora_ttt.py
+"""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from doc_streams import BOS, C, L, doc_env, doc_stream, make_val, noisy_model, run_doc
+
+
+@pytest.fixture
+def h(tiny_data) -> tg.Hyperparameters:
+    return tg.Hyperparameters.from_env(doc_env(tiny_data))
+
+
+# ----------------------------------------------------------------------------------------------
+# One forward: adapters are a delta inside the real modules
+
+# Model option sets of the current architecture; add each new model option here (issue 11 item 4).
+MODEL_OPTIONS = {
+    "record": {},
+    "no_bigram_no_ve": dict(bigram_vocab_size=0, ve_layers=""),
+    "no_xsa_no_lnscale": dict(xsa_last_n=0, ln_scale=False),
+    "gqa1_relu2": dict(num_kv_heads=1, negative_slope=0.0),
+}
+
+
+@pytest.mark.parametrize("options", list(MODEL_OPTIONS.values()), ids=list(MODEL_OPTIONS))
+def test_zero_adapters_give_bit_identical_nll(options, h):
+    """B = 0 in every adapter (Q, K, V, O, MLP, head; A random): the adapted forward is the plain
+    forward bit for bit; any non-zero B moves the NLL, so every adapter is on the live path."""
+    h = dataclasses.replace(h, **options)
+    model = noisy_model(h)
+    ids = torch.randint(0, h.vocab_size, (h.ttt_batch_size, 2 * L + 1), generator=torch.Generator().manual_seed(3))
+    x, y = ids[:, :-1], ids[:, 1:]
+    with torch.no_grad():
+        plain = model(x, y, reduction="none")
+        adapters = tg.attach_lora(model, h, torch.Generator().manual_seed(0), torch.device("cpu"))
+        assert len(adapters) == 1 + 5 * h.num_layers
+        zero = model(x, y, reduction="none")
+        assert zero.numpy().tobytes() == plain.numpy().tobytes()
+        assert model(x[:2], y[:2], reduction="none").numpy().tobytes() == plain[:2].numpy().tobytes()
+        for a in adapters:
+            a.B.normal_(0, 0.05)
+            assert not torch.equal(model(x, y, reduction="none"), plain)
+            a.B.zero_()
+    tg.detach_lora(model)
+    assert all(m.lora is None for m in model.modules() if hasattr(m, "lora"))
+    assert set(model.state_dict()) == set(noisy_model(h).state_dict())  # adapters never enter the state
+
+
+def test_lora_knobs_choose_the_adapters(h):
+    model = noisy_model(h)
+    full = tg.lora_hosts(model, h)
+    qv_head = tg.lora_hosts(model, dataclasses.replace(h, ttt_k_lora=False, ttt_o_lora=False, ttt_mlp_lora=False))
+    assert len(full) == 1 + 5 * h.num_layers and len(qv_head) == 1 + 2 * h.num_layers
+    assert (model, h.model_dim, h.vocab_size) in qv_head
+    kv = model.blocks[0].attn.c_k.out_features
+    assert (model.blocks[0].attn.c_k, h.model_dim, kv) in full and kv == h.num_kv_heads * h.head_dim
+
+
+# ----------------------------------------------------------------------------------------------
+# Flip test per document (rule A2), phases and warm-start A included
+
+RT = tg.Runtime(False, 0, 1, 0, torch.device("cpu"))
+LORA_CASES = {
+    "lora": dict(ttt_warm_start_a=False),
+    "warmA+2phases": dict(ttt_warm_start_a=True, phased_ttt_num_phases=2),
+}
+
+
+def flip_in_doc(val: tg.ValidationData, spans: np.ndarray, k: int) -> tuple[tg.ValidationData, int]:
+    """The val stream with one target token of document k changed (its middle, never a BOS)."""
+    s, n = spans[k]
+    t = int(s + max(1, n // 2))
+    tokens = val.tokens.clone()
+    tokens[t] = 4 + (tokens[t] - 3) % (len(val.base_bytes) - 4) if tokens[t] != BOS else tokens[t]
+    return tg.ValidationData(tokens, val.stream_len, val.base_bytes, val.has_leading_space, val.is_boundary), t
+
+
+def earlier_unchanged(a: np.ndarray, b: np.ndarray, spans: np.ndarray, k: int, t: int, h) -> bool:
+    """NLL bit-identical for every target of the documents before k in the queue, and for the
+    targets of document k before the flipped token t."""
+    order = np.concatenate(tg.ttt_queue(spans, h.ttt_batch_size))
+    before = order[:list(order).index(k)]
+    idx = np.concatenate([np.arange(spans[d, 0] + 1, spans[d, 0] + spans[d, 1] + 1) for d in before]
+                         + [np.arange(spans[k, 0] + 1, t)]).astype(np.int64)
+    return a[idx].tobytes() == b[idx].tobytes()
+
+
+def flip_check(model, val, h, ks):
+    spans = tg.document_spans(val.tokens.numpy(), BOS)
+    _, la = run_doc(model, val, h, RT, lora=True)
+    a = la.nll.numpy()
+    for k in ks:
+        fval, t = flip_in_doc(val, spans, k)
+        _, lb = run_doc(model, fval, h, RT, lora=True)
+        b = lb.nll.numpy()
+        yield k, t, a, b, spans
+
+
+@pytest.mark.parametrize("case", list(LORA_CASES))
+def test_flip_a_token_of_a_document_changes_nothing_scored_before_it(case, h):
+    h = dataclasses.replace(h, **LORA_CASES[case])
+    model = noisy_model(h)
+    val = make_val(doc_stream(h.vocab_size), h.vocab_size)
+    order = np.concatenate(tg.ttt_queue(tg.document_spans(val.tokens.numpy(), BOS), h.ttt_batch_size))
+    ks = [order[0], order[5], order[-3]]  # the first document, one in the phases' prefix, a late one
+    changed_later = 0
+    for k, t, a, b, spans in flip_check(model, val, h, ks):
+        assert earlier_unchanged(a, b, spans, k, t, h), (case, k)
+        assert a[t] != b[t]
+        changed_later += a[t + 1:].tobytes() != b[t + 1:].tobytes()
+    assert changed_later == len(ks)
+
+
+def step_first(forward, score, adapt, steps):
+    """The wrong order: adapt on the chunk, then score it."""
+    for _ in range(steps):
+        adapt(forward())
+    score(forward().detach())
+
+
+def test_flip_test_catches_lora_ttt_that_steps_before_scoring(h, monkeypatch):
+    monkeypatch.setattr(tg, "score_first", step_first)
+    h = dataclasses.replace(h, ttt_warm_start_a=False)
+    model = noisy_model(h)
+    val = make_val(doc_stream(h.vocab_size), h.vocab_size)
+    spans = tg.document_spans(val.tokens.numpy(), BOS)
+    k = int(np.argmax(spans[:, 1]))  # the longest document: many chunks
+    (_, t, a, b, _), = flip_check(model, val, h, [k])
+    assert not earlier_unchanged(a, b, spans, k, t, h)
+
+
+def test_lora_ttt_adapts_and_first_chunks_match_zero_steps(h):
+    """Before the first phase each document's first chunk is scored with B = 0: bit-identical to
+    a run without steps; after it the adapters (and the phases) change the numbers."""
+    val = make_val(doc_stream(h.vocab_size), h.vocab_size)
+    spans = tg.document_spans(val.tokens.numpy(), BOS)
+    model = noisy_model(h)
+    r1, l1 = run_doc(model, val, h, RT, lora=True)
+    r0, l0 = run_doc(model, val, dataclasses.replace(h, ttt_grad_steps=0), RT, lora=True)
+    a, b = l1.nll.numpy(), l0.nll.numpy()
+    first = np.concatenate([np.arange(s + 1, s + min(n, C) + 1) for s, n in spans])
+    assert a[first].tobytes() == b[first].tobytes()
+    assert a.tobytes() != b.tobytes() and r1.loss_sum != r0.loss_sum
+    r2, _ = run_doc(model, val, dataclasses.replace(h, phased_ttt_num_phases=2), RT, lora=True)
+    assert r2.notes["phases_run"] == 2 and r2.loss_sum != r1.loss_sum
+    assert (r0.tokens, r0.bytes) == (r1.tokens, r1.bytes) == (r2.tokens, r2.bytes)
+
+
+def test_global_phase_trains_only_the_prefix_documents(h):
+    """The phase's SGD reads exactly the targets of the prefix documents (all already scored)."""
+    val = make_val(doc_stream(h.vocab_size), h.vocab_size)
+    spans = tg.document_spans(val.tokens.numpy(), BOS)
+    prefix = spans[np.concatenate(tg.ttt_queue(spans, h.ttt_batch_size))[:4]]
+    model = noisy_model(h)
+    seen = []
+    real = model.forward
+    model.forward = lambda x, y, reduction="mean": (seen.append(y.clone()), real(x, y, reduction))[1]
+    tokens = tg.global_ttt(model, val, prefix, dataclasses.replace(h, global_ttt_epochs=2), RT)
+    assert tokens == int(prefix[:, 1].sum())
+    assert sum(len(y.flatten()) for y in seen) >= 2 * tokens
+    assert all(p.requires_grad is False and p.grad is None for p in model.parameters())
+    before = noisy_model(h)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Planners on a virtual clock
+
+
+def test_lora_planner_ignores_a_slow_first_batch_cuts_and_raises_again(h, monkeypatch):
+    """Virtual cost per batch = work x rate x (1 + STEP_COST x steps): the first batch is 100x
+    slow (first backward), then slow, then fast batches. Steps are not cut for the first batch,
+    are cut while slow, come back once fast, and the run ends inside the deadline."""
+    h = dataclasses.replace(h, ttt_batch_size=1)
+    val = make_val(doc_stream(h.vocab_size), h.vocab_size)
+    spans = tg.document_spans(val.tokens.numpy(), BOS)
+    virtual, calls = [0.0], []
+    rates = [100.0] + [1.0] * 3 + [0.05] * 100
+    monkeypatch.setattr(tg, "clock", lambda: virtual[0])
+    real = tg.lora_ttt_batch
+
+    def timed(model, val, spans_b, adapters, steps, *rest):
+        work = tg.lora_batch_work(spans_b, h.ttt_chunk_size, h.eval_seq_len)
+        virtual[0] += 1e-3 * work * rates[len(calls)] * (1 + tg.STEP_COST * steps)
+        calls.append(steps)
+        return real(model, val, spans_b, adapters, steps, *rest)
+    monkeypatch.setattr(tg, "lora_ttt_batch", timed)
+    first_cost = 1e-3 * tg.lora_batch_work(spans[[int(np.argmax(spans[:, 1]))]], C, L) * 100 * 3
+    deadline = first_cost + 2.0
+    r = tg.lora_ttt_evaluate(noisy_model(h), val, spans, h, RT, deadline=deadline)
+    assert virtual[0] <= deadline
+    assert calls[1] == 1 and 0 in calls and calls[-1] == 1, calls  # kept, cut, raised again
+    assert r.notes["plan_changes"] >= 2 and r.notes["grad_steps_min"] == 0
+    assert r.tokens == len(val.tokens) - 1
+
+
+def test_sliding_planner_ignores_a_slow_first_chunk(hparams, runtime, tiny_model, tiny_data, monkeypatch):
+    """Full-model chunk TTT (sliding mode), 8 chunks: a first chunk 10x slow per epoch no longer
+    cuts the epochs of the whole run (issue 8); a slow stretch later cuts them, and they come back
+    once the work left fits again."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_data / "tokenizer.model"))
+    full = tg.load_validation(hparams, sp, runtime, hparams.eval_seq_len)
+    val = dataclasses.replace(full, tokens=full.tokens[:8 * 512 + 1])
+    virtual, epochs_seen = [0.0], []
+    rates = [10.0, 1.0, 4.0] + [0.2] * 10
+    monkeypatch.setattr(tg, "clock", lambda: virtual[0])
+    real_train = tg.ttt_train_chunk
+
+    def slow_train(*args, **kwargs):
+        virtual[0] += rates[len(epochs_seen)] * args[5]  # args[5] = epochs
+        epochs_seen.append(args[5])
+        return real_train(*args, **kwargs)
+    monkeypatch.setattr(tg, "ttt_train_chunk", slow_train)
+    h = dataclasses.replace(hparams, ttt_epochs=3, ttt_chunk_tokens=512)
+    r = tg.ttt_evaluate(tiny_model, tg.nll_function(tiny_model), val, h, runtime, deadline=50.0)
+    assert virtual[0] <= 50.0
+    cut = epochs_seen.index(min(epochs_seen))
+    assert epochs_seen[:3] == [3, 3, 3] and min(epochs_seen) < 3 and max(epochs_seen[cut:]) > min(epochs_seen), \
+        epochs_seen
+    assert r.notes["plan_changes"] >= 2 and r.tokens == 8 * 512
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one error line naming the variable, exit status 2
+
+BAD = {
+    "chunk_above_seq_len": (dict(TTT_CHUNK_SIZE=L + 1), "TTT_CHUNK_SIZE"),
+    "rank0_with_lora": (dict(TTT_LORA_RANK=0), "TTT_LORA_RANK"),
+    "phases_above_prefix": (dict(PHASED_TTT_NUM_PHASES=7, PHASED_TTT_PREFIX_DOCS=6), "PHASED_TTT_NUM_PHASES"),
+    "eval_mode": (dict(EVAL_MODE="docs"), "EVAL_MODE"),
+    "batch_size": (dict(TTT_BATCH_SIZE=0), "TTT_BATCH_SIZE"),
+    "typo": (dict(PHASED_TTT_PHASES=2), "PHASED_TTT_PHASES"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_doc_eval_input_exits_2_naming_the_variable(case, tiny_data, capsys):
+    overrides, var = BAD[case]
+    assert tg.main(doc_env(tiny_data, RUN_ID="bad", **overrides)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {var}"), err
+
+
+def test_frontier_preset_is_the_records_eval():
+    """PRESET=frontier carries the 1.0611 record's TTT settings (frontier spec section 7)."""
+    h = tg.Hyperparameters.from_env({"PRESET": "frontier"})
+    got = {k: getattr(h, k) for k in tg.PRESETS["frontier"]}
+    assert got == dict(eval_mode="doc", eval_seq_len=2048, ttt_enabled=True, ttt_chunk_size=48, ttt_batch_size=64,
+                       ttt_grad_steps=1, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_lora_lr=1e-4, ttt_beta1=0.0,
+                       ttt_beta2=0.99, ttt_weight_decay=0.5, ttt_warm_start_a=True, ttt_k_lora=True,
+                       ttt_o_lora=True, ttt_mlp_lora=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3,
+                       global_ttt_lr=0.001, global_ttt_momentum=0.9, global_ttt_epochs=1,
+                       global_ttt_chunk_tokens=32768, global_ttt_batch_seqs=32, global_ttt_grad_clip=1.0)
+    assert tg.Hyperparameters.from_env({"PRESET": "tiny"}).eval_mode == "sliding"  # seed presets keep sliding
+
+
+def test_rank0_is_fine_without_lora_ttt(tiny_data):
+    h = tg.Hyperparameters.from_env(doc_env(tiny_data, TTT_LORA_RANK=0, EVAL_MODE="sliding"))
+    assert h.ttt_lora_rank == 0
