@@ -606,6 +606,18 @@ def load_validation(h: Hyperparameters, sp, rt: Runtime, seq_len: int) -> Valida
 # Model
 
 _ATTENTION: dict[str, typing.Any] = {"name": "sdpa", "fn": None}
+FA3_HUB_KERNEL = "kernels-community/flash-attn3"  # prebuilt FA3 on the Hugging Face Hub
+
+
+def fa3_from_kernels_hub():
+    """FA3's flash_attn_func through the Hugging Face `kernels` package (downloads a prebuilt build
+    for this torch/CUDA on first use), or None without the package. Only for an explicit
+    ATTN_BACKEND=fa3: `auto` never reaches for the network."""
+    try:
+        from kernels import get_kernel
+    except ImportError:
+        return None
+    return get_kernel(FA3_HUB_KERNEL).flash_attn_func
 
 
 def select_attention_backend(requested: str, device_type: str) -> str:
@@ -615,6 +627,9 @@ def select_attention_backend(requested: str, device_type: str) -> str:
         with contextlib.suppress(ImportError):
             from flash_attn_interface import flash_attn_func as fn  # Hopper build of FA3
             name = "fa3"
+    if fn is None and device_type == "cuda" and requested == "fa3":
+        fn = fa3_from_kernels_hub()
+        name = "fa3" if fn is not None else "sdpa"
     if fn is None and device_type == "cuda" and requested in ("auto", "fa2"):
         with contextlib.suppress(ImportError):
             from flash_attn import flash_attn_func as fn
@@ -1845,7 +1860,7 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
     step = lambda i: train_step(model, opts, loader, h, rt, geometry, params, 1.0, i)  # noqa: E731
     _, m["train_compile_s"] = timed(rt, lambda: step(0))
     losses, t = timed(rt, lambda: [step(i) for i in range(1, h.preflight_steps + 1)])
-    m["step_s"], m["loss_finite"] = t / h.preflight_steps, float(all(math.isfinite(x.item()) for x in losses))
+    m["step_s"], m["loss_nan"] = t / h.preflight_steps, float(not all(math.isfinite(x.item()) for x in losses))
     m["peak_alloc_mib"], m["peak_reserved_mib"] = rt.max_memory_mib()
     log(f"preflight:trained steps:{h.preflight_steps + 1} last_train_loss:{losses[-1].item():.4f}")
     result = TrainResult(h.preflight_steps + 1, 0.0, 0, "preflight", 0.0)
@@ -1889,8 +1904,8 @@ def preflight_table(h: Hyperparameters, rt: Runtime, m: dict) -> list[tuple[str,
     rows.append(("train steps", f"{steps} steps of {1000 * m['step_s']:.1f} ms (compile + first step "
                  f"{m['train_compile_s']:.1f} s, not timed)", f"ITERATIONS={h.iterations}",
                  "warn" if steps < h.warmdown_iters else "ok"))
-    rows.append(("train loss", "finite" if m["loss_finite"] else "NaN/inf", "finite",
-                 "ok" if m["loss_finite"] else "NO-GO"))
+    rows.append(("train loss", "NaN/inf" if m["loss_nan"] else "finite", "finite",
+                 "NO-GO" if m["loss_nan"] else "ok"))
     rows.append(("train + calib", f"{train_s:.1f} s (calibration {m['calib_s']:.1f} s, reserve {reserve_s:.1f} s)",
                  f"{TRAIN_LIMIT_MS / 1000:.0f} s", "ok" if train_s <= TRAIN_LIMIT_MS / 1000 else "NO-GO"))
     total = val_positions(h)

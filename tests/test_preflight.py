@@ -15,7 +15,7 @@ import pytest
 import train_gpt as tg
 from conftest import tiny_env
 
-MEASURED = dict(train_compile_s=30.0, step_s=0.1, loss_finite=1.0, peak_alloc_mib=0.0, peak_reserved_mib=0.0,
+MEASURED = dict(train_compile_s=30.0, step_s=0.1, loss_nan=0.0, peak_alloc_mib=0.0, peak_reserved_mib=0.0,
                 calib_s=5.0, selfgen_s=0.0, quantize_s=2.0, compress_s=3.0, model_bytes=1_000_000.0,
                 eval_compile_s=4.0, window_s=0.001, ttt_chunk_train_s=0.5)
 
@@ -73,7 +73,7 @@ def test_preflight_projection_arithmetic(hparams, runtime, tiny_data):
 
 @pytest.mark.parametrize("change,row,status", [
     (dict(calib_s=11.0), "train + calib", "NO-GO"),  # calibration overruns its 10 s reserve
-    (dict(loss_finite=0.0), "train loss", "NO-GO"),
+    (dict(loss_nan=1.0), "train loss", "NO-GO"),
     (dict(ttt_chunk_train_s=1000.0), "eval + post-train", "warn"),  # the TTT planner cuts epochs
     (dict(window_s=1.0), "eval + post-train", "NO-GO"),  # scoring alone is over 600 s
     (dict(model_bytes=16_000_000.0), "artifact bytes", "warn"),  # over the cap: prune_to_fit trims
