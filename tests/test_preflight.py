@@ -16,7 +16,7 @@ import train_gpt as tg
 from conftest import tiny_env
 
 MEASURED = dict(train_compile_s=30.0, step_s=0.1, loss_nan=0.0, peak_alloc_mib=0.0, peak_reserved_mib=0.0,
-                calib_s=5.0, selfgen_s=0.0, quantize_s=2.0, compress_s=3.0, model_bytes=1_000_000.0,
+                calib_s=5.0, selfgen_s=0.0, quantize_s=2.0, compress_s=3.0, model_bytes=1_000_000.0, payload_bytes=2_000_000.0,
                 eval_compile_s=4.0, window_s=0.001, ttt_chunk_train_s=0.5)
 
 
@@ -67,7 +67,7 @@ def test_preflight_projection_arithmetic(hparams, runtime, tiny_data):
     eval_s = 2 * 4.0 + 2 * n_plain * 0.001 + 2 * n_sliding * 0.001 + 2.0 + 3.0 + (chunks - 1) * 0.5
     assert rows["eval + post-train"][1].startswith(f"{eval_s:.1f} s:")
     assert f"({n_sliding} windows)" in rows["eval + post-train"][1] and f"({chunks} chunks)" in rows["eval + post-train"][1]
-    assert rows["artifact bytes"][1].startswith(f"{tg.code_bytes() + 1_000_000} ")
+    assert rows["artifact bytes"][1].startswith(f"{tg.code_bytes() + int(2_000_000 * 0.582)}: ")
     assert all(r[3] == "ok" for r in rows.values())
 
 
@@ -76,9 +76,11 @@ def test_preflight_projection_arithmetic(hparams, runtime, tiny_data):
     (dict(loss_nan=1.0), "train loss", "NO-GO"),
     (dict(ttt_chunk_train_s=1000.0), "eval + post-train", "warn"),  # the TTT planner cuts epochs
     (dict(window_s=1.0), "eval + post-train", "NO-GO"),  # scoring alone is over 600 s
-    (dict(model_bytes=16_000_000.0), "artifact bytes", "warn"),  # over the cap: prune_to_fit trims
+    (dict(payload_bytes=30_000_000.0), "artifact bytes", "warn"),  # a trained model over the cap: pruned
+    (dict(model_bytes=16_000_000.0), "artifact bytes", "warn"),  # even now over the cap
     (dict(step_s=1.0), "train steps", "warn"),  # 590 steps < WARMDOWN_ITERS: never at full LR
-], ids=["calib-over-reserve", "nan-loss", "ttt-too-slow", "scoring-too-slow", "bytes-over", "few-steps"])
+], ids=["calib-over-reserve", "nan-loss", "ttt-too-slow", "scoring-too-slow", "trained-bytes-over", "bytes-over",
+      "few-steps"])
 def test_preflight_statuses(hparams, runtime, change, row, status):
     h = tg.dataclasses.replace(hparams, max_wallclock_seconds=600.0, gptq_reserve_seconds=10.0,
                                iterations=20_000, warmdown_iters=3500)
