@@ -1841,7 +1841,7 @@ def timed(rt: Runtime, fn: typing.Callable) -> tuple[typing.Any, float]:
 def stand_in_stream(h: Hyperparameters, n_tokens: int) -> ValidationData:
     """Training tokens (the first train shard, repeated as needed) with the tokenizer's byte tables:
     the val stream's shapes and work without one validation token (rules A4, C1)."""
-    tokens = np.resize(read_shard(shard_paths(h.train_files)[0]), n_tokens)
+    tokens = np.resize(read_shard(shard_paths(h.train_files)[0])[:n_tokens], n_tokens)
     base, space, boundary = build_byte_luts(load_tokenizer(h), h.vocab_size)
     return ValidationData(torch.from_numpy(tokens.astype(np.int64)), n_tokens, base, space, boundary)
 
@@ -1862,9 +1862,13 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
     base_model = build_model(model_config(h), rt)
     model = maybe_compile(base_model, h, rt)
     params, opts, geometry = list(base_model.parameters()), build_optimizers(base_model, h, rt), batch_geometry(h, rt)
-    loader = make_train_loader(h, rt)
+    loader, averager = make_train_loader(h, rt), WeightAverager(base_model, h.ema_decay)
     m: dict[str, float] = {}
-    step = lambda i: train_step(model, opts, loader, h, rt, geometry, params, 1.0, i)  # noqa: E731
+
+    def step(i: int) -> Tensor:  # as in train(): the optimizer step, then the EMA update
+        loss = train_step(model, opts, loader, h, rt, geometry, params, 1.0, i)
+        averager.update_ema(base_model)
+        return loss
     _, m["train_compile_s"] = timed(rt, lambda: step(0))
     losses, t = timed(rt, lambda: [step(i) for i in range(1, h.preflight_steps + 1)])
     m["step_s"], m["loss_nan"] = t / h.preflight_steps, float(not all(math.isfinite(x.item()) for x in losses))
