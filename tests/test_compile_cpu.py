@@ -3,7 +3,11 @@ builds C++ kernels (gcc) for the training step (forward + backward) and the eval
 graphs the GPU run compiles. Compiled results agree with eager; one graph for training and one
 for eval, no graph break, no recompile across steps, sliding batches (padded last batch) and TTT.
 
-    python3 -m pytest -q tests/test_compile_cpu.py     # about 40-90 s, nearly all inductor's build
+    python3 -m pytest -q tests/test_compile_cpu.py
+
+Cost, nearly all inductor's build (46 C++ kernels, one gcc call each): 81 CPU seconds with a cold
+inductor cache (306 s wall on this 2-core machine at load 9), 19 s wall with a warm one
+(/tmp/torchinductor_<user>, which persists between runs on one machine).
 """
 
 import pytest
