@@ -102,3 +102,14 @@ def test_preflight_no_go_exits_4(garbage_val_data, tmp_path, monkeypatch, capsys
 def test_preflight_fields_validated():
     with pytest.raises(tg.ConfigError, match="PREFLIGHT_STEPS"):
         tg.Hyperparameters.from_env({"PREFLIGHT_STEPS": "0"})
+
+
+def test_preflight_without_ttt_projects_no_ttt_time(hparams, runtime):
+    h = tg.dataclasses.replace(hparams, ttt_enabled=False)
+    no_ttt = {k: v for k, v in MEASURED.items() if k != "ttt_chunk_train_s"}  # not measured without TTT
+    with_ttt = {r[0]: r for r in tg.preflight_table(hparams, runtime, MEASURED)}["eval + post-train"][1]
+    without = {r[0]: r for r in tg.preflight_table(h, runtime, no_ttt)}["eval + post-train"][1]
+    sliding_s = float(without.split("sliding ")[1].split()[0])
+    ttt_s = float(with_ttt.split("TTT ")[1].split()[0])
+    assert float(with_ttt.split()[0]) - float(without.split()[0]) == pytest.approx(ttt_s, abs=0.11)
+    assert ttt_s > sliding_s and "TTT 0.0 " in without  # TTT scores every window again, then trains
