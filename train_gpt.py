@@ -145,7 +145,7 @@ class Hyperparameters:
     max_wallclock_seconds: float = 600.0  # training cap (0 = none, ITERATIONS ends the run)
     train_log_every: int = 500
     val_loss_every: int = 0  # records' knob; only 0: no validation during training (rule C1)
-    compile: int = -1  # -1 = on for CUDA; CPU never compiles
+    compile: int = -1  # -1 = on for CUDA only; 1 = on everywhere (CPU: inductor C++); 0 = off
     # optimizers
     matrix_lr: float = 0.025  # Muon, block matrices
     scalar_lr: float = 0.025  # AdamW, gains/mixes/small projections
@@ -236,6 +236,10 @@ class Hyperparameters:
     global_ttt_grad_clip: float = 1.0
     eval_budget_seconds: float = 600.0  # all work after training; TTT epochs, grad steps, phases shrink to fit
     record: bool = False  # record attempt: exit 3 (after writing logs) if the compliance audit fails
+    # preflight (issue 8): time every phase on the real machine, print go/no-go, write no artifact
+    preflight: bool = False  # only the preflight run (exit 0 GO, 4 NO-GO); reads no validation token
+    preflight_steps: int = 30  # timed training steps after the compile step
+    preflight_eval_windows: int = 512  # sliding windows timed (on training tokens), projected to the val stream
 
     def __post_init__(self):
         def need(cond: bool, var: str, msg: str):
@@ -309,6 +313,8 @@ class Hyperparameters:
                              ("QUANT_CLIP", ("search", "sdclip")),
                              ("TTT_OPTIMIZER", ("sgd", "adamw")), ("EVAL_MODE", ("sliding", "doc"))):
             need(getattr(self, var.lower()) in allowed, var, f"must be one of {allowed}")
+        need(self.preflight_steps > 0, "PREFLIGHT_STEPS", "must be > 0")
+        need(self.preflight_eval_windows > 0, "PREFLIGHT_EVAL_WINDOWS", "must be > 0")
 
     @property
     def head_dim(self) -> int:
@@ -810,6 +816,19 @@ def load_validation(h: Hyperparameters, sp, rt: Runtime, seq_len: int) -> Valida
 # Model
 
 _ATTENTION: dict[str, typing.Any] = {"name": "sdpa", "fn": None, "varlen": None}
+FA3_HUB_KERNEL = "kernels-community/flash-attn3"  # prebuilt FA3 on the Hugging Face Hub
+
+
+def fa3_from_kernels_hub() -> tuple[typing.Any, typing.Any]:
+    """FA3's (flash_attn_func, flash_attn_varlen_func or None) through the Hugging Face `kernels`
+    package (downloads a prebuilt build for this torch/CUDA on first use), or (None, None) without
+    the package. Only for an explicit ATTN_BACKEND=fa3: `auto` never reaches for the network."""
+    try:
+        from kernels import get_kernel
+    except ImportError:
+        return None, None
+    kernel = get_kernel(FA3_HUB_KERNEL)
+    return kernel.flash_attn_func, getattr(kernel, "flash_attn_varlen_func", None)
 
 
 def select_attention_backend(requested: str, device_type: str) -> str:
@@ -821,6 +840,9 @@ def select_attention_backend(requested: str, device_type: str) -> str:
             from flash_attn_interface import flash_attn_func as fn  # Hopper build of FA3
             from flash_attn_interface import flash_attn_varlen_func as varlen
             name = "fa3"
+    if fn is None and device_type == "cuda" and requested == "fa3":
+        fn, varlen = fa3_from_kernels_hub()
+        name = "fa3" if fn is not None else "sdpa"
     if fn is None and device_type == "cuda" and requested in ("auto", "fa2"):
         with contextlib.suppress(ImportError):
             from flash_attn import flash_attn_func as fn
@@ -1155,9 +1177,14 @@ def build_model(cfg: dict, rt: Runtime) -> GPT:
     return GPT(cfg, rt.compute_dtype).to(rt.device)
 
 
+def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
+    """COMPILE=-1 (default): on CUDA only, CPU runs eagerly (interface.md); 1 forces it on CPU too
+    (inductor's C++ backend: slow to build, used to test the compiled path); 0: off."""
+    return h.compile > 0 or (h.compile < 0 and rt.is_cuda)
+
+
 def maybe_compile(module, h: Hyperparameters, rt: Runtime):
-    """torch.compile on CUDA when COMPILE allows; CPU runs eagerly (interface.md)."""
-    if rt.is_cuda and h.compile != 0:
+    if compile_enabled(h, rt):
         return torch.compile(module, dynamic=False, fullgraph=True)
     return module
 
@@ -2834,6 +2861,156 @@ def _write_summary_json(h: Hyperparameters, rt: Runtime, train: TrainResult | No
     log(f"summary:{path} val_bpb:{summary['val_bpb']:.8f}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Preflight: a few minutes on the real machine that say whether the 10-minute run will work
+
+
+# A model a few steps from its init compresses far better than a trained one (int6 entries near 0):
+# 4,595,641 zstd bytes for the default shape at init, against 15,887,228 for #1060's trained model
+# of the same shape (stack.md section 11), whose payload in this script's format is 27,299,269
+# bytes. Their ratio projects a trained model's size from any shape's payload.
+TRAINED_COMPRESSED_PER_PAYLOAD_BYTE = 0.582
+
+
+class NoGo(RuntimeError):
+    """PREFLIGHT=1 projected a run that breaks a limit: exit status 4, after the table is printed."""
+
+
+def timed(rt: Runtime, fn: typing.Callable) -> tuple[typing.Any, float]:
+    """(fn(), seconds), the device drained before and after."""
+    rt.sync()
+    t0 = time.perf_counter()
+    out = fn()
+    rt.sync()
+    return out, time.perf_counter() - t0
+
+
+def stand_in_stream(h: Hyperparameters, n_tokens: int) -> ValidationData:
+    """Training tokens (the first train shard, repeated as needed) with the tokenizer's byte tables:
+    the val stream's shapes and work without one validation token (rules A4, C1)."""
+    tokens = np.resize(read_shard(shard_paths(h.train_files)[0])[:n_tokens], n_tokens)
+    base, space, boundary = build_byte_luts(load_tokenizer(h), h.vocab_size)
+    return ValidationData(torch.from_numpy(tokens.astype(np.int64)), n_tokens, base, space, boundary)
+
+
+def val_positions(h: Hyperparameters) -> int:
+    """Scored positions of the val stream, from the shards' file sizes alone (no token is read)."""
+    stream = sum((os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in shard_paths(h.val_files))
+    longest = max(h.train_seq_len, h.eval_seq_len)
+    if stream - 1 < longest:
+        raise ConfigError(f"{h.val_files}: validation stream ({stream} tokens) is shorter than one sequence "
+                          f"of {longest} + 1")
+    return (stream - 1) // longest * longest
+
+
+def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
+    """Compile and time training steps, calibration, quantization + compression of the current
+    weights, a slice of sliding eval and a two-chunk TTT on training tokens. Seconds, max over ranks."""
+    base_model = build_model(model_config(h), rt)
+    model = maybe_compile(base_model, h, rt)
+    params, opts, geometry = list(base_model.parameters()), build_optimizers(base_model, h, rt), batch_geometry(h, rt)
+    loader, averager = make_train_loader(h, rt), WeightAverager(base_model, h.ema_decay)
+    m: dict[str, float] = {}
+
+    def step(i: int) -> Tensor:  # as in train(): the optimizer step, then the EMA update
+        loss = train_step(model, opts, loader, h, rt, geometry, params, 1.0, i)
+        averager.update_ema(base_model)
+        return loss
+    _, m["train_compile_s"] = timed(rt, lambda: step(0))
+    losses, t = timed(rt, lambda: [step(i) for i in range(1, h.preflight_steps + 1)])
+    m["step_s"], m["loss_nan"] = t / h.preflight_steps, float(not all(math.isfinite(x.item()) for x in losses))
+    m["peak_alloc_mib"], m["peak_reserved_mib"] = rt.max_memory_mib()
+    log(f"preflight:trained steps:{h.preflight_steps + 1} last_train_loss:{losses[-1].item():.4f}")
+    result = TrainResult(h.preflight_steps + 1, 0.0, 0, "preflight", 0.0)
+    hessians = calibrate(base_model, loader, h, rt, result)
+    m["calib_s"], m["selfgen_s"] = result.calib_time_ms / 1000, result.selfgen_time_ms / 1000
+    state = {n: p.detach() for n, p in base_model.state_dict().items()}
+    qstate, m["quantize_s"] = timed(rt, lambda: quantize_state(state, hessians, h.gptq_block_size,
+                                                                h.quant_embed == "gptq", h.int6_scale_floor))
+    raw = artifact_payload(qstate, model_config(h))
+    blob, m["compress_s"] = timed(rt, lambda: compress(raw, h.quant_compressor))
+    m["model_bytes"], m["payload_bytes"] = len(blob), len(raw)
+    C, L = h.ttt_chunk_tokens, h.eval_seq_len
+    stream = stand_in_stream(h, max(2 * C, L + h.preflight_eval_windows * h.eval_stride) + 1).to(rt.device)
+    wins = sliding_windows(len(stream.tokens) - 1, L, h.eval_stride)[:h.preflight_eval_windows]
+    nll_fn = maybe_compile(nll_function(base_model), h, rt)
+    _, m["eval_compile_s"] = timed(rt, lambda: score_windows(nll_fn, stream, wins[:h.eval_batch_seqs],
+                                                             h.eval_batch_seqs, rt))
+    _, t = timed(rt, lambda: score_windows(nll_fn, stream, wins, h.eval_batch_seqs, rt))
+    m["window_s"] = t / len(wins)
+    if h.ttt_enabled:  # two chunks: score, train TTT_EPOCHS on the first, score; minus the scoring
+        two = ValidationData(stream.tokens[:2 * C + 1], 2 * C + 1, stream.base_bytes, stream.has_leading_space,
+                             stream.is_boundary)
+        r = ttt_evaluate(base_model, nll_fn, two, h, rt)
+        n_scored = len(sliding_windows(2 * C, L, h.eval_stride))
+        m["ttt_chunk_train_s"] = max(r.time_ms / 1000 - n_scored * m["window_s"], 0.0)
+    names = sorted(m)
+    values = rt.all_reduce_(torch.tensor([m[k] for k in names], dtype=torch.float64, device=rt.device), "max")
+    return dict(zip(names, values.tolist()))
+
+
+def preflight_table(h: Hyperparameters, rt: Runtime, m: dict) -> list[tuple[str, str, str, str]]:
+    """Rows (check, projection, limit, status) for the real run on this machine and world size;
+    status is ok, warn (works, but not as the records ran) or NO-GO (a limit would break)."""
+    reserve_s = h.gptq_reserve_seconds if h.gptq_calib == "train" else 0.0
+    rows = []
+    if h.max_wallclock_seconds > 0:
+        cap_s = max(h.max_wallclock_seconds - reserve_s, 0.0)
+        steps = min(h.iterations, int(cap_s / m["step_s"]))
+        train_s = min(cap_s, h.iterations * m["step_s"]) + m["calib_s"]
+    else:
+        steps, train_s = h.iterations, h.iterations * m["step_s"] + m["calib_s"]
+    rows.append(("train steps", f"{steps} steps of {1000 * m['step_s']:.1f} ms (compile + first step "
+                 f"{m['train_compile_s']:.1f} s, not timed)", f"ITERATIONS={h.iterations}",
+                 "warn" if steps < h.warmdown_iters else "ok"))
+    rows.append(("train loss", "NaN/inf" if m["loss_nan"] else "finite", "finite",
+                 "NO-GO" if m["loss_nan"] else "ok"))
+    rows.append(("train + calib", f"{train_s:.1f} s (calibration {m['calib_s']:.1f} s, reserve {reserve_s:.1f} s)",
+                 f"{TRAIN_LIMIT_MS / 1000:.0f} s", "ok" if train_s <= TRAIN_LIMIT_MS / 1000 else "NO-GO"))
+    total = val_positions(h)
+    n_sliding = len(sliding_windows(total, h.eval_seq_len, h.eval_stride))
+    n_plain = len(sliding_windows(total, h.eval_seq_len, h.eval_seq_len))
+    sliding_s, plain_s = n_sliding * m["window_s"], n_plain * m["window_s"]
+    n_chunks = -(-total // h.ttt_chunk_tokens)
+    ttt_train_s = (n_chunks - 1) * m.get("ttt_chunk_train_s", 0.0)
+    fixed_s = (2 * m["eval_compile_s"] + 2 * plain_s + sliding_s + m["selfgen_s"] + m["quantize_s"]
+               + m["compress_s"] + (sliding_s if h.ttt_enabled else 0.0))
+    eval_s, limit_s = fixed_s + ttt_train_s, EVAL_LIMIT_MS / 1000
+    status = "ok" if eval_s <= limit_s else "warn" if fixed_s <= limit_s else "NO-GO"
+    rows.append(("eval + post-train", f"{eval_s:.1f} s: 2 compiles {2 * m['eval_compile_s']:.1f}, prequant + "
+                 f"roundtrip {2 * plain_s:.1f}, sliding {sliding_s:.1f} ({n_sliding} windows), TTT "
+                 f"{(sliding_s + ttt_train_s) if h.ttt_enabled else 0:.1f} ({n_chunks} chunks), selfgen "
+                 f"{m['selfgen_s']:.1f}, quantize {m['quantize_s']:.1f}, compress {m['compress_s']:.1f}",
+                 f"{limit_s:.0f} s" + (" (TTT epochs shrink to fit)" if status == "warn" else ""), status))
+    trained = int(m["payload_bytes"] * TRAINED_COMPRESSED_PER_PAYLOAD_BYTE)
+    total_bytes = code_bytes() + max(trained, int(m["model_bytes"]))
+    rows.append(("artifact bytes", f"{total_bytes}: code {code_bytes()} + model {trained} if trained (payload "
+                 f"{int(m['payload_bytes'])} x {TRAINED_COMPRESSED_PER_PAYLOAD_BYTE}); {int(m['model_bytes'])} "
+                 f"now, after {h.preflight_steps + 1} steps", f"< {SIZE_LIMIT_BYTES}",
+                 "ok" if total_bytes < SIZE_LIMIT_BYTES - PRUNE_MARGIN_BYTES else "warn"))
+    fast = not rt.is_cuda or (_ATTENTION["name"] == "fa3" and compile_enabled(h, rt))
+    rows.append(("attention, compile", f"{_ATTENTION['name']}, compile {'on' if compile_enabled(h, rt) else 'off'}",
+                 "records: fa3, compile on", "ok" if fast else "warn"))
+    rows.append(("peak memory", f"{m['peak_alloc_mib']:.0f} MiB allocated, {m['peak_reserved_mib']:.0f} MiB "
+                 f"reserved per rank" if rt.is_cuda else "not measured on CPU", "records: 22,858 MiB", "ok"))
+    return rows
+
+
+def preflight(h: Hyperparameters, rt: Runtime):
+    """PREFLIGHT=1: measure (preflight_measure), project to the full run at this world size, print
+    the go/no-go table. Writes no artifact and no summary; raises NoGo if a limit would break."""
+    log(f"preflight:start steps:{h.preflight_steps} eval_windows:{h.preflight_eval_windows} "
+        f"world_size:{rt.world_size} (training tokens only; no validation token is read)")
+    rows = preflight_table(h, rt, preflight_measure(h, rt))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        log("preflight| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + f" | {r[3]}")
+    bad = [r[0] for r in rows if r[3] == "NO-GO"]
+    log(f"preflight:verdict {'NO-GO: ' + ', '.join(bad) if bad else 'GO'} (nothing written but this log)")
+    if bad:
+        raise NoGo("preflight: NO-GO: " + ", ".join(bad))
+
+
 def artifact_sizes(path: str) -> dict:
     model = os.path.getsize(path)
     return dict(path=path, code_bytes=code_bytes(), model_bytes=model, total_bytes=model + code_bytes(),
@@ -2851,6 +3028,8 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
     shard_paths(h.val_files)  # fail early if missing; their contents are read only at eval
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
+    if h.preflight:
+        return preflight(h, rt)
     if h.eval_artifact:
         if not os.path.isfile(h.eval_artifact):
             raise ConfigError(f"EVAL_ARTIFACT={h.eval_artifact}: file not found")
@@ -2901,6 +3080,9 @@ def main(env: typing.Mapping[str, str] = os.environ, started: float | None = Non
     except RuleBroken as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except NoGo as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

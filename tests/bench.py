@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     np.random.seed(h.seed)
     train, base = bench_train(h, rt, a.steps, a.warmup)
     results = dict(device=rt.device_name(), world_size=rt.world_size, attn_backend=backend,
-                   compile=rt.is_cuda and h.compile != 0, **train, **bench_eval(h, rt, base, a.eval_windows))
+                   compile=tg.compile_enabled(h, rt), **train, **bench_eval(h, rt, base, a.eval_windows))
     if rt.is_main:
         for k, v in results.items():
             print(f"bench:{k}:{v:.4g}" if isinstance(v, float) else f"bench:{k}:{v}")

@@ -1,0 +1,115 @@
+"""PREFLIGHT=1 (issue 8): the go/no-go run that times every phase on training tokens only.
+
+One real preflight on the tiny preset (the table is printed, exit 0, nothing written but the log,
+no validation token read: the val shard is garbage of the right size and every read_shard call is
+recorded), and the projection arithmetic of `preflight_table` against hand computations.
+
+    python3 -m pytest -q tests/test_preflight.py
+"""
+
+import math
+import shutil
+
+import pytest
+
+import train_gpt as tg
+from conftest import tiny_env
+
+MEASURED = dict(train_compile_s=30.0, step_s=0.1, loss_nan=0.0, peak_alloc_mib=0.0, peak_reserved_mib=0.0,
+                calib_s=5.0, selfgen_s=0.0, quantize_s=2.0, compress_s=3.0, model_bytes=1_000_000.0, payload_bytes=2_000_000.0,
+                eval_compile_s=4.0, window_s=0.001, ttt_chunk_train_s=0.5)
+
+
+@pytest.fixture
+def garbage_val_data(tiny_data, tmp_path):
+    """tiny_data with its val shard overwritten by bytes that are not a shard (same size): any
+    attempt to read validation tokens fails with a ConfigError naming the file."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    val = data / "fineweb_val_000000.bin"
+    val.write_bytes(b"\xff" * val.stat().st_size)
+    return data
+
+
+def test_preflight_prints_table_writes_nothing_and_reads_no_val_token(garbage_val_data, tmp_path, monkeypatch,
+                                                                       capsys):
+    read = []
+    real_read_shard = tg.read_shard
+    monkeypatch.setattr(tg, "read_shard", lambda path: read.append(path) or real_read_shard(path))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    env = tiny_env(garbage_val_data, PREFLIGHT=1, PREFLIGHT_STEPS=3, PREFLIGHT_EVAL_WINDOWS=16, RUN_ID="pf")
+    assert tg.main(env) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("preflight| ")]
+    assert [r.split("|")[1].strip() for r in rows] == ["train steps", "train loss", "train + calib",
+                                                      "eval + post-train", "artifact bytes", "attention, compile",
+                                                      "peak memory"]
+    assert all(r.rstrip().endswith(("| ok", "| warn")) for r in rows)
+    assert "preflight:verdict GO" in out
+    assert read and all("fineweb_train_" in p for p in read)  # training shards only
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["logs", "pf.txt"]  # no artifact, no summary JSON
+    logged = (run_dir / "logs" / "pf.txt").read_text().splitlines()
+    assert [ln for ln in logged if ln.startswith("preflight| ")] == rows
+
+
+def test_preflight_projection_arithmetic(hparams, runtime, tiny_data):
+    """Steps, eval seconds and bytes against computations from the hyperparameters and shard size."""
+    h = tg.dataclasses.replace(hparams, max_wallclock_seconds=600.0, gptq_reserve_seconds=10.0, iterations=20_000)
+    rows = {r[0]: r for r in tg.preflight_table(h, runtime, MEASURED)}
+    assert rows["train steps"][1].startswith(f"{int(590 / 0.1)} steps of 100.0 ms")
+    assert rows["train + calib"][1].startswith("595.0 s") and rows["train + calib"][3] == "ok"
+    stream = ((tiny_data / "fineweb_val_000000.bin").stat().st_size - 1024) // 2
+    positions = (stream - 1) // 128 * 128
+    n_sliding = 1 + math.ceil((positions - 128) / 32)  # first window of 128, then one per 32 new positions
+    n_plain, chunks = positions // 128, math.ceil(positions / 4096)
+    eval_s = 2 * 4.0 + 2 * n_plain * 0.001 + 2 * n_sliding * 0.001 + 2.0 + 3.0 + (chunks - 1) * 0.5
+    assert rows["eval + post-train"][1].startswith(f"{eval_s:.1f} s:")
+    assert f"({n_sliding} windows)" in rows["eval + post-train"][1] and f"({chunks} chunks)" in rows["eval + post-train"][1]
+    assert rows["artifact bytes"][1].startswith(f"{tg.code_bytes() + int(2_000_000 * 0.582)}: ")
+    assert all(r[3] == "ok" for r in rows.values())
+
+
+@pytest.mark.parametrize("change,row,status", [
+    (dict(calib_s=11.0), "train + calib", "NO-GO"),  # calibration overruns its 10 s reserve
+    (dict(loss_nan=1.0), "train loss", "NO-GO"),
+    (dict(ttt_chunk_train_s=1000.0), "eval + post-train", "warn"),  # the TTT planner cuts epochs
+    (dict(window_s=1.0), "eval + post-train", "NO-GO"),  # scoring alone is over 600 s
+    (dict(payload_bytes=30_000_000.0), "artifact bytes", "warn"),  # a trained model over the cap: pruned
+    (dict(model_bytes=16_000_000.0), "artifact bytes", "warn"),  # even now over the cap
+    (dict(step_s=1.0), "train steps", "warn"),  # 590 steps < WARMDOWN_ITERS: never at full LR
+], ids=["calib-over-reserve", "nan-loss", "ttt-too-slow", "scoring-too-slow", "trained-bytes-over", "bytes-over",
+      "few-steps"])
+def test_preflight_statuses(hparams, runtime, change, row, status):
+    h = tg.dataclasses.replace(hparams, max_wallclock_seconds=600.0, gptq_reserve_seconds=10.0,
+                               iterations=20_000, warmdown_iters=3500)
+    rows = {r[0]: r for r in tg.preflight_table(h, runtime, {**MEASURED, **change})}
+    assert rows[row][3] == status
+    assert all(r[3] == "ok" for name, r in rows.items() if name != row)
+
+
+def test_preflight_no_go_exits_4(garbage_val_data, tmp_path, monkeypatch, capsys):
+    """A limit that breaks (no wall-clock cap, ITERATIONS far past 600 s) -> NO-GO, exit status 4."""
+    monkeypatch.setattr(tg, "preflight_measure", lambda h, rt: MEASURED)
+    monkeypatch.chdir(tmp_path)
+    assert tg.main(tiny_env(garbage_val_data, PREFLIGHT=1, ITERATIONS=100_000, RUN_ID="nogo")) == 4
+    captured = capsys.readouterr()
+    assert "preflight:verdict NO-GO: train + calib" in captured.out
+    assert captured.err.strip() == "error: preflight: NO-GO: train + calib"
+
+
+def test_preflight_fields_validated():
+    with pytest.raises(tg.ConfigError, match="PREFLIGHT_STEPS"):
+        tg.Hyperparameters.from_env({"PREFLIGHT_STEPS": "0"})
+
+
+def test_preflight_without_ttt_projects_no_ttt_time(hparams, runtime):
+    h = tg.dataclasses.replace(hparams, ttt_enabled=False)
+    no_ttt = {k: v for k, v in MEASURED.items() if k != "ttt_chunk_train_s"}  # not measured without TTT
+    with_ttt = {r[0]: r for r in tg.preflight_table(hparams, runtime, MEASURED)}["eval + post-train"][1]
+    without = {r[0]: r for r in tg.preflight_table(h, runtime, no_ttt)}["eval + post-train"][1]
+    sliding_s = float(without.split("sliding ")[1].split()[0])
+    ttt_s = float(with_ttt.split("TTT ")[1].split()[0])
+    assert float(with_ttt.split()[0]) - float(without.split()[0]) == pytest.approx(ttt_s, abs=0.11)
+    assert ttt_s > sliding_s and "TTT 0.0 " in without  # TTT scores every window again, then trains
