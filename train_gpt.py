@@ -2004,9 +2004,6 @@ LQER_A_BITS = 2  # asymmetric LQER: the left factor A = U_r S_r is int2 with one
 COMPRESSORS = ("brotli", "zstd", "lzma")
 ZSTD_MAGIC, XZ_MAGIC = b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00"  # brotli streams have none: the third case
 ARTIFACT_FORMAT = "pg-quant-v2"
-# Payload order of the code matrices: all layers of one role together (#1855's grouping), so the
-# compressor's window sees alike statistics in a row.
-PAYLOAD_ROLES = ("tok_emb.", ".attn.c_k.", ".attn.c_q.", ".attn.c_v.", ".attn.proj.", ".mlp.fc.", ".mlp.proj.")
 PRUNE_MARGIN_BYTES = 4_096  # pruning aims this far under the cap
 PRUNE_TOLERANCE_BYTES = 2_048  # a pruned blob this close under its budget ends the search
 PRUNE_PRIOR_BYTES_PER_ENTRY = 0.125  # first guess before any measurement: one bit saved per pruned entry
@@ -2262,16 +2259,15 @@ def decompress(blob: bytes) -> bytes:
 
 def _payload_order(entry: tuple) -> tuple:
     kind, name, i, t = entry
-    role = next((k for k, r in enumerate(PAYLOAD_ROLES) if r in "." + name), len(PAYLOAD_ROLES))
-    layer = int(name.split(".")[1]) if name.startswith("blocks.") else -1
-    return t.dtype != torch.int8, role, layer, name, kind, i
+    return t.dtype != torch.int8, name, kind, i
 
 
 def artifact_payload(qstate: dict, cfg: dict) -> bytes:
     """The uncompressed artifact: u32 header length, a JSON header (format, model config, tensor
-    table), then the raw bytes: every int8 code tensor, grouped by role (PAYLOAD_ROLES), then every
-    fp16 tensor byte-shuffled (all first bytes, then all second bytes; #1218), since the high bytes
-    of fp16 values repeat and compress well on their own."""
+    table), then the raw bytes: every int8 code tensor in name order, then every fp16 tensor
+    byte-shuffled (all first bytes, then all second bytes; #1218), since the high bytes of fp16
+    values repeat and compress well on their own. Grouping the codes by role (#1855) lost on our
+    measurement (README), so name order it is."""
     entries = sorted(((kind, name, i, t.detach().cpu().contiguous())
                       for kind, group in qstate.items() for name, ts in group.items()
                       for i, t in enumerate(ts if isinstance(ts, tuple) else (ts,))), key=_payload_order)

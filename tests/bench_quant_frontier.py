@@ -52,10 +52,21 @@ def train_or_load(h, rt, path: str) -> tuple[dict, dict]:
     return state, hessians
 
 
+ROLES = ("tok_emb.", ".attn.c_k.", ".attn.c_q.", ".attn.c_v.", ".attn.proj.", ".mlp.fc.", ".mlp.proj.")  # #1855's groups
+
+
+def role_order(entry: tuple) -> tuple:
+    """Codes grouped by role, all layers of a role together, in layer order (#1855)."""
+    kind, name, i, t = entry
+    role = next((k for k, r in enumerate(ROLES) if r in "." + name), len(ROLES))
+    layer = int(name.split(".")[1]) if name.startswith("blocks.") else -1
+    return t.dtype != torch.int8, role, layer, name, kind, i
+
+
 def layout_payload(qstate: dict, layout: str) -> bytes:
-    """The tensor bytes of artifact_payload (no header) in another layout: grouped (the artifact's:
-    codes grouped by role, fp16 bytes shuffled), noshuffle (fp16 bytes interleaved), byname (codes in
-    name order, i.e. by layer), transposed (grouped, codes column-major as #1855 writes them), and
+    """The tensor bytes of artifact_payload (no header) in another layout: byname (the artifact's:
+    codes in name order, fp16 bytes shuffled), grouped (codes grouped by role), noshuffle (grouped,
+    fp16 bytes interleaved), transposed (grouped, codes column-major as #1855 writes them), and
     torchsave (pg-int6-v1's torch.save of the dict)."""
     if layout == "torchsave":
         buf = tg.io.BytesIO()
@@ -63,8 +74,7 @@ def layout_payload(qstate: dict, layout: str) -> bytes:
         return buf.getvalue()
     entries = [(kind, name, i, t.detach().contiguous()) for kind, group in qstate.items() for name, ts in group.items()
                for i, t in enumerate(ts if isinstance(ts, tuple) else (ts,))]
-    order = (lambda e: (e[3].dtype != torch.int8, e[1], e[0], e[2])) if layout == "byname" else tg._payload_order
-    entries.sort(key=order)
+    entries.sort(key=tg._payload_order if layout == "byname" else role_order)
     codes = b"".join((t.T.contiguous() if layout == "transposed" and t.ndim == 2 else t).numpy().tobytes()
                      for *_, t in entries if t.dtype == torch.int8)
     halves = b"".join(t.numpy().tobytes() for *_, t in entries if t.dtype == torch.float16)
@@ -81,6 +91,8 @@ VARIANTS = {  # name -> QuantSpec changes against the seed stack's defaults
     "sdclip+emb7_noH": dict(clip="sdclip", embed_gptq=True, embed_bits=7),  # the embedding without its Hessian
     "sdclip+emb8": dict(clip="sdclip", embed_gptq=True, embed_bits=8),
     "sdclip+lqer": dict(clip="sdclip", lqer_top_k=3),
+    "today+emb7": dict(embed_gptq=True, embed_bits=7),
+    "today+emb7+lqer": dict(embed_gptq=True, embed_bits=7, lqer_top_k=3),
 }
 
 
@@ -119,7 +131,7 @@ def main() -> int:
         print(f"bench_quant_frontier:{name} roundtrip_bpb:{r:.5f} gap:{r - pre:+.5f} quant_s:{quant_s:.1f} "
               f"lqer:{','.join(qstate['lqer']) or '-'} " + " ".join(sizes))
         if name == "sdclip+emb7+lqer":
-            for layout in ("grouped", "noshuffle", "byname", "transposed", "torchsave"):
+            for layout in ("byname", "grouped", "noshuffle", "transposed", "torchsave"):
                 lraw = layout_payload(qstate, layout)
                 print(f"bench_quant_frontier:layout:{layout} " + " ".join(
                     f"{m}:{len(tg.compress(lraw, m))}" for m in tg.COMPRESSORS))
