@@ -67,7 +67,7 @@ def test_preflight_projection_arithmetic(hparams, runtime, tiny_data):
     eval_s = 2 * 4.0 + 2 * n_plain * 0.001 + 2 * n_sliding * 0.001 + 2.0 + 3.0 + (chunks - 1) * 0.5
     assert rows["eval + post-train"][1].startswith(f"{eval_s:.1f} s:")
     assert f"({n_sliding} windows)" in rows["eval + post-train"][1] and f"({chunks} chunks)" in rows["eval + post-train"][1]
-    assert rows["artifact bytes"][1].startswith(f"{tg.code_bytes() + int(2_000_000 * 0.582)}: ")
+    assert rows["artifact bytes"][1].startswith(f"{tg.code_bytes() + int(2_000_000 * tg.TRAINED_COMPRESSED_PER_PAYLOAD_BYTE)}: ")
     assert all(r[3] == "ok" for r in rows.values())
 
 
