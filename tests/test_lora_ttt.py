@@ -33,6 +33,16 @@ MODEL_OPTIONS = {
     "no_bigram_no_ve": dict(bigram_vocab_size=0, ve_layers=""),
     "no_xsa_no_lnscale": dict(xsa_last_n=0, ln_scale=False),
     "gqa1_relu2": dict(num_kv_heads=1, negative_slope=0.0),
+    # the frontier options (issue 9), one at a time and all together (BOS_ID = the streams' BOS)
+    "mlp4_skip_gates": dict(mlp_mult=4.0, skip_gates_enabled=True),
+    "loops": dict(num_layers=4, xsa_last_n=4, ve_layers="2,3", num_loops=2, loop_start=1, loop_end=2),
+    "parallel": dict(num_layers=4, xsa_last_n=4, ve_layers="2,3", parallel_start_layer=2),
+    "doc_masking_smear": dict(doc_masking=True, smear_gate_enabled=True, gate_window=8, bos_id=BOS),
+    "sparse_attn_gate": dict(sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, gate_window=8),
+    "frontier_all": dict(num_layers=4, xsa_last_n=4, ve_layers="", bigram_vocab_size=0, mlp_mult=4.0,
+                         skip_gates_enabled=True, num_loops=2, loop_start=1, loop_end=2, parallel_start_layer=2,
+                         doc_masking=True, smear_gate_enabled=True, gate_window=8, bos_id=BOS,
+                         sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5),
 }
 
 
