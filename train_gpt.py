@@ -75,6 +75,11 @@ RECORD_ENV_ALIASES: dict[str, typing.Callable[[str, typing.Mapping[str, str]], d
     "ROPE_TRAIN_SEQ_LEN": lambda v, env: {},  # read only by YaRN, which ROPE_YARN=0 (the only value here) turns off
     "VAL_DOC_FRACTION": lambda v, env: _alias_choice(
         "VAL_DOC_FRACTION", v, {"1.0": {}, "1": {}}, "every validation document is always scored (rule A3)"),
+    "TTT_EVAL_SEQ_LEN": lambda v, env: _alias_same_as("TTT_EVAL_SEQ_LEN", v, "EVAL_SEQ_LEN", env),
+    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": lambda v, env: _alias_choice(
+        "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES", v, {"1": {}}, "global TTT rows never cross a document here"),
+    "GLOBAL_TTT_WARMUP_CHUNKS": lambda v, env: _alias_choice(
+        "GLOBAL_TTT_WARMUP_CHUNKS", v, {"0": {}}, "global TTT has no LR warm-up here (cosine from GLOBAL_TTT_LR)"),
     "VAL_BATCH_SIZE": lambda v, env: _alias_choice(
         "VAL_BATCH_SIZE", v, {}, "no validation during training here; EVAL_BATCH_SEQS sets windows per eval forward"),
 }
@@ -378,6 +383,15 @@ def _alias_choice(alias: str, raw: str, choices: dict[str, dict[str, str]], othe
         allowed = f"only {'|'.join(choices)} has an exact equivalent here" if choices else "no exact equivalent here"
         raise ConfigError(f"{alias}={raw}: {allowed}" + (f"; {otherwise}" if otherwise else ""))
     return choices[raw]
+
+
+def _alias_same_as(alias: str, raw: str, ours: str, env: typing.Mapping[str, str]) -> dict[str, str]:
+    """A record name for one of our variables that launch lines also set: agreeing is no effect."""
+    if ours not in env:
+        return {ours: raw}
+    if env[ours] != raw:
+        raise ConfigError(f"{alias}={raw}: the records' name for {ours}, which is set to {env[ours]}; set only {ours}")
+    return {}
 
 
 def _alias_number(alias: str, raw: str) -> float:

@@ -105,3 +105,20 @@ def test_main_logs_the_mapping(tiny_data, tmp_path, monkeypatch, capsys):
             "env_alias:VE_ENABLED=1 -> (no effect here)\n") in log
     assert "hparam:gptq_reserve_seconds=14.0\n" in log
     assert "error: DATA_PATH: no shards match" in capsys.readouterr().err
+
+
+def test_frontier_eval_names_map_or_name_ours(tiny_data):
+    """The 1.0611 launch line's eval names: TTT_EVAL_SEQ_LEN is EVAL_SEQ_LEN (agreeing with it is no
+    effect, disagreeing is an error); the doc-boundary and warm-up names accept only our behaviour."""
+    from conftest import tiny_env
+    h = tg.Hyperparameters.from_env(tiny_env(tiny_data, TTT_EVAL_SEQ_LEN=64))
+    assert h.eval_seq_len == 64
+    h = tg.Hyperparameters.from_env(tiny_env(tiny_data, EVAL_SEQ_LEN=64, TTT_EVAL_SEQ_LEN=64,
+                                             GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1, GLOBAL_TTT_WARMUP_CHUNKS=0))
+    assert h.eval_seq_len == 64
+    with pytest.raises(tg.ConfigError, match="TTT_EVAL_SEQ_LEN=128: .*EVAL_SEQ_LEN"):
+        tg.Hyperparameters.from_env(tiny_env(tiny_data, EVAL_SEQ_LEN=64, TTT_EVAL_SEQ_LEN=128))
+    with pytest.raises(tg.ConfigError, match="GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=0"):
+        tg.Hyperparameters.from_env(tiny_env(tiny_data, GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=0))
+    with pytest.raises(tg.ConfigError, match="GLOBAL_TTT_WARMUP_CHUNKS=2"):
+        tg.Hyperparameters.from_env(tiny_env(tiny_data, GLOBAL_TTT_WARMUP_CHUNKS=2))
