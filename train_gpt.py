@@ -847,13 +847,13 @@ def fa3_from_kernels_hub() -> tuple[typing.Any, typing.Any]:
 
 def select_attention_backend(requested: str, device_type: str) -> str:
     """FlashAttention 3 > FlashAttention 2 > PyTorch SDPA, chosen once per process."""
-    name, fn = "sdpa", None
-    varlen = None
+    name, fn, varlen = "sdpa", None, None
     if device_type == "cuda" and requested in ("auto", "fa3"):
         with contextlib.suppress(ImportError):
             from flash_attn_interface import flash_attn_func as fn  # Hopper build of FA3
-            from flash_attn_interface import flash_attn_varlen_func as varlen
             name = "fa3"
+        with contextlib.suppress(ImportError):  # DOC_MASKING's kernel; without it, the masked SDPA
+            from flash_attn_interface import flash_attn_varlen_func as varlen
     if fn is None and device_type == "cuda" and requested == "fa3":
         fn, varlen = fa3_from_kernels_hub()
         name = "fa3" if fn is not None else "sdpa"
@@ -863,7 +863,7 @@ def select_attention_backend(requested: str, device_type: str) -> str:
             name = "fa2"
     if requested not in ("auto", name):
         raise ConfigError(f"ATTN_BACKEND={requested}: not importable on this {device_type} machine")
-    _ATTENTION.update(name=name, fn=fn, varlen=varlen)
+    _ATTENTION.update(name=name, fn=fn, varlen=varlen if name == "fa3" else None)
     return name
 
 

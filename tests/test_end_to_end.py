@@ -115,7 +115,7 @@ def test_log_starts_with_sorted_hyperparameters_and_ends_with_final_labels(train
     code = Path(tg.__file__).read_text()
     assert code in train_run.log  # the exact source is in the log file (not on the console)
     assert code not in train_run.proc.stdout
-    assert train_run.summary["config"] == expected
+    assert train_run.summary["config"] == dict(expected, bos_id=1)  # BOS_ID=-1: the tokenizer's, as run
 
 
 def test_summary_json_has_the_interface_keys_and_consistent_numbers(train_run, tiny_data):
