@@ -269,13 +269,13 @@ def test_bad_doc_eval_input_exits_2_naming_the_variable(case, tiny_data, capsys)
 def test_frontier_preset_is_the_records_eval():
     """PRESET=frontier carries the 1.0611 record's TTT settings (frontier spec section 7)."""
     h = tg.Hyperparameters.from_env({"PRESET": "frontier"})
-    got = {k: getattr(h, k) for k in tg.PRESETS["frontier"]}
-    assert got == dict(eval_mode="doc", eval_seq_len=2048, ttt_enabled=True, ttt_chunk_size=48, ttt_batch_size=64,
+    expected = dict(eval_mode="doc", eval_seq_len=2048, ttt_enabled=True, ttt_chunk_size=48, ttt_batch_size=64,
                        ttt_grad_steps=1, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_lora_lr=1e-4, ttt_beta1=0.0,
                        ttt_beta2=0.99, ttt_weight_decay=0.5, ttt_warm_start_a=True, ttt_k_lora=True,
                        ttt_o_lora=True, ttt_mlp_lora=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3,
                        global_ttt_lr=0.001, global_ttt_momentum=0.9, global_ttt_epochs=1,
                        global_ttt_chunk_tokens=32768, global_ttt_batch_seqs=32, global_ttt_grad_clip=1.0)
+    assert {k: getattr(h, k) for k in expected} == expected
     assert tg.Hyperparameters.from_env({"PRESET": "tiny"}).eval_mode == "sliding"  # seed presets keep sliding
 
 
