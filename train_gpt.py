@@ -5,8 +5,14 @@ U-Net skips) -> Muon + AdamW under a wall-clock cap -> EMA/SWA -> full-Hessian G
 artifact (code + model < 16,000,000 bytes) -> roundtrip, sliding-window and score-first TTT eval
 in bits per byte, all on the dequantized artifact.
 
-Record run (8xH100, FineWeb sp1024):
+Options of the 1.06 frontier (sp8192, depth recurrence, parallel residuals, document masking,
+gates, SDClip/int7/LQER, brotli, document-isolated LoRA + phased TTT) under the records' env
+names; PRESET=frontier turns on the 1.0611 record's configuration (README).
+
+Record run (8xH100, FineWeb sp1024; PRESET=frontier for sp8192), after a go/no-go check:
+    PREFLIGHT=1 torchrun --standalone --nproc_per_node=8 train_gpt.py
     torchrun --standalone --nproc_per_node=8 train_gpt.py
+Shipped form (code bytes as counted, rule D2): python3 tests/pack.py train_gpt.py packed/train_gpt.py
 Tiny CPU run (every phase, data made on the spot; see README):
     python3 tests/make_tiny_data.py /tmp/pg_tiny
     PRESET=tiny DATA_PATH=/tmp/pg_tiny TOKENIZER_PATH=/tmp/pg_tiny/tokenizer.model python3 train_gpt.py
