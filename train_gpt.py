@@ -259,7 +259,10 @@ class Hyperparameters:
         for var in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
                     "TRAIN_BATCH_TOKENS", "MICRO_BATCH_SEQS", "ITERATIONS", "EVAL_SEQ_LEN", "EVAL_BATCH_SEQS",
                     "TTT_CHUNK_TOKENS", "TTT_BATCH_SEQS", "GPTQ_CALIB_BATCHES", "GPTQ_BLOCK_SIZE", "SWA_EVERY",
-                    "TRAIN_LOG_EVERY", "MUON_BACKEND_STEPS"):
+                    "TRAIN_LOG_EVERY", "MUON_BACKEND_STEPS", "MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS",
+                    "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS", "LQER_RANK", "LQER_ASYM_GROUP", "TTT_CHUNK_SIZE",
+                    "TTT_BATCH_SIZE", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "PREFLIGHT_STEPS",
+                    "PREFLIGHT_EVAL_WINDOWS"):
             need(getattr(self, var.lower()) > 0, var, "must be > 0")
         need(all(s.strip().isdigit() for s in self.ve_layers.split(",") if s.strip()), "VE_LAYERS",
              "must be a comma-separated list of layer ids")
@@ -285,9 +288,6 @@ class Hyperparameters:
         need(self.int6_scale_floor > 0, "INT6_SCALE_FLOOR", "must be > 0")
         for var in ("MATRIX_BITS", "EMBED_BITS", "LQER_FACTOR_BITS"):
             need(2 <= getattr(self, var.lower()) <= 8, var, "must be in 2..8")
-        for var in ("MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS", "LQER_RANK",
-                    "LQER_ASYM_GROUP"):
-            need(getattr(self, var.lower()) > 0, var, "must be > 0")
         gptq_matrices = 6 * self.num_layers + (self.quant_embed == "gptq")
         need(not self.lqer_enabled or 0 < self.lqer_top_k <= gptq_matrices, "LQER_TOP_K",
              f"must be in [1, {gptq_matrices}], the GPTQ'd matrices (6 per layer, +1 with QUANT_EMBED=gptq)")
@@ -306,8 +306,6 @@ class Hyperparameters:
         need(self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
              f"must be a multiple of EVAL_SEQ_LEN={self.eval_seq_len}")
         need(0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", "must be in [0, NUM_LAYERS]")
-        for var in ("TTT_CHUNK_SIZE", "TTT_BATCH_SIZE", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS"):
-            need(getattr(self, var.lower()) > 0, var, "must be > 0")
         for var in ("TTT_GRAD_STEPS", "PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_NUM_PHASES", "GLOBAL_TTT_EPOCHS"):
             need(getattr(self, var.lower()) >= 0, var, "must be >= 0")
         need(self.eval_mode != "doc" or self.ttt_chunk_size <= self.eval_seq_len, "TTT_CHUNK_SIZE",
@@ -324,8 +322,6 @@ class Hyperparameters:
                              ("QUANT_CLIP", ("search", "sdclip")),
                              ("TTT_OPTIMIZER", ("sgd", "adamw")), ("EVAL_MODE", ("sliding", "doc"))):
             need(getattr(self, var.lower()) in allowed, var, f"must be one of {allowed}")
-        need(self.preflight_steps > 0, "PREFLIGHT_STEPS", "must be > 0")
-        need(self.preflight_eval_windows > 0, "PREFLIGHT_EVAL_WINDOWS", "must be > 0")
 
     @property
     def head_dim(self) -> int:
