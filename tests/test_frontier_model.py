@@ -219,11 +219,8 @@ def test_document_masked_attention_equals_each_document_alone():
             torch.testing.assert_close(packed[a:b], m.forward_hidden(stream[None, a:b])[0], rtol=1e-4, atol=1e-4)
 
 
-def test_varlen_path_gets_cu_seqlens_at_every_bos_and_row_start(monkeypatch):
-    """The FA3 branch, with a reference varlen function: segments cut at BOS and row starts,
-    padded with empty segments to a static size, give the masked path's numbers."""
-    calls = []
-
+def reference_varlen(calls: list):
+    """A stand-in for FA3's varlen call: causal attention per cu_seqlens segment; records cu_q."""
     def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
         calls.append(cu_q)
         out = torch.zeros_like(q)
@@ -231,6 +228,14 @@ def test_varlen_path_gets_cu_seqlens_at_every_bos_and_row_start(monkeypatch):
             if b > a:
                 out[a:b] = tg.causal_attention(q[None, a:b], k[None, a:b], v[None, a:b])[0]
         return out
+    return varlen
+
+
+def test_varlen_path_gets_cu_seqlens_at_every_bos_and_row_start(monkeypatch):
+    """The FA3 branch, with a reference varlen function: segments cut at BOS and row starts,
+    padded with empty segments to a static size, give the masked path's numbers."""
+    calls = []
+    varlen = reference_varlen(calls)
     m = noisy(hp(**TINY_FRONTIER))
     ids = doc_stream(5, 512)[:60].view(2, 30)
     with torch.no_grad():
@@ -259,14 +264,7 @@ def test_varlen_padding_to_the_capacity_keeps_the_numbers_and_overflow_fails(mon
     """With a capacity below B*T the cu_seqlens have capacity+1 entries, the real cuts first, and
     give the masked path's numbers; more segments than the capacity fail loudly, never merge."""
     calls = []
-
-    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
-        calls.append(cu_q)
-        out = torch.zeros_like(q)
-        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            if b > a:
-                out[a:b] = tg.causal_attention(q[None, a:b], k[None, a:b], v[None, a:b])[0]
-        return out
+    varlen = reference_varlen(calls)
     m = noisy(hp(**TINY_FRONTIER))
     ids = doc_stream(5, 512)[:60].view(2, 30)
     starts = sorted({0, 30} | {int(p) for p in (ids.flatten() == BOS).nonzero()})
