@@ -869,16 +869,29 @@ def select_attention_backend(requested: str, device_type: str) -> str:
     return name
 
 
+VARLEN_SEGMENTS_PER_ROW = 64  # cu_seqlens capacity per row: FineWeb rows of 2048 hold ~3.5 documents
+
+
+def varlen_capacity(rows: int, seq_len: int) -> int:
+    """Sequences one FA3 varlen call is given for a (rows, seq_len) batch: a static bound, so the
+    compiled shape stays fixed, far under CUDA's 65,535 grid limit and FA3's backward scratch
+    (total + sequences*128 rows) at the record shape: 48 x 2048 -> 3,072 (not 98,304; review F1)."""
+    return min(rows * seq_len, rows * VARLEN_SEGMENTS_PER_ROW)
+
+
 def document_segments(ids: Tensor, bos_id: int) -> Tensor:
     """Document masking (VarLen attention, #1530): attention never crosses a BOS. With FA3 the
     int32 cu_seqlens of the flattened (B*T) stream, cut at every BOS and every row start; padded
-    with the total length to the static size B*T+1 (empty segments) so compiled shapes stay
-    fixed. Otherwise the block-diagonal causal mask (B,1,T,T) for SDPA: the same attention."""
+    with the total length (empty segments) to the static varlen_capacity so compiled shapes stay
+    fixed; a batch with more segments than that fails a device-side assert (no host sync) rather
+    than merging documents. Otherwise the block-diagonal causal mask (B,1,T,T) for SDPA."""
     B, T = ids.shape
     if _ATTENTION["varlen"] is not None:
         starts = ids == bos_id
         starts[:, 0] = True
-        pos = torch.nonzero_static(starts.flatten(), size=B * T, fill_value=B * T).flatten()
+        cap = varlen_capacity(B, T)
+        torch._assert_async(starts.sum() <= cap, "document masking: more segments than varlen_capacity")
+        pos = torch.nonzero_static(starts.flatten(), size=cap, fill_value=B * T).flatten()
         return torch.cat((pos, pos.new_full((1,), B * T))).int()
     doc = torch.cumsum(ids == bos_id, dim=1)  # (B,T) document index within the row
     causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
