@@ -255,6 +255,8 @@ BAD = {
     "eval_mode": (dict(EVAL_MODE="docs"), "EVAL_MODE"),
     "batch_size": (dict(TTT_BATCH_SIZE=0), "TTT_BATCH_SIZE"),
     "typo": (dict(PHASED_TTT_PHASES=2), "PHASED_TTT_PHASES"),
+    "phase_select": (dict(PHASED_TTT_SELECT="longest"), "PHASED_TTT_SELECT"),
+    "balance": (dict(TTT_BALANCE="greedy"), "TTT_BALANCE"),
 }
 
 
