@@ -241,6 +241,7 @@ class Hyperparameters:
     phased_ttt_num_phases: int = 0  # 0 = plain LoRA TTT; N = global SGD at N boundaries over the prefix
     phased_ttt_select: str = "shortest"  # phase p trains on the b shortest scored docs (the record) | prefix (queue's b longest)
     ttt_balance: str = "lpt"  # batches to ranks per phase segment: lpt (most work first, least-loaded rank) | round_robin
+    ttt_split_batches: bool = False  # lpt, > 1 rank: halve heavy batches (A seeds then differ from 1 rank without warm start)
     global_ttt_lr: float = 0.001  # SGD on the base weights, cosine over the phase's steps
     global_ttt_momentum: float = 0.9
     global_ttt_epochs: int = 1
@@ -1944,7 +1945,7 @@ def lora_schedule(spans: np.ndarray, h: Hyperparameters, world_size: int) -> Lor
     bounds = phase_boundaries(len(spans), h.ttt_batch_size, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases)
     cuts = [0] + [min(k, len(queue)) for k, _ in bounds] + [len(queue)]
     bw = lambda q: lora_batch_work(spans[q], h.ttt_chunk_size, h.eval_seq_len)
-    if h.ttt_balance == "lpt" and world_size > 1:
+    if h.ttt_balance == "lpt" and h.ttt_split_batches and world_size > 1:
         queue, cuts = split_heavy_batches(queue, cuts, bw, world_size)
     work = [bw(q) for q in queue]
     segs = [list(range(cuts[s], cuts[s + 1])) for s in range(len(cuts) - 1)]

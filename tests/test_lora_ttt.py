@@ -315,7 +315,7 @@ def test_lpt_schedule_balances_ranks_on_fineweb_lengths():
     LPT + split long-document batches, against > 2 for round robin; each document is in exactly
     one batch, run by exactly one rank, in the queue's document order; deterministic."""
     spans, world = fineweb_spans(), 8
-    plan = tg.lora_schedule(spans, schedule_h(), world)
+    plan = tg.lora_schedule(spans, schedule_h(ttt_split_batches=True), world)
     rr = tg.lora_schedule(spans, schedule_h(ttt_balance="round_robin"), world)
     ratio = lambda x: max(x) / np.mean(x)
     for s in range(len(plan.cuts) - 1):
@@ -328,7 +328,8 @@ def test_lpt_schedule_balances_ranks_on_fineweb_lengths():
     for r in range(world):
         for s, seg in enumerate(plan.mine[r]):
             assert seg == sorted(seg) and all(plan.cuts[s] <= b < plan.cuts[s + 1] for b in seg)
-    again = tg.lora_schedule(spans, schedule_h(), world)
+    again = tg.lora_schedule(spans, schedule_h(ttt_split_batches=True), world)
+    assert len(tg.lora_schedule(spans, schedule_h(), world).queue) == len(tg.ttt_queue(spans, 16)) < len(plan.queue)
     assert again.mine == plan.mine and all(np.array_equal(a, b) for a, b in zip(again.queue, plan.queue))
 
 
