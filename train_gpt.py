@@ -239,6 +239,9 @@ class Hyperparameters:
     ttt_mlp_lora: bool = True
     phased_ttt_prefix_docs: int = 2500  # global SGD phases cover the first this many documents of the queue
     phased_ttt_num_phases: int = 0  # 0 = plain LoRA TTT; N = global SGD at N boundaries over the prefix
+    phased_ttt_select: str = "shortest"  # phase p trains on the b shortest scored docs (the record) | prefix (queue's b longest)
+    ttt_balance: str = "lpt"  # batches to ranks per phase segment: lpt (most work first, least-loaded rank) | round_robin
+    ttt_split_batches: bool = False  # lpt, > 1 rank: halve heavy batches (A seeds then differ from 1 rank without warm start)
     global_ttt_lr: float = 0.001  # SGD on the base weights, cosine over the phase's steps
     global_ttt_momentum: float = 0.9
     global_ttt_epochs: int = 1
@@ -320,7 +323,8 @@ class Hyperparameters:
                              ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
                              ("QUANT_COMPRESSOR", ("zstd", "lzma", "brotli", "auto")), ("QUANT_EMBED", ("int8", "gptq")),
                              ("QUANT_CLIP", ("search", "sdclip")),
-                             ("TTT_OPTIMIZER", ("sgd", "adamw")), ("EVAL_MODE", ("sliding", "doc"))):
+                             ("TTT_OPTIMIZER", ("sgd", "adamw")), ("EVAL_MODE", ("sliding", "doc")),
+                             ("PHASED_TTT_SELECT", ("shortest", "prefix")), ("TTT_BALANCE", ("lpt", "round_robin"))):
             need(getattr(self, var.lower()) in allowed, var, f"must be one of {allowed}")
 
     @property
@@ -1901,6 +1905,78 @@ def lora_batch_work(spans: np.ndarray, chunk: int, seq_len: int) -> int:
     return work
 
 
+@dataclass(frozen=True)
+class LoraSchedule:
+    """Who runs what in lora_ttt_evaluate: the queue's batches, mine[rank][segment] (batch indices in
+    queue order), each batch's work (lora_batch_work) and the documents each global phase trains on."""
+    queue: list[np.ndarray]
+    mine: list[list[list[int]]]
+    work: list[int]
+    phase_docs: list[np.ndarray]
+    cuts: list[int]  # segment s holds queue batches cuts[s]..cuts[s+1]-1
+
+
+def lpt_assign(batches: list[int], work: list[int], world_size: int) -> list[list[int]]:
+    """Batches to ranks, most work first to the least-loaded rank (ties: lower batch index, lower
+    rank); each rank's list back in queue order. Deterministic, so identical on every rank."""
+    load, out = [0] * world_size, [[] for _ in range(world_size)]
+    for b in sorted(batches, key=lambda b: (-work[b], b)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        load[r] += work[b]
+        out[r].append(b)
+    return [sorted(o) for o in out]
+
+
+def split_heavy_batches(queue: list[np.ndarray], cuts: list[int], work, world_size: int
+                        ) -> tuple[list[np.ndarray], list[int]]:
+    """Halve (in queue order) every batch of a segment whose work exceeds the segment's work over
+    4 x world_size, until it fits or holds one document, so the longest documents spread over
+    ranks. The documents' queue order is unchanged; returns the new queue and segment cuts."""
+    out, new_cuts = [], [0]
+    for s in range(len(cuts) - 1):
+        seg = queue[cuts[s]:cuts[s + 1]]
+        cap = sum(work(q) for q in seg) / (4 * world_size)
+        stack = list(reversed(seg))
+        while stack:
+            q = stack.pop()
+            if len(q) > 1 and work(q) > cap:
+                stack += [q[len(q) // 2:], q[:len(q) // 2]]
+            else:
+                out.append(q)
+        new_cuts.append(len(out))
+    return out, new_cuts
+
+
+def lora_schedule(spans: np.ndarray, h: Hyperparameters, world_size: int) -> LoraSchedule:
+    """The LoRA TTT plan, a pure function of the spans and knobs. Segments cut the queue at the
+    phase boundaries; TTT_BALANCE=lpt spreads each segment's batches by work (round_robin: by
+    index). Phase p trains on the b_p shortest documents scored before its pause
+    (PHASED_TTT_SELECT=shortest, the record's reading, review F5) or on the queue's first b_p
+    (prefix: the longest)."""
+    queue = ttt_queue(spans, h.ttt_batch_size)
+    order = np.concatenate(queue)
+    bounds = phase_boundaries(len(spans), h.ttt_batch_size, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases)
+    cuts = [0] + [min(k, len(queue)) for k, _ in bounds] + [len(queue)]
+    bw = lambda q: lora_batch_work(spans[q], h.ttt_chunk_size, h.eval_seq_len)
+    if h.ttt_balance == "lpt" and h.ttt_split_batches and world_size > 1:
+        queue, cuts = split_heavy_batches(queue, cuts, bw, world_size)
+    work = [bw(q) for q in queue]
+    segs = [list(range(cuts[s], cuts[s + 1])) for s in range(len(cuts) - 1)]
+    if h.ttt_balance == "lpt":
+        per_seg = [lpt_assign(b, work, world_size) for b in segs]
+    else:
+        per_seg = [[b[r::world_size] for r in range(world_size)] for b in segs]
+    mine = [[per_seg[s][r] for s in range(len(segs))] for r in range(world_size)]
+    phase_docs = []
+    for p, (_, b) in enumerate(bounds):
+        if h.phased_ttt_select == "prefix":
+            phase_docs.append(order[:b])
+            continue
+        scored = np.concatenate(queue[:cuts[p + 1]])
+        phase_docs.append(scored[np.lexsort((spans[scored, 0], spans[scored, 1]))][:b])
+    return LoraSchedule(queue, mine, work, phase_docs, cuts)
+
+
 def lora_plan_steps(h: Hyperparameters, pace: float, work_left: int, phase_tokens: int, token_s: float | None,
                     time_left_s: float) -> int:
     """Grad steps per chunk for the rest of the queue: the most (<= TTT_GRAD_STEPS) whose projected
@@ -1935,25 +2011,23 @@ def run_global_phase(model: GPT, val: ValidationData, prefix: np.ndarray, p: int
 def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime,
                       losses: TokenLosses | None = None, deadline: float | None = None) -> EvalResult:
     """Batched per-document LoRA TTT (PR #1530 -> #1855), with PHASED_TTT_NUM_PHASES global SGD
-    pauses (PR #1626), score-first per chunk (rules A1-A5). The queue's batches are split over
-    ranks round-robin within each phase segment (deterministic, no side channel); at a pause every
-    rank has scored every batch holding a prefix document, then all ranks train the base on them.
+    pauses (PR #1626), score-first per chunk (rules A1-A5). Who runs what is lora_schedule's
+    plan (deterministic, no side channel); at a pause every rank has scored every batch of the
+    segments so far, then all ranks train the base on the phase's documents (all scored).
     Adapters: B and the AdamW state reset per batch, A too unless TTT_WARM_START_A (then A is new
     per segment). With a deadline, the grad steps per chunk are re-planned after every batch from
     the robust pace, and a phase that would not fit is skipped; both can come back later."""
     rt.sync()
     t0 = clock()
     C, L = h.ttt_chunk_size, h.eval_seq_len
-    queue = ttt_queue(spans, h.ttt_batch_size)
-    order = np.concatenate(queue)
-    bounds = phase_boundaries(len(spans), h.ttt_batch_size, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases)
-    cuts = [0] + [min(k, len(queue)) for k, _ in bounds] + [len(queue)]
-    mine = [list(range(cuts[s] + rt.rank, cuts[s + 1], rt.world_size)) for s in range(len(cuts) - 1)]
-    work = [lora_batch_work(spans[q], C, L) for q in queue]
-    phase_tokens = [int(spans[order[:b], 1].sum()) * h.global_ttt_epochs for _, b in bounds]
+    plan = lora_schedule(spans, h, rt.world_size)
+    queue, work, cuts, mine = plan.queue, plan.work, plan.cuts, plan.mine[rt.rank]
+    bounds = [(cuts[p + 1], len(d)) for p, d in enumerate(plan.phase_docs)]
+    phase_tokens = [int(spans[d, 1].sum()) * h.global_ttt_epochs for d in plan.phase_docs]
     log(f"ttt:start mode:lora docs:{len(spans)} batches:{len(queue)} batch_docs:{h.ttt_batch_size} chunk:{C} "
         f"context:{L} rank:{h.ttt_lora_rank} alpha:{h.ttt_lora_alpha} lr:{h.ttt_lora_lr} grad_steps:{h.ttt_grad_steps} "
         f"warm_start_a:{int(h.ttt_warm_start_a)} phases:{len(bounds)} phase_docs:{[b for _, b in bounds]} "
+        f"phase_select:{h.phased_ttt_select} balance:{h.ttt_balance} "
         f"protocol:score_first")
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     steps, paces, token_s, plan_changes, phases_run, steps_used = h.ttt_grad_steps, [], None, 0, 0, []
@@ -1996,7 +2070,7 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
                     left = sum(work[b] for s in mine[seg + 1:] for b in s)
                     est_s = phase_tokens[seg] * (token_s or pace * (1 + STEP_COST))
                     room_s = deadline - clock() - left * pace * (1 + STEP_COST * steps)
-                ran = run_global_phase(model, val, spans[order[:bounds[seg][1]]], seg, len(bounds),
+                ran = run_global_phase(model, val, spans[plan.phase_docs[seg]], seg, len(bounds),
                                        cuts[seg + 1] >= len(queue), h, rt, est_s, room_s)
                 if ran is not None:
                     token_s, phases_run = ran, phases_run + 1

@@ -255,6 +255,8 @@ BAD = {
     "eval_mode": (dict(EVAL_MODE="docs"), "EVAL_MODE"),
     "batch_size": (dict(TTT_BATCH_SIZE=0), "TTT_BATCH_SIZE"),
     "typo": (dict(PHASED_TTT_PHASES=2), "PHASED_TTT_PHASES"),
+    "phase_select": (dict(PHASED_TTT_SELECT="longest"), "PHASED_TTT_SELECT"),
+    "balance": (dict(TTT_BALANCE="greedy"), "TTT_BALANCE"),
 }
 
 
@@ -282,3 +284,79 @@ def test_frontier_preset_is_the_records_eval():
 def test_rank0_is_fine_without_lora_ttt(tiny_data):
     h = tg.Hyperparameters.from_env(doc_env(tiny_data, TTT_LORA_RANK=0, EVAL_MODE="sliding"))
     assert h.ttt_lora_rank == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# lora_schedule: LPT balance with split long-document batches, phase documents (review F5)
+
+TRAIN_SHARD = "../shared/data/standin_sp8192/fineweb_train_000000.bin"  # TRAIN lengths only, never val
+
+
+def fineweb_spans() -> np.ndarray:
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", TRAIN_SHARD)
+    if not os.path.isfile(path):
+        pytest.skip(f"{TRAIN_SHARD} not present")
+    return tg.document_spans(np.asarray(tg.read_shard(path)), 1)  # sp8192 BOS = 1
+
+
+def schedule_h(**kw) -> tg.Hyperparameters:
+    return dataclasses.replace(tg.Hyperparameters(), ttt_batch_size=16, eval_seq_len=2048, ttt_chunk_size=48,
+                               phased_ttt_num_phases=3, phased_ttt_prefix_docs=2000, **kw)
+
+
+def loads(plan: tg.LoraSchedule, world: int, seg: int | None = None) -> list[int]:
+    return [sum(plan.work[b] for s, bs in enumerate(plan.mine[r]) if seg in (None, s) for b in bs)
+            for r in range(world)]
+
+
+def test_lpt_schedule_balances_ranks_on_fineweb_lengths():
+    """8 ranks, FineWeb-like lengths: per segment max/mean <= 1.15 and whole run <= 1.05 with
+    LPT + split long-document batches, against > 2 for round robin; each document is in exactly
+    one batch, run by exactly one rank, in the queue's document order; deterministic."""
+    spans, world = fineweb_spans(), 8
+    plan = tg.lora_schedule(spans, schedule_h(ttt_split_batches=True), world)
+    rr = tg.lora_schedule(spans, schedule_h(ttt_balance="round_robin"), world)
+    ratio = lambda x: max(x) / np.mean(x)
+    for s in range(len(plan.cuts) - 1):
+        assert ratio(loads(plan, world, s)) <= 1.15
+    assert ratio(loads(plan, world)) <= 1.05 < 2.0 < ratio(loads(rr, world))
+    assert np.array_equal(np.concatenate(plan.queue), np.concatenate(tg.ttt_queue(spans, 16)))
+    runs = sorted(b for r in range(world) for seg in plan.mine[r] for b in seg)
+    assert runs == list(range(len(plan.queue)))
+    assert plan.work == [tg.lora_batch_work(spans[q], 48, 2048) for q in plan.queue]
+    for r in range(world):
+        for s, seg in enumerate(plan.mine[r]):
+            assert seg == sorted(seg) and all(plan.cuts[s] <= b < plan.cuts[s + 1] for b in seg)
+    again = tg.lora_schedule(spans, schedule_h(ttt_split_batches=True), world)
+    assert len(tg.lora_schedule(spans, schedule_h(), world).queue) == len(tg.ttt_queue(spans, 16)) < len(plan.queue)
+    assert again.mine == plan.mine and all(np.array_equal(a, b) for a, b in zip(again.queue, plan.queue))
+
+
+def test_one_rank_schedule_is_todays_queue():
+    """world_size 1: no split, the queue of ttt_queue, run in order; round robin's segments the same."""
+    spans = fineweb_spans()
+    for bal in ("lpt", "round_robin"):
+        plan = tg.lora_schedule(spans, schedule_h(ttt_balance=bal), 1)
+        q = tg.ttt_queue(spans, 16)
+        assert len(plan.queue) == len(q) and all(np.array_equal(a, b) for a, b in zip(plan.queue, q))
+        assert [b for seg in plan.mine[0] for b in seg] == list(range(len(q)))
+
+
+def test_phase_documents_are_the_b_shortest_scored_or_the_prefix():
+    """Independent reading of F5: phase p trains on the b_p = floor(P*(p+1)/N) shortest documents
+    (ties: earlier start) among those in the batches before its pause; PHASED_TTT_SELECT=prefix
+    keeps the queue's first b_p (the longest)."""
+    spans, world = fineweb_spans(), 8
+    plan = tg.lora_schedule(spans, schedule_h(), world)
+    old = tg.lora_schedule(spans, schedule_h(phased_ttt_select="prefix"), world)
+    order = [int(d) for q in tg.ttt_queue(spans, 16) for d in q]
+    assert len(plan.phase_docs) == 3
+    for p in range(3):
+        b = 2000 * (p + 1) // 3
+        scored = [int(d) for q in plan.queue[:plan.cuts[p + 1]] for d in q]
+        want = sorted(scored, key=lambda d: (int(spans[d, 1]), int(spans[d, 0])))[:b]
+        assert plan.phase_docs[p].tolist() == want
+        assert old.phase_docs[p].tolist() == order[:b]
+        fewer = int(spans[plan.phase_docs[p], 1].sum()) < int(spans[old.phase_docs[p], 1].sum())
+        assert fewer == (p < 2)  # the last pause has scored about the prefix itself: the same set
