@@ -29,6 +29,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import difflib
 import glob
 import hashlib
 import io
@@ -349,12 +350,36 @@ class Hyperparameters:
         unknown = sorted(k for k in env if k.startswith(OWNED_ENV_PREFIXES) and k not in names
                          and k not in RUNTIME_ENV)
         if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown variable (not a Hyperparameters field)")
+            close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=TYPO_CUTOFF)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{unknown[0]}: unknown variable (not a Hyperparameters field){hint}")
         values: dict[str, typing.Any] = dict(PRESETS.get(env.get("PRESET", ""), {}))
         for var, name in names.items():
             if var in env:
                 values[name] = _parse_env(var, env[var], hints[name])
-        return cls(**values)
+        h = cls(**values)
+        typos = env_typos(env)
+        if typos and h.record:
+            var, close = typos[0]
+            raise ConfigError(f"{var}: unknown variable, did you mean {close}? (RECORD=1 refuses a likely typo)")
+        return h
+
+
+TYPO_CUTOFF = 0.85  # difflib ratio: ITERATONS~ITERATIONS 0.95, SEEED~SEED 0.89; no launcher/shell name reaches 0.8
+
+
+def env_typos(env: typing.Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, field name it is close to) for each set variable outside the owned prefixes (those
+    raise) that is not a field, alias or launcher name but is within TYPO_CUTOFF of a field name."""
+    names = [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
+    out = []
+    for k in sorted(env):
+        if k in names or k in RECORD_ENV_ALIASES or k in RUNTIME_ENV or k.startswith(OWNED_ENV_PREFIXES):
+            continue
+        close = difflib.get_close_matches(k, names, n=1, cutoff=TYPO_CUTOFF)
+        if close:
+            out.append((k, close[0]))
+    return out
 
 
 def env_aliases(env: typing.Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -3083,7 +3108,11 @@ def main(env: typing.Mapping[str, str] = os.environ, started: float | None = Non
         if not h.run_id:
             h = dataclasses.replace(h, run_id=str(uuid.uuid4()))
         rt = setup_runtime(h.device, env)
-        run(h, rt, started, env_aliases(env)[1])
+        typo_lines = [f"warning: {var}: unknown variable, ignored; did you mean {close}?"
+                      for var, close in env_typos(env)]
+        for line in typo_lines if env.get("RANK", "0") == "0" else ():
+            print(line, file=sys.stderr)
+        run(h, rt, started, env_aliases(env)[1] + typo_lines)
         rt.barrier()  # every rank done before the group is torn down (gloo aborts otherwise)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
