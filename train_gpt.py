@@ -2625,8 +2625,9 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
         base_model.looping = True  # the artifact reloads looped: calibration and evaluation must match it
         log(f"loop:on after training (ENABLE_LOOPING_AT={h.enable_looping_at} not reached): calibration and eval run looped")
     mem = rt.max_memory_mib()
+    peak = f"allocated: {mem[0]:.0f} MiB reserved: {mem[1]:.0f} MiB" if rt.is_cuda else "n/a (CPU)"
     log(f"train:done steps:{step} train_time:{train_ms:.0f}ms tokens:{step * h.train_batch_tokens} "
-        f"swa_snapshots:{averager.swa_count} peak memory allocated: {mem[0]:.0f} MiB reserved: {mem[1]:.0f} MiB")
+        f"swa_snapshots:{averager.swa_count} peak memory {peak}")
     return TrainResult(step, train_ms, step * h.train_batch_tokens, stop, cap_ms), averager, loader
 
 
