@@ -823,7 +823,10 @@ def load_tokenizer(h: Hyperparameters):
     import sentencepiece as spm  # imported here: importing this module has no side effects
     if not h.tokenizer_path.endswith(".model") or not os.path.isfile(h.tokenizer_path):
         raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path}: no SentencePiece .model file there")
-    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    except RuntimeError as e:  # sentencepiece raises RuntimeError("... could not parse ModelProto ...")
+        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path}: not a SentencePiece model ({e})") from None
     if sp.vocab_size() != h.vocab_size:
         raise ConfigError(f"VOCAB_SIZE={h.vocab_size} does not match the tokenizer's "
                           f"vocab_size={sp.vocab_size()} ({h.tokenizer_path})")
