@@ -2455,8 +2455,18 @@ def build_artifact(state: dict[str, Tensor], hessians: dict[str, Tensor], h: Hyp
 
 
 def unpack_artifact(blob: bytes) -> tuple[dict, dict]:
-    """(model config, dequantized state dict) from an artifact's bytes."""
-    cfg, qstate = parse_payload(decompress(blob))
+    """(model config, dequantized state dict) from an artifact's bytes. Corrupt or truncated bytes
+    are a ConfigError (one `error:` line), not a decompressor's or numpy's traceback."""
+    try:
+        raw = decompress(blob)
+    except Exception as e:  # zstandard, lzma and brotli each raise their own error type on bad bytes
+        raise ConfigError(f"EVAL_ARTIFACT: the artifact ({len(blob)} bytes) does not decompress: corrupt or "
+                          f"truncated ({type(e).__name__}: {e})") from None
+    try:
+        cfg, qstate = parse_payload(raw)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise ConfigError(f"EVAL_ARTIFACT: the artifact's payload ({len(raw)} bytes) is corrupt or truncated "
+                          f"({type(e).__name__}: {e})") from None
     return cfg, dequantize_state(qstate)
 
 
