@@ -673,6 +673,18 @@ def shard_paths(pattern: str, var: str = "DATA_PATH") -> list[str]:
     return paths
 
 
+def check_train_shards(pattern: str) -> str:
+    """Every train shard's header and exact size (read_shard), checked at start-up before the model
+    is built, so a truncated last shard fails in seconds, not when the loader reaches it. Returns
+    the log line; the digest (sha256 of each shard's name and size) tells two data copies apart."""
+    digest, total = hashlib.sha256(), 0
+    paths = shard_paths(pattern)
+    for path in paths:
+        total += len(read_shard(path))
+        digest.update(f"{os.path.basename(path)}:{os.path.getsize(path)}\n".encode())
+    return f"train_shards:{len(paths)} train_tokens:{total} digest:{digest.hexdigest()[:16]}"
+
+
 class SequentialLoader:
     """One global token stream over the sorted train shards, wrapping at the end.
 
@@ -3076,6 +3088,8 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
         log(line)
     h = resolve_bos_id(h, sp)
     shard_paths(h.val_files)  # fail early if missing; their contents are read only at eval
+    if not h.eval_artifact:  # an EVAL_ARTIFACT run reads no training data
+        log(check_train_shards(h.train_files))
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     if h.preflight:
