@@ -29,6 +29,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import difflib
 import glob
 import hashlib
 import io
@@ -353,12 +354,36 @@ class Hyperparameters:
         unknown = sorted(k for k in env if k.startswith(OWNED_ENV_PREFIXES) and k not in names
                          and k not in RUNTIME_ENV)
         if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown variable (not a Hyperparameters field)")
+            close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=TYPO_CUTOFF)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{unknown[0]}: unknown variable (not a Hyperparameters field){hint}")
         values: dict[str, typing.Any] = dict(PRESETS.get(env.get("PRESET", ""), {}))
         for var, name in names.items():
             if var in env:
                 values[name] = _parse_env(var, env[var], hints[name])
-        return cls(**values)
+        h = cls(**values)
+        typos = env_typos(env)
+        if typos and h.record:
+            var, close = typos[0]
+            raise ConfigError(f"{var}: unknown variable, did you mean {close}? (RECORD=1 refuses a likely typo)")
+        return h
+
+
+TYPO_CUTOFF = 0.85  # difflib ratio: ITERATONS~ITERATIONS 0.95, SEEED~SEED 0.89; no launcher/shell name reaches 0.8
+
+
+def env_typos(env: typing.Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, field name it is close to) for each set variable outside the owned prefixes (those
+    raise) that is not a field, alias or launcher name but is within TYPO_CUTOFF of a field name."""
+    names = [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
+    out = []
+    for k in sorted(env):
+        if k in names or k in RECORD_ENV_ALIASES or k in RUNTIME_ENV or k.startswith(OWNED_ENV_PREFIXES):
+            continue
+        close = difflib.get_close_matches(k, names, n=1, cutoff=TYPO_CUTOFF)
+        if close:
+            out.append((k, close[0]))
+    return out
 
 
 def env_aliases(env: typing.Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -652,6 +677,18 @@ def shard_paths(pattern: str, var: str = "DATA_PATH") -> list[str]:
     return paths
 
 
+def check_train_shards(pattern: str) -> str:
+    """Every train shard's header and exact size (read_shard), checked at start-up before the model
+    is built, so a truncated last shard fails in seconds, not when the loader reaches it. Returns
+    the log line; the digest (sha256 of each shard's name and size) tells two data copies apart."""
+    digest, total = hashlib.sha256(), 0
+    paths = shard_paths(pattern)
+    for path in paths:
+        total += len(read_shard(path))
+        digest.update(f"{os.path.basename(path)}:{os.path.getsize(path)}\n".encode())
+    return f"train_shards:{len(paths)} train_tokens:{total} digest:{digest.hexdigest()[:16]}"
+
+
 class SequentialLoader:
     """One global token stream over the sorted train shards, wrapping at the end.
 
@@ -802,7 +839,10 @@ def load_tokenizer(h: Hyperparameters):
     import sentencepiece as spm  # imported here: importing this module has no side effects
     if not h.tokenizer_path.endswith(".model") or not os.path.isfile(h.tokenizer_path):
         raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path}: no SentencePiece .model file there")
-    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    except RuntimeError as e:  # sentencepiece raises RuntimeError("... could not parse ModelProto ...")
+        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path}: not a SentencePiece model ({e})") from None
     if sp.vocab_size() != h.vocab_size:
         raise ConfigError(f"VOCAB_SIZE={h.vocab_size} does not match the tokenizer's "
                           f"vocab_size={sp.vocab_size()} ({h.tokenizer_path})")
@@ -2514,8 +2554,18 @@ def build_artifact(state: dict[str, Tensor], hessians: dict[str, Tensor], h: Hyp
 
 
 def unpack_artifact(blob: bytes) -> tuple[dict, dict]:
-    """(model config, dequantized state dict) from an artifact's bytes."""
-    cfg, qstate = parse_payload(decompress(blob))
+    """(model config, dequantized state dict) from an artifact's bytes. Corrupt or truncated bytes
+    are a ConfigError (one `error:` line), not a decompressor's or numpy's traceback."""
+    try:
+        raw = decompress(blob)
+    except Exception as e:  # zstandard, lzma and brotli each raise their own error type on bad bytes
+        raise ConfigError(f"EVAL_ARTIFACT: the artifact ({len(blob)} bytes) does not decompress: corrupt or "
+                          f"truncated ({type(e).__name__}: {e})") from None
+    try:
+        cfg, qstate = parse_payload(raw)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise ConfigError(f"EVAL_ARTIFACT: the artifact's payload ({len(raw)} bytes) is corrupt or truncated "
+                          f"({type(e).__name__}: {e})") from None
     return cfg, dequantize_state(qstate)
 
 
@@ -2687,8 +2737,9 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
         base_model.looping = True  # the artifact reloads looped: calibration and evaluation must match it
         log(f"loop:on after training (ENABLE_LOOPING_AT={h.enable_looping_at} not reached): calibration and eval run looped")
     mem = rt.max_memory_mib()
+    peak = f"allocated: {mem[0]:.0f} MiB reserved: {mem[1]:.0f} MiB" if rt.is_cuda else "n/a (CPU)"
     log(f"train:done steps:{step} train_time:{train_ms:.0f}ms tokens:{step * h.train_batch_tokens} "
-        f"swa_snapshots:{averager.swa_count} peak memory allocated: {mem[0]:.0f} MiB reserved: {mem[1]:.0f} MiB")
+        f"swa_snapshots:{averager.swa_count} peak memory {peak}")
     return TrainResult(step, train_ms, step * h.train_batch_tokens, stop, cap_ms), averager, loader
 
 
@@ -3124,6 +3175,8 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
         log(line)
     h = resolve_bos_id(h, sp)
     shard_paths(h.val_files)  # fail early if missing; their contents are read only at eval
+    if not h.eval_artifact:  # an EVAL_ARTIFACT run reads no training data
+        log(check_train_shards(h.train_files))
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     if h.preflight:
@@ -3170,7 +3223,11 @@ def main(env: typing.Mapping[str, str] = os.environ, started: float | None = Non
         if not h.run_id:
             h = dataclasses.replace(h, run_id=str(uuid.uuid4()))
         rt = setup_runtime(h.device, env)
-        run(h, rt, started, env_aliases(env)[1])
+        typo_lines = [f"warning: {var}: unknown variable, ignored; did you mean {close}?"
+                      for var, close in env_typos(env)]
+        for line in typo_lines if env.get("RANK", "0") == "0" else ():
+            print(line, file=sys.stderr)
+        run(h, rt, started, env_aliases(env)[1] + typo_lines)
         rt.barrier()  # every rank done before the group is torn down (gloo aborts otherwise)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

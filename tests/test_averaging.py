@@ -163,3 +163,10 @@ def test_train_rolls_back_the_warmup_steps(tiny_data, runtime, tmp_path, monkeyp
     torch.manual_seed(h.seed)  # and training did move the weights
     init = tg.GPT(tg.model_config(h))
     assert not torch.equal(init.blocks[0].attn.c_q.weight, cold.blocks[0].attn.c_q.weight)
+
+
+def test_train_done_line_says_peak_memory_na_on_cpu(tiny_data, runtime, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run_train(tiny_data, runtime, ITERATIONS=2, WARMDOWN_ITERS=1, WARMUP_STEPS=0)
+    done = [l for l in capsys.readouterr().out.splitlines() if "train:done" in l]
+    assert len(done) == 1 and done[0].endswith("peak memory n/a (CPU)"), done

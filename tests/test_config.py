@@ -107,6 +107,32 @@ def test_unrelated_and_launcher_variables_are_ignored():
     assert tg.Hyperparameters.from_env(env) == tg.Hyperparameters()
 
 
+def test_typo_of_a_field_warns_by_default_and_fails_under_record(tmp_path, capsys):
+    env = {"ITERATONS": "5", "SEEED": "3", "PATH": "/usr/bin", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1"}
+    assert tg.env_typos(env) == [("ITERATONS", "ITERATIONS"), ("SEEED", "SEED")]
+    assert tg.Hyperparameters.from_env(env) == tg.Hyperparameters()  # ignored, not applied
+    with pytest.raises(tg.ConfigError, match=r"^ITERATONS: unknown variable, did you mean ITERATIONS\? \(RECORD=1"):
+        tg.Hyperparameters.from_env({**env, "RECORD": "1"})
+    # main: the warning reaches stderr before a later error (a missing tokenizer) stops the run
+    assert tg.main({"ITERATONS": "5", "TOKENIZER_PATH": str(tmp_path / "none.model")}) == 2
+    err = capsys.readouterr().err
+    assert "warning: ITERATONS: unknown variable, ignored; did you mean ITERATIONS?" in err
+    assert err.count("error:") == 1
+
+
+def test_tokenizer_file_that_is_not_a_sentencepiece_model_is_one_error_line(tmp_path, capsys):
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(bytes(range(256)) * 4)  # exists, has the suffix, is no ModelProto
+    assert tg.main({"TOKENIZER_PATH": str(bad), "DEVICE": "cpu"}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: TOKENIZER_PATH={bad}: not a SentencePiece model"), err
+
+
+def test_unknown_owned_variable_names_its_close_field():
+    with pytest.raises(tg.ConfigError, match=r"^TRAIN_SEQ_LENN: unknown variable .*did you mean TRAIN_SEQ_LEN\?$"):
+        tg.Hyperparameters.from_env({"TRAIN_SEQ_LENN": "1"})
+
+
 @pytest.mark.parametrize("env,var", [
     ({"MODEL_DIM": "500"}, "MODEL_DIM"),
     ({"NUM_KV_HEADS": "3"}, "NUM_HEADS"),

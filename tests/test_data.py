@@ -235,3 +235,27 @@ def test_coprime_ranks_interleave_one_global_list(coprime_shards):
         assert len(windows0) == len(windows1) == seqs and not windows0 & windows1
         assert not (windows0 | windows1) & seen  # no window twice within the first pass
         seen |= windows0 | windows1
+
+
+def test_start_up_shard_check_counts_tokens_and_digests_names_and_sizes(tiny_data):
+    import glob, hashlib, os
+    paths = sorted(glob.glob(str(tiny_data / "fineweb_train_*.bin")))
+    assert len(paths) == 2
+    tokens = sum((os.path.getsize(p) - tg.SHARD_HEADER_BYTES) // 2 for p in paths)
+    digest = hashlib.sha256("".join(f"{os.path.basename(p)}:{os.path.getsize(p)}\n" for p in paths).encode())
+    assert tg.check_train_shards(str(tiny_data / "fineweb_train_*.bin")) == \
+        f"train_shards:2 train_tokens:{tokens} digest:{digest.hexdigest()[:16]}"
+
+
+def test_truncated_last_train_shard_fails_before_step_1(tiny_data, tmp_path, monkeypatch, capsys):
+    from conftest import tiny_env
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    last = sorted(data.glob("fineweb_train_*.bin"))[-1]
+    last.write_bytes(last.read_bytes()[:-2])  # one token short of what its header promises
+    monkeypatch.chdir(tmp_path)
+    assert tg.main(tiny_env(data, RUN_ID="cut", DEVICE="cpu")) == 2
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {last}: file is") and "header promises" in err[0], err
+    assert "step:1/" not in out.out and "train_shards:" not in out.out

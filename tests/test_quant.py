@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT
+from conftest import ROOT, tiny_env
 
 
 BLOCK_LINEAR = re.compile(r"^blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight$")
@@ -349,6 +349,32 @@ def test_unknown_artifact_format_raises():
         for blob in (tg.compress(raw, "zstd"), lzma.compress(raw)):
             with pytest.raises(tg.ConfigError, match=name):
                 tg.unpack_artifact(blob)
+
+
+def test_corrupt_or_truncated_artifact_is_a_config_error():
+    """Random bytes, a cut compressed blob (each compressor) and a cut payload recompressed whole:
+    each a ConfigError saying so, never the decompressor's or numpy's exception."""
+    g = torch.Generator().manual_seed(3)
+    state = {"tok_emb.weight": torch.randn(32, 16, generator=g), "blocks.0.attn_scale": torch.randn(16, generator=g)}
+    qstate = tg.quantize_state(state, {}, tg.QuantSpec(block_size=16))
+    tg.unpack_artifact(tg.pack_artifact(qstate, {"n": 1}, "zstd"))  # the uncut artifact loads
+    raw = tg.decompress(tg.pack_artifact(qstate, {"n": 1}, "zstd"))
+    blobs = [bytes(torch.randint(0, 256, (4000,), generator=g, dtype=torch.uint8).tolist())]
+    blobs += [(b := tg.pack_artifact(qstate, {"n": 1}, c))[:len(b) // 2] for c in ("zstd", "lzma", "brotli")]
+    for blob in blobs:
+        with pytest.raises(tg.ConfigError, match=r"^EVAL_ARTIFACT: the artifact \(\d+ bytes\) does not decompress"):
+            tg.unpack_artifact(blob)
+    for cut in (len(raw) - 1, len(raw) - 300):
+        with pytest.raises(tg.ConfigError, match=r"^EVAL_ARTIFACT: the artifact's payload \(\d+ bytes\) is corrupt"):
+            tg.unpack_artifact(tg.compress(raw[:cut], "zstd"))
+
+
+def test_eval_artifact_of_random_bytes_exits_2_with_one_error_line(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "junk.ptz").write_bytes(bytes(range(256)) * 16)
+    assert tg.main(tiny_env(tiny_data, RUN_ID="junk", EVAL_ARTIFACT="junk.ptz", DEVICE="cpu")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: EVAL_ARTIFACT: the artifact (4096 bytes) does not decompress"), err
 
 
 # ---------------------------------------------------------------------------------------------
