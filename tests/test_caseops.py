@@ -1,0 +1,130 @@
+"""CASEOPS_ENABLED: validation bytes from the fineweb_val_bytes_*.bin sidecar (one count per val token)
+instead of the tokenizer's byte tables, on one road (ValidationData.token_bytes) for every scorer;
+a missing, misaligned or short sidecar and a tokenizer/flag mismatch are one error line, exit 2."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import SHARED_DATA, run_script, tiny_env
+
+CASEOPS_TOKENIZER = SHARED_DATA / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+
+
+def _tiny_sp(tiny_data):
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=str(tiny_data / "tokenizer.model"))
+
+
+def _caseops_dir(tmp_path, tiny_data, side=None):
+    """A copy of the tiny val shard (tokens) plus a sidecar: `side` or the byte-table counts."""
+    d = tmp_path / "data"
+    d.mkdir()
+    for p in tiny_data.glob("fineweb_*.bin"):
+        shutil.copy(p, d / p.name)
+    tokens = np.asarray(tg.read_shard(str(d / "fineweb_val_000000.bin")), dtype=np.int64)
+    if side is None:
+        base, space, bound = (t.numpy() for t in tg.build_byte_luts(_tiny_sp(tiny_data), 512))
+        side = np.zeros(len(tokens), dtype=np.int64)
+        side[1:] = base[tokens[1:]] + (space[tokens[1:]] & ~bound[tokens[:-1]])
+    tg.write_shard(str(d / "fineweb_val_bytes_000000.bin"), np.asarray(side, dtype=np.uint16))
+    return d, tokens
+
+
+def test_val_glob_excludes_the_sidecar(tmp_path, tiny_data):
+    d, tokens = _caseops_dir(tmp_path, tiny_data)
+    h = tg.Hyperparameters.from_env(tiny_env(d, TOKENIZER_PATH=tiny_data / "tokenizer.model"))
+    assert [p.rsplit("/", 1)[1] for p in tg.val_shard_paths(h)] == ["fineweb_val_000000.bin"]
+    assert [p.rsplit("/", 1)[1] for p in tg.val_bytes_paths(h)] == ["fineweb_val_bytes_000000.bin"]
+    assert tg.val_positions(h) == (len(tokens) - 1) // h.eval_seq_len * h.eval_seq_len
+
+
+def _nll(x, y):  # a fixed per-token loss: the byte sum is what is under test
+    return (y % 7).double() + 0.5
+
+
+@pytest.mark.parametrize("kind", ["lut-equal", "random"])
+def test_sidecar_bytes_drive_the_sums(tmp_path, tiny_data, runtime, kind):
+    """Sidecar = the byte-table counts: the same sums as the tables; a random sidecar: the byte
+    sum is exactly the sidecar's sum over the scored targets (independent numpy count)."""
+    rng = np.random.default_rng(0)
+    tokens = np.asarray(tg.read_shard(str(tiny_data / "fineweb_val_000000.bin")))
+    side = None if kind == "lut-equal" else rng.integers(0, 9, size=len(tokens))
+    d, tokens = _caseops_dir(tmp_path, tiny_data, side)
+    sp = _tiny_sp(tiny_data)
+    h0 = tg.Hyperparameters.from_env(tiny_env(d, TOKENIZER_PATH=tiny_data / "tokenizer.model"))
+    h1 = tg.Hyperparameters.from_env(tiny_env(d, TOKENIZER_PATH=tiny_data / "tokenizer.model", CASEOPS_ENABLED=1))
+    L = h0.eval_seq_len
+    v0, v1 = tg.load_validation(h0, sp, runtime, L), tg.load_validation(h1, sp, runtime, L)
+    assert v0.token_bytes is None and len(v1.token_bytes) == len(v1.tokens)
+    wins = tg.sliding_windows(len(v1.tokens) - 1, L, L // 2)
+    s0 = tg.score_windows(_nll, v0, wins, 4, runtime)
+    s1 = tg.score_windows(_nll, v1, wins, 4, runtime)
+    assert s0[0] == s1[0] and s0[1] == s1[1] == len(v1.tokens) - 1
+    side_all = np.asarray(tg.read_shard(str(d / "fineweb_val_bytes_000000.bin")), dtype=np.int64)
+    assert s1[2].item() == side_all[1:len(v1.tokens)].sum()
+    if kind == "lut-equal":
+        assert s0[2] == s1[2]
+    else:
+        assert s0[2] != s1[2]
+
+
+def test_target_bytes_needs_positions_with_a_sidecar(tiny_data, runtime, tmp_path):
+    d, _ = _caseops_dir(tmp_path, tiny_data)
+    h = tg.Hyperparameters.from_env(tiny_env(d, TOKENIZER_PATH=tiny_data / "tokenizer.model", CASEOPS_ENABLED=1))
+    v = tg.load_validation(h, _tiny_sp(tiny_data), runtime, h.eval_seq_len)
+    with pytest.raises(ValueError, match="target positions"):
+        v.target_bytes(v.tokens[:3], v.tokens[1:4])
+    assert torch.equal(v.to(torch.device("cpu")).token_bytes, v.token_bytes)
+
+
+def _bad(tmp_path, tiny_data, case):
+    d, tokens = _caseops_dir(tmp_path, tiny_data)
+    side = d / "fineweb_val_bytes_000000.bin"
+    if case == "missing":
+        side.unlink()
+    elif case == "short":
+        tg.write_shard(str(side), np.ones(len(tokens) - 1, dtype=np.uint16))
+    elif case == "misaligned":
+        tg.write_shard(str(side), np.ones(len(tokens) + 5, dtype=np.uint16))
+    elif case == "extra-shard":
+        tg.write_shard(str(d / "fineweb_val_bytes_000001.bin"), np.ones(10, dtype=np.uint16))
+    return d
+
+
+@pytest.mark.parametrize("case,words", [
+    ("missing", ["CASEOPS_ENABLED=1", "no byte sidecar"]),
+    ("short", ["CASEOPS_ENABLED=1", "byte counts for", "fineweb_val_bytes_000000.bin"]),
+    ("misaligned", ["CASEOPS_ENABLED=1", "byte counts for"]),
+    ("extra-shard", ["CASEOPS_ENABLED=1", "2 byte sidecar shards for 1"]),
+    ("flag-on-plain-tokenizer", ["CASEOPS_ENABLED=1", "no CaseOps control pieces"]),
+])
+def test_bad_sidecar_or_flag_is_one_error_line(tmp_path, tiny_data, case, words):
+    d = _bad(tmp_path, tiny_data, case)
+    env = dict(tiny_env(d, TOKENIZER_PATH=tiny_data / "tokenizer.model", CASEOPS_ENABLED=1), RUN_ID="err")
+    if case != "flag-on-plain-tokenizer":  # the sidecar cases need a CaseOps tokenizer to get past the flag check
+        if not CASEOPS_TOKENIZER.exists():
+            pytest.skip("needs the CaseOps tokenizer under ../shared/data")
+        env.update(TOKENIZER_PATH=str(CASEOPS_TOKENIZER), VOCAB_SIZE="8192")
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    proc = run_script(env, cwd, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and all(w in last for w in words), last
+    assert "Traceback" not in proc.stderr and list(cwd.iterdir()) == []
+
+
+@pytest.mark.skipif(not CASEOPS_TOKENIZER.exists(), reason="needs the CaseOps tokenizer under ../shared/data")
+def test_caseops_tokenizer_without_the_flag_is_an_error(tmp_path, tiny_data):
+    d, _ = _caseops_dir(tmp_path, tiny_data)
+    h = tg.Hyperparameters.from_env(tiny_env(d, TOKENIZER_PATH=CASEOPS_TOKENIZER, VOCAB_SIZE=8192))
+    sp = tg.load_tokenizer(h)
+    with pytest.raises(tg.ConfigError, match="is a CaseOps tokenizer: set CASEOPS_ENABLED=1"):
+        tg.check_caseops_tokenizer(h, sp)
+    tg.check_caseops_tokenizer(tg.dataclasses.replace(h, caseops_enabled=True), sp)  # consistent: no error
+    plain = tg.Hyperparameters.from_env(tiny_env(d, TOKENIZER_PATH=tiny_data / "tokenizer.model"))
+    tg.check_caseops_tokenizer(plain, tg.load_tokenizer(plain))
