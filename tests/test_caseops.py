@@ -128,3 +128,27 @@ def test_caseops_tokenizer_without_the_flag_is_an_error(tmp_path, tiny_data):
     tg.check_caseops_tokenizer(tg.dataclasses.replace(h, caseops_enabled=True), sp)  # consistent: no error
     plain = tg.Hyperparameters.from_env(tiny_env(d, TOKENIZER_PATH=tiny_data / "tokenizer.model"))
     tg.check_caseops_tokenizer(plain, tg.load_tokenizer(plain))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["doc", "lora+phases"])
+def test_doc_and_lora_eval_count_the_sidecar(tiny_data, lora):
+    """Doc eval and LoRA TTT (with global phases) read bytes from the sidecar: its sum over the
+    positions they scored (an independent numpy count), and the table bytes for a table-equal one."""
+    from doc_streams import doc_env, doc_stream, make_val, noisy_model, run_doc
+    h = tg.Hyperparameters.from_env(doc_env(tiny_data))
+    h = tg.dataclasses.replace(h, phased_ttt_num_phases=2)
+    rt = tg.Runtime(False, 0, 1, 0, torch.device("cpu"))
+    val = make_val(doc_stream(h.vocab_size), h.vocab_size)
+    t = val.tokens
+    lut = torch.zeros(len(t), dtype=torch.int64)
+    lut[1:] = val.target_bytes(t[:-1], t[1:])
+    rand = torch.from_numpy(np.random.default_rng(3).integers(0, 9, size=len(t)))
+    model = noisy_model(h)
+    r0, _ = run_doc(model, val, h, rt, lora=lora)
+    for side in (lut, rand):
+        sval = tg.ValidationData(t, val.stream_len, val.base_bytes, val.has_leading_space, val.is_boundary, side)
+        r, losses = run_doc(model, sval, h, rt, lora=lora)
+        scored = losses.hit.numpy() > 0
+        assert r.bytes == side.numpy()[scored].sum() and r.tokens == r0.tokens == scored.sum()
+        assert r.loss_sum == r0.loss_sum
+    assert r0.bytes == lut.numpy()[scored].sum() != rand.numpy()[scored].sum()
