@@ -2,6 +2,7 @@
 instead of the tokenizer's byte tables, on one road (ValidationData.token_bytes) for every scorer;
 a missing, misaligned or short sidecar and a tokenizer/flag mismatch are one error line, exit 2."""
 
+import math
 import shutil
 
 import numpy as np
@@ -152,3 +153,55 @@ def test_doc_and_lora_eval_count_the_sidecar(tiny_data, lora):
         assert r.bytes == side.numpy()[scored].sum() and r.tokens == r0.tokens == scored.sum()
         assert r.loss_sum == r0.loss_sum
     assert r0.bytes == lut.numpy()[scored].sum() != rand.numpy()[scored].sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# tests/caseops_data.py: the transform, its inverse and the sidecar on real text
+
+def test_transform_examples_and_inverse_on_adversarial_strings():
+    from caseops_data import ALLCAPS, CAPNEXT, ESC, TITLE, inverse, transform
+    assert transform("The NASA Launch") == f"{TITLE}the {ALLCAPS}nasa {TITLE}launch"
+    assert transform("iPhone") == f"i{CAPNEXT}phone" and transform("I") == f"{TITLE}i"
+    assert transform("OpenAI") == f"{TITLE}open{CAPNEXT}a{CAPNEXT}i"
+    assert transform(f"x{TITLE}") == f"x{ESC}{TITLE}" and transform("AB1cD") == f"{ALLCAPS}ab1c{CAPNEXT}d"
+    rng = np.random.default_rng(0)
+    alphabet = list("aBcDeFxyzXYZQ 019\n.-") + ["é", "É", "東", "🙂", TITLE, ALLCAPS, CAPNEXT, ESC]
+    for _ in range(2000):
+        s = "".join(rng.choice(alphabet, size=int(rng.integers(0, 20))))
+        t = transform(s)
+        assert inverse(t) == s, repr(s)
+        assert t.lower() == t or not any("A" <= c <= "Z" for c in t)  # no ASCII capital survives
+    with pytest.raises(ValueError, match="marker"):
+        inverse(f"{TITLE}1")
+
+
+@pytest.mark.skipif(not (CASEOPS_TOKENIZER.exists() and (SHARED_DATA / "standin_sp8192").exists()),
+                    reason="needs ../shared/data (CaseOps tokenizer, sp8192 stand-in)")
+def test_sidecar_bytes_on_real_text_and_bpb(tmp_path, runtime):
+    """Real documents (the sp8192 stand-in decoded): per doc the sidecar sum is its UTF-8 length,
+    and the bpb over the sidecar equals the bpb from the original texts' byte count."""
+    pytest.importorskip("google.protobuf")
+    import sentencepiece as spm
+    from caseops_data import build, encode_with_bytes, inverse, transform
+    plain = spm.SentencePieceProcessor(model_file=str(SHARED_DATA / "tokenizers" / "fineweb_8192_bpe.model"))
+    stream = np.asarray(tg.read_shard(str(SHARED_DATA / "standin_sp8192" / "fineweb_val_000000.bin")), dtype=np.int64)
+    starts = np.flatnonzero(stream == plain.bos_id())
+    docs = [plain.decode(stream[a + 1:b].tolist()) for a, b in zip(starts[:41], starts[1:41])]
+    sp = spm.SentencePieceProcessor(model_file=str(CASEOPS_TOKENIZER))
+    for text in docs:
+        assert inverse(transform(text)) == text
+        ids, counts = encode_with_bytes(sp, text)
+        assert sum(counts) == len(text.encode("utf-8")) and len(ids) == len(counts)
+    build(docs, sp, str(tmp_path), val_docs=30)
+    h = tg.Hyperparameters.from_env(tiny_env(tmp_path, TOKENIZER_PATH=CASEOPS_TOKENIZER, VOCAB_SIZE=8192,
+                                             CASEOPS_ENABLED=1, EVAL_SEQ_LEN=64))
+    tg.check_caseops_tokenizer(h, sp)
+    val = tg.load_validation(h, sp, runtime, 1)  # seq len 1: every target scored
+    side = np.asarray(tg.read_shard(str(tmp_path / "fineweb_val_bytes_000000.bin")), dtype=np.int64)
+    assert len(side) == len(val.tokens) and side.sum() == sum(len(d.encode("utf-8")) for d in docs[:30])
+    s = tg.score_windows(_nll, val, tg.sliding_windows(len(val.tokens) - 1, 64, 64), 4, runtime)
+    y = val.tokens[1:].numpy()
+    nll_sum = ((y % 7) + 0.5).sum()
+    text_bytes = sum(len(d.encode("utf-8")) for d in docs[:30])
+    assert s[0].item() == nll_sum and s[2].item() == text_bytes
+    assert tg.to_result(s, runtime, 0.0).val_bpb == pytest.approx(nll_sum / math.log(2) / text_bytes, rel=1e-12)
