@@ -205,3 +205,41 @@ def test_sidecar_bytes_on_real_text_and_bpb(tmp_path, runtime):
     text_bytes = sum(len(d.encode("utf-8")) for d in docs[:30])
     assert s[0].item() == nll_sum and s[2].item() == text_bytes
     assert tg.to_result(s, runtime, 0.0).val_bpb == pytest.approx(nll_sum / math.log(2) / text_bytes, rel=1e-12)
+
+
+@pytest.mark.skipif(not (CASEOPS_TOKENIZER.exists() and (SHARED_DATA / "standin_sp8192").exists()),
+                    reason="needs ../shared/data (CaseOps tokenizer, sp8192 stand-in)")
+@pytest.mark.slow  # about 4 minutes on the shared 2-core machine (vocab 8192 on CPU)
+def test_tiny_caseops_run_scores_the_sidecar_bytes(tmp_path):
+    """A tiny CASEOPS_ENABLED=1 training run on CaseOps shards of real text: every phase's bytes
+    are the sidecar's sum over the scored targets (numpy), not the tokenizer tables' count."""
+    pytest.importorskip("google.protobuf")
+    import json
+
+    import sentencepiece as spm
+    from caseops_data import build
+    plain = spm.SentencePieceProcessor(model_file=str(SHARED_DATA / "tokenizers" / "fineweb_8192_bpe.model"))
+    stream = np.asarray(tg.read_shard(str(SHARED_DATA / "standin_sp8192" / "fineweb_train_000000.bin")), dtype=np.int64)
+    starts = np.flatnonzero(stream == plain.bos_id())
+    docs = [plain.decode(stream[a + 1:b].tolist()) for a, b in zip(starts[:121], starts[1:121])]
+    sp = spm.SentencePieceProcessor(model_file=str(CASEOPS_TOKENIZER))
+    data = tmp_path / "data"
+    build(docs, sp, str(data), val_docs=20)
+    env = dict(tiny_env(data, TOKENIZER_PATH=CASEOPS_TOKENIZER, VOCAB_SIZE=8192, CASEOPS_ENABLED=1,
+                        ITERATIONS=3, WARMUP_STEPS=0), RUN_ID="caseops")
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    proc = run_script(env, cwd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((cwd / "logs" / "caseops.json").read_text())
+    h = tg.Hyperparameters.from_env(env)
+    tokens = np.asarray(tg.read_shard(str(data / "fineweb_val_000000.bin")), dtype=np.int64)
+    side = np.asarray(tg.read_shard(str(data / "fineweb_val_bytes_000000.bin")), dtype=np.int64)
+    seq = max(h.train_seq_len, h.eval_seq_len)
+    usable = (len(tokens) - 1) // seq * seq
+    base, space, bound = (t.numpy() for t in tg.build_byte_luts(sp, 8192))
+    lut = (base[tokens[1:usable + 1]] + (space[tokens[1:usable + 1]] & ~bound[tokens[:usable]])).sum()
+    assert side[1:usable + 1].sum() != lut
+    for phase, r in s["eval"].items():
+        assert (r["tokens"], r["bytes"]) == (usable, side[1:usable + 1].sum()), phase
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] * r["tokens"] / (math.log(2) * r["bytes"]), rel=1e-12)
