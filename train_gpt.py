@@ -105,6 +105,7 @@ class Hyperparameters:
     # data and run
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece .model
+    caseops_enabled: bool = False  # val bytes from the fineweb_val_bytes_*.bin sidecar (CaseOps tokenizer)
     run_id: str = ""  # log/summary name; empty = random uuid
     seed: int = 1337  # init, data order (coprime loader), TTT and calibration sampling
     preset: str = ""  # "" (record) or "tiny"; applied before env overrides
@@ -343,6 +344,10 @@ class Hyperparameters:
     @property
     def val_files(self) -> str:
         return os.path.join(self.data_path, "fineweb_val_*.bin")
+
+    @property
+    def val_bytes_files(self) -> str:  # the CaseOps byte sidecar, aligned token for token with val_files
+        return os.path.join(self.data_path, "fineweb_val_bytes_*.bin")
 
     @classmethod
     def from_env(cls, env: typing.Mapping[str, str] = os.environ) -> "Hyperparameters":
@@ -689,6 +694,31 @@ def check_train_shards(pattern: str) -> str:
     return f"train_shards:{len(paths)} train_tokens:{total} digest:{digest.hexdigest()[:16]}"
 
 
+def val_shard_paths(h: "Hyperparameters") -> list[str]:
+    """The val token shards: fineweb_val_*.bin without the CaseOps byte sidecars (fineweb_val_bytes_*)."""
+    paths = [p for p in shard_paths(h.val_files) if not os.path.basename(p).startswith("fineweb_val_bytes_")]
+    if not paths:
+        raise ConfigError(f"DATA_PATH: no val token shards match {h.val_files} (only byte sidecars)")
+    return paths
+
+
+def val_bytes_paths(h: "Hyperparameters") -> list[str]:
+    """CASEOPS_ENABLED: the byte sidecar shards, one per val token shard with the same token count
+    (checked from the headers alone, before training; never a silent fall-back to the byte tables)."""
+    tok = val_shard_paths(h)
+    side = sorted(glob.glob(h.val_bytes_files))
+    if not side:
+        raise ConfigError(f"CASEOPS_ENABLED=1: no byte sidecar shards match {h.val_bytes_files}")
+    if len(side) != len(tok):
+        raise ConfigError(f"CASEOPS_ENABLED=1: {len(side)} byte sidecar shards for {len(tok)} val token shards "
+                          f"in {h.data_path}")
+    for t, b in zip(tok, side):
+        nt, nb = len(read_shard(t)), len(read_shard(b))  # memory-mapped: only the headers are read
+        if nt != nb:
+            raise ConfigError(f"CASEOPS_ENABLED=1: {b} has {nb} byte counts for {nt} tokens in {t}")
+    return side
+
+
 class SequentialLoader:
     """One global token stream over the sorted train shards, wrapping at the end.
 
@@ -804,13 +834,20 @@ class ValidationData:
     base_bytes: Tensor  # int64 (V,) UTF-8 bytes of each piece without its leading-space marker
     has_leading_space: Tensor  # bool (V,) piece starts with U+2581
     is_boundary: Tensor  # bool (V,) control/unknown/unused: no space is credited after it
+    token_bytes: Tensor | None = None  # int64 (len(tokens),) CaseOps sidecar bytes per position, else None
 
     def to(self, device: torch.device) -> "ValidationData":
+        tb = None if self.token_bytes is None else self.token_bytes.to(device)
         return ValidationData(self.tokens.to(device), self.stream_len, self.base_bytes.to(device),
-                              self.has_leading_space.to(device), self.is_boundary.to(device))
+                              self.has_leading_space.to(device), self.is_boundary.to(device), tb)
 
-    def target_bytes(self, prev: Tensor, tgt: Tensor) -> Tensor:
-        """Bytes credited to predicting tgt after input token prev (same shapes)."""
+    def target_bytes(self, prev: Tensor, tgt: Tensor, tgt_pos: Tensor | None = None) -> Tensor:
+        """Bytes credited to predicting tgt after input token prev (same shapes); with a byte
+        sidecar (CASEOPS_ENABLED) the sidecar's count at the target positions tgt_pos instead."""
+        if self.token_bytes is not None:
+            if tgt_pos is None:
+                raise ValueError("target_bytes: a sidecar-backed ValidationData needs the target positions")
+            return self.token_bytes[tgt_pos]
         return self.base_bytes[tgt] + (self.has_leading_space[tgt] & ~self.is_boundary[prev]).long()
 
 
@@ -862,14 +899,32 @@ def resolve_bos_id(h: Hyperparameters, sp) -> Hyperparameters:
 
 def load_validation(h: Hyperparameters, sp, rt: Runtime, seq_len: int) -> ValidationData:
     """All val shards in sorted order. Called only once evaluation starts (rules C1, C3)."""
-    stream = np.concatenate([read_shard(p) for p in shard_paths(h.val_files)])
+    stream = np.concatenate([read_shard(p) for p in val_shard_paths(h)])
     usable = (len(stream) - 1) // seq_len * seq_len
     if usable <= 0:
         raise ConfigError(f"{h.val_files}: validation stream ({len(stream)} tokens) is shorter than "
                           f"one sequence of {seq_len} + 1")
     base, space, boundary = build_byte_luts(sp, h.vocab_size)
     tokens = torch.from_numpy(stream[:usable + 1].astype(np.int64))
-    return ValidationData(tokens, len(stream), base, space, boundary)
+    token_bytes = None
+    if h.caseops_enabled:
+        side = np.concatenate([read_shard(p) for p in val_bytes_paths(h)])
+        token_bytes = torch.from_numpy(side[:usable + 1].astype(np.int64))
+    return ValidationData(tokens, len(stream), base, space, boundary, token_bytes)
+
+
+CASEOPS_CONTROL_PIECES = ("\ue001", "\ue002", "\ue003", "\ue004")  # TITLE, ALLCAPS, CAPNEXT, ESC (frontier.md 1.2)
+
+
+def check_caseops_tokenizer(h: Hyperparameters, sp) -> None:
+    """A CaseOps tokenizer (its four control pieces in the vocab) iff CASEOPS_ENABLED=1."""
+    pieces = {sp.id_to_piece(i) for i in range(sp.vocab_size())}
+    is_caseops = all(c in pieces for c in CASEOPS_CONTROL_PIECES)
+    if is_caseops and not h.caseops_enabled:
+        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path} is a CaseOps tokenizer: set CASEOPS_ENABLED=1 "
+                          "(bytes come from the fineweb_val_bytes_*.bin sidecar)")
+    if h.caseops_enabled and not is_caseops:
+        raise ConfigError(f"CASEOPS_ENABLED=1 but TOKENIZER_PATH={h.tokenizer_path} has no CaseOps control pieces")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1559,7 +1614,7 @@ def score_windows(nll_fn, val: ValidationData, wins: np.ndarray, batch: int, rt:
             mask &= (torch.arange(batch, device=rt.device) < real)[:, None]
             sums[0] += torch.where(mask, nll, 0.0).sum()  # no boolean indexing: no host sync per batch
             sums[1] += mask.sum()
-            sums[2] += torch.where(mask, val.target_bytes(x, y), 0).sum()
+            sums[2] += torch.where(mask, val.target_bytes(x, y, idx + 1), 0).sum()
             if losses is not None:
                 losses.record(idx[mask] + 1, nll[mask])
     return sums
@@ -1874,14 +1929,15 @@ def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters:
         idx = torch.from_numpy(start).to(rt.device)[:, None] + pos
         valid = pos < torch.from_numpy(length).to(rt.device)[:, None]
         x = torch.where(valid, val.tokens[idx.clamp(max=last - 1)], 0)
-        y = val.tokens[(idx + 1).clamp(max=last)]
+        y_pos = (idx + 1).clamp(max=last)
+        y = val.tokens[y_pos]
         mask = valid & (pos >= torch.from_numpy(first).to(rt.device)[:, None])
         w = torch.from_numpy(weight).to(rt.device, torch.float32)
 
         def score(nll: Tensor):
             sums[0] += torch.where(mask, nll.double(), 0.0).sum()
             sums[1] += mask.sum()
-            sums[2] += torch.where(mask, val.target_bytes(x, y), 0).sum()
+            sums[2] += torch.where(mask, val.target_bytes(x, y, y_pos), 0).sum()
             if losses is not None:
                 losses.record(idx[mask] + 1, nll[mask])
 
@@ -3046,7 +3102,7 @@ def stand_in_stream(h: Hyperparameters, n_tokens: int) -> ValidationData:
 
 def val_positions(h: Hyperparameters) -> int:
     """Scored positions of the val stream, from the shards' file sizes alone (no token is read)."""
-    stream = sum((os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in shard_paths(h.val_files))
+    stream = sum((os.path.getsize(p) - SHARD_HEADER_BYTES) // 2 for p in val_shard_paths(h))
     longest = max(h.train_seq_len, h.eval_seq_len)
     if stream - 1 < longest:
         raise ConfigError(f"{h.val_files}: validation stream ({stream} tokens) is shorter than one sequence "
@@ -3168,13 +3224,16 @@ def artifact_sizes(path: str) -> dict:
 
 def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Sequence[str] = ()):
     sp = load_tokenizer(h)  # before any file is written: a VOCAB_SIZE mismatch leaves nothing behind
+    check_caseops_tokenizer(h, sp)
+    if h.caseops_enabled:
+        val_bytes_paths(h)  # a missing/misaligned sidecar: error before anything is written (headers only)
     setup_logging(h, rt)
     select_attention_backend(h.attn_backend, rt.device.type)
     log_run_header(h, rt)
     for line in alias_lines:  # the records' variable names that were translated (env_aliases)
         log(line)
     h = resolve_bos_id(h, sp)
-    shard_paths(h.val_files)  # fail early if missing; their contents are read only at eval
+    val_shard_paths(h)  # fail early if missing; their contents are read only at eval
     if not h.eval_artifact:  # an EVAL_ARTIFACT run reads no training data
         log(check_train_shards(h.train_files))
     torch.manual_seed(h.seed)
