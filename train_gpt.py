@@ -7,7 +7,8 @@ in bits per byte, all on the dequantized artifact.
 
 Options of the 1.06 frontier (sp8192, depth recurrence, parallel residuals, document masking,
 gates, SDClip/int7/LQER, brotli, document-isolated LoRA + phased TTT) under the records' env
-names; PRESET=frontier turns on the 1.0611 record's configuration (README).
+names; PRESET=frontier turns on the 1.0611 record's configuration (README). The systems this stack
+was founded on are one preset away: PRESET=pr691|pr639|pr1306|pr1060 (the defaults)|pr1855 (= frontier).
 
 Record run (8xH100, FineWeb sp1024; PRESET=frontier for sp8192), after a go/no-go check:
     PREFLIGHT=1 torchrun --standalone --nproc_per_node=8 train_gpt.py
@@ -62,7 +63,9 @@ OWNED_ENV_PREFIXES = ("TTT_", "GPTQ_", "EVAL_", "TRAIN_", "MUON_", "ADAM_", "EMA
                       "BIGRAM_", "XSA_", "ROPE_", "MODEL_", "MLP_", "QK_", "LOGIT_", "TIED_",
                       "WARMUP_", "WARMDOWN_", "VAL_", "QUANT_", "ATTN_", "NUM_", "GRAD_", "SLOT_", "INT6_",
                       "SKIP_", "LOOP_", "PARALLEL_", "DOC_", "SMEAR_", "GATE_", "SPARSE_", "LQER_",
-                      "PHASED_", "GLOBAL_")
+                      "PHASED_", "GLOBAL_",
+                      # the 1.06 records' launch-line names without one of those prefixes (whole names)
+                      "CASEOPS_", "FUSED_", "GATED_ATTN_", "DATA_DIR", "COMPRESSOR", "TIE_EMBEDDINGS")
 RUNTIME_ENV = {"NUM_NODES"}  # launcher variables that share an owned prefix
 # Names on the records' launch lines (stack.md 13, frontier.md 7) that are not fields here: value ->
 # our variables where the meaning is exactly the same, else an error naming ours ({} = no effect here).
@@ -89,7 +92,34 @@ RECORD_ENV_ALIASES: dict[str, typing.Callable[[str, typing.Mapping[str, str]], d
         "GLOBAL_TTT_WARMUP_CHUNKS", v, {"0": {}}, "global TTT has no LR warm-up here (cosine from GLOBAL_TTT_LR)"),
     "VAL_BATCH_SIZE": lambda v, env: _alias_choice(
         "VAL_BATCH_SIZE", v, {}, "no validation during training here; EVAL_BATCH_SEQS sets windows per eval forward"),
+    "TIE_EMBEDDINGS": lambda v, env: _alias_choice(
+        "TIE_EMBEDDINGS", v, {"1": {}}, "the embedding is always tied to the output head here"),
+    # The 1.0611 record's launch line (frontier.md 7, issue 19 item 6); they also need a frontier
+    # PRESET (record_line_problems), since that line sets only what differs from its script's defaults.
+    "DATA_DIR": lambda v, env: _alias_data_dir(v, env),
+    "FUSED_CE_ENABLED": lambda v, env: _alias_choice(  # the record's Triton kernel of the same softcapped CE
+        "FUSED_CE_ENABLED", v, {"1": {}, "0": {}}),
+    "PHASED_TTT_ENABLED": lambda v, env: _alias_phased(v, env),
+    "LQER_ASYM_ENABLED": lambda v, env: _alias_choice(
+        "LQER_ASYM_ENABLED", v, {"1": {}} if _in_force(env, "LQER_ENABLED") else {"1": {}, "0": {}},
+        "LQER here is always the asymmetric form (A int2 with one scale, B in groups of LQER_ASYM_GROUP); "
+        "the symmetric per-row int4 fallback is not implemented"),
+    "COMPRESSOR": lambda v, env: _alias_choice(
+        "COMPRESSOR", v, {"brotli": {"QUANT_COMPRESSOR": "brotli"}},
+        "pergroup is not available: the record's per-group compressor runs lrzip, a system binary; use "
+        "QUANT_COMPRESSOR=brotli (PRESET=frontier's) or auto"),
+    "GATED_ATTN_ENABLED": lambda v, env: _alias_choice(
+        "GATED_ATTN_ENABLED", v, {"0": {}}, "the full gated-attention form is not implemented; "
+        "SPARSE_ATTN_GATE_ENABLED is the final record's gate"),
+    "ATTN_OUT_GATE_ENABLED": lambda v, env: _alias_choice(
+        "ATTN_OUT_GATE_ENABLED", v, {"0": {}}, "the attention output gate form is not implemented; "
+        "SPARSE_ATTN_GATE_ENABLED is the final record's gate"),
 }
+# Names that exist only in the 1.06 records' scripts: their launch lines rely on that script's
+# defaults (the 1.0611 model), so here they need PRESET=pr1855 (or frontier), not our #1060 defaults.
+RECORD_LINE_NAMES = ("DATA_DIR", "FUSED_CE_ENABLED", "PHASED_TTT_ENABLED", "LQER_ASYM_ENABLED", "COMPRESSOR",
+                     "GATED_ATTN_ENABLED", "ATTN_OUT_GATE_ENABLED")
+FRONTIER_PRESETS = ("frontier", "pr1855")
 
 
 class ConfigError(ValueError):
@@ -108,7 +138,7 @@ class Hyperparameters:
     caseops_enabled: bool = False  # val bytes from the fineweb_val_bytes_*.bin sidecar (CaseOps tokenizer)
     run_id: str = ""  # log/summary name; empty = random uuid
     seed: int = 1337  # init, data order (coprime loader), TTT and calibration sampling
-    preset: str = ""  # "" (record) or "tiny"; applied before env overrides
+    preset: str = ""  # a name of PRESETS ("" = the defaults, #1060's stack = pr1060); applied before env overrides
     device: str = "auto"  # auto | cuda | cpu
     train_loader: str = "coprime"  # coprime (multi-shard, SEED-dependent order; #1060) | sequential
     eval_artifact: str = ""  # skip training: score this artifact on DATA_PATH's val shards
@@ -218,7 +248,7 @@ class Hyperparameters:
     ttt_chunk_tokens: int = 32_768
     ttt_freeze_blocks: int = 0
     ttt_momentum: float = 0.9  # SGD momentum
-    ttt_optimizer: str = "sgd"  # sgd (the records') | adamw (betas BETA1/BETA2, no weight decay)
+    ttt_optimizer: str = "sgd"  # sliding: sgd (the records') | adamw (betas BETA1/BETA2, no WD); doc: adam (LoRA AdamW)
     ttt_batch_seqs: int = 32  # global sequences per SGD step
     ttt_grad_clip: float = 1.0
     slot_enabled: bool = False  # causal SLOT phase after sliding: a non-record technique (rule A7)
@@ -320,14 +350,17 @@ class Hyperparameters:
         need(self.phased_ttt_num_phases <= self.phased_ttt_prefix_docs, "PHASED_TTT_NUM_PHASES",
              f"must be <= PHASED_TTT_PREFIX_DOCS={self.phased_ttt_prefix_docs}: each phase needs a document")
         for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", ("sequential", "coprime")),
-                             ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")), ("PRESET", ("", "tiny", "frontier")),
+                             ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")), ("PRESET", ("", *PRESETS)),
                              ("PARALLEL_FINAL_LANE", ("mean",)),
                              ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
                              ("QUANT_COMPRESSOR", ("zstd", "lzma", "brotli", "auto")), ("QUANT_EMBED", ("int8", "gptq")),
                              ("QUANT_CLIP", ("search", "sdclip")),
-                             ("TTT_OPTIMIZER", ("sgd", "adamw")), ("EVAL_MODE", ("sliding", "doc")),
+                             ("TTT_OPTIMIZER", ("sgd", "adamw", "adam")), ("EVAL_MODE", ("sliding", "doc")),
                              ("PHASED_TTT_SELECT", ("shortest", "prefix")), ("TTT_BALANCE", ("lpt", "round_robin"))):
             need(getattr(self, var.lower()) in allowed, var, f"must be one of {allowed}")
+        need(self.ttt_optimizer != "adam" or self.eval_mode == "doc", "TTT_OPTIMIZER",
+             "adam is the 1.06 records' name for the LoRA TTT optimizer (EVAL_MODE=doc); EVAL_MODE=sliding's "
+             "full-model TTT takes sgd|adamw")
 
     @property
     def head_dim(self) -> int:
@@ -355,13 +388,16 @@ class Hyperparameters:
         the records' names in RECORD_ENV_ALIASES are translated first (env_aliases)."""
         hints = typing.get_type_hints(cls)
         names = {f.name.upper(): f.name for f in dataclasses.fields(cls)}
-        env = env_aliases(env)[0]
-        unknown = sorted(k for k in env if k.startswith(OWNED_ENV_PREFIXES) and k not in names
-                         and k not in RUNTIME_ENV)
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=TYPO_CUTOFF)
+        def unknown_line(k: str) -> str:
+            close = difflib.get_close_matches(k, names, n=1, cutoff=TYPO_CUTOFF)
             hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"{unknown[0]}: unknown variable (not a Hyperparameters field){hint}")
+            return f"{k}: unknown variable (not a Hyperparameters field){hint}"
+        unknown = [(k, unknown_line(k)) for k in env
+                   if k.startswith(OWNED_ENV_PREFIXES) and k not in names and k not in RUNTIME_ENV
+                   and k not in RECORD_ENV_ALIASES]
+        raw_env, env, _, problems = env, *_translate_aliases(env)
+        if unknown or problems:
+            raise ConfigError(one_error(unknown + problems))
         values: dict[str, typing.Any] = dict(PRESETS.get(env.get("PRESET", ""), {}))
         for var, name in names.items():
             if var in env:
@@ -371,6 +407,10 @@ class Hyperparameters:
         if typos and h.record:
             var, close = typos[0]
             raise ConfigError(f"{var}: unknown variable, did you mean {close}? (RECORD=1 refuses a likely typo)")
+        if h.eval_mode == "doc" and raw_env.get("TTT_OPTIMIZER", "adam") != "adam":
+            raise ConfigError(f"TTT_OPTIMIZER={raw_env['TTT_OPTIMIZER']}: with EVAL_MODE=doc it names the LoRA TTT "
+                              "optimizer (the 1.06 records' meaning), which is AdamW here: only adam; sgd|adamw "
+                              "pick EVAL_MODE=sliding's full-model TTT optimizer")
         return h
 
 
@@ -393,24 +433,85 @@ def env_typos(env: typing.Mapping[str, str]) -> list[tuple[str, str]]:
 
 def env_aliases(env: typing.Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
     """(env with the records' names of RECORD_ENV_ALIASES replaced by ours, one `env_alias:` log
-    line per name). An alias whose target is also set, or two aliases disagreeing, raise."""
+    line per name). A name without an exact equivalent, an alias whose target is also set, or two
+    aliases disagreeing raise: one ConfigError naming every such variable."""
+    out, lines, problems = _translate_aliases(env)
+    if problems:
+        raise ConfigError(one_error(problems))
+    return out, lines
+
+
+def _translate_aliases(env: typing.Mapping[str, str]) -> tuple[dict[str, str], list[str], list[tuple[str, str]]]:
+    """env_aliases' work: (translated env, log lines, [(variable, problem)] for every name it cannot honour)."""
     out = {k: v for k, v in env.items() if k not in RECORD_ENV_ALIASES}
     mapped: dict[str, tuple[str, str]] = {}  # our variable -> (its raw value, the alias that set it)
-    lines = []
+    lines, problems = [], record_line_problems(env)
     for alias in sorted(k for k in env if k in RECORD_ENV_ALIASES):
-        targets = RECORD_ENV_ALIASES[alias](env[alias], env)
+        try:
+            targets = RECORD_ENV_ALIASES[alias](env[alias], env)
+        except ConfigError as e:
+            problems.append((alias, str(e)))
+            continue
         for var, raw in targets.items():
             if var in env:
-                raise ConfigError(f"{alias}={env[alias]}: the records' name for {var}, which is also set; "
-                                  f"set only {var}")
-            if var in mapped and mapped[var][0] != raw:
-                raise ConfigError(f"{alias}={env[alias]}: gives {var}={raw!r}, but {mapped[var][1]} gives "
-                                  f"{var}={mapped[var][0]!r}")
+                problems.append((alias, f"{alias}={env[alias]}: the records' name for {var}, which is also set; "
+                                        f"set only {var}"))
+            elif var in mapped and mapped[var][0] != raw:
+                problems.append((alias, f"{alias}={env[alias]}: gives {var}={raw!r}, but {mapped[var][1]} gives "
+                                        f"{var}={mapped[var][0]!r}"))
             mapped[var] = (raw, f"{alias}={env[alias]}")
             out[var] = raw
         ours = " ".join(f"{var}={raw}" for var, raw in targets.items()) or "(no effect here)"
         lines.append(f"env_alias:{alias}={env[alias]} -> {ours}")
-    return out, lines
+    return out, lines, problems
+
+
+def record_line_problems(env: typing.Mapping[str, str]) -> list[tuple[str, str]]:
+    """The 1.06 records' own names (RECORD_LINE_NAMES) outside a frontier PRESET: one problem naming them."""
+    names = [k for k in RECORD_LINE_NAMES if k in env]
+    if not names or env.get("PRESET", "") in FRONTIER_PRESETS:
+        return []
+    preset = f"PRESET={env['PRESET']}" if env.get("PRESET") else "no PRESET"
+    return [(names[0], f"{', '.join(names)}: names of the 1.06 records' launch lines, which set only what differs "
+                       f"from their script's defaults (the 1.0611 model); ours are #1060's ({preset}): run the "
+                       "line as PRESET=pr1855 <line>")]
+
+
+def one_error(problems: list[tuple[str, str]]) -> str:
+    """One message for [(variable, problem)]: the problem itself if alone, else all of them by variable."""
+    if len(problems) == 1:
+        return problems[0][1]
+    return f"{len(problems)} problems, each naming its variables: " + " | ".join(m for _, m in sorted(problems))
+
+
+def _in_force(env: typing.Mapping[str, str], var: str) -> typing.Any:
+    """The value VAR gets from env, else from env's PRESET, else the default (for the aliases' checks)."""
+    name = var.lower()
+    if var in env:
+        return _parse_env(var, env[var], typing.get_type_hints(Hyperparameters)[name])
+    field = next(f for f in dataclasses.fields(Hyperparameters) if f.name == name)
+    return PRESETS.get(env.get("PRESET", ""), {}).get(name, field.default)
+
+
+def _alias_data_dir(raw: str, env: typing.Mapping[str, str]) -> dict[str, str]:
+    """The records derive their shard folder and tokenizer from DATA_DIR: no effect when both are given."""
+    missing = [var for var in ("DATA_PATH", "TOKENIZER_PATH") if var not in env]
+    if missing:
+        raise ConfigError(f"DATA_DIR={raw}: not read here (the records derive the shard folder and the tokenizer "
+                          f"from it); set {' and '.join(missing)}")
+    return {}
+
+
+def _alias_phased(raw: str, env: typing.Mapping[str, str]) -> dict[str, str]:
+    """PHASED_TTT_ENABLED=1 is our EVAL_MODE=doc LoRA TTT with PHASED_TTT_NUM_PHASES > 0; 0 is no phases."""
+    if raw == "0":
+        return {"PHASED_TTT_NUM_PHASES": "0"}
+    phased = (_in_force(env, "EVAL_MODE"), _in_force(env, "TTT_ENABLED"), _in_force(env, "PHASED_TTT_NUM_PHASES") > 0)
+    if raw != "1" or phased != ("doc", True, True):
+        raise ConfigError(f"PHASED_TTT_ENABLED={raw}: phased TTT here is EVAL_MODE=doc, TTT_ENABLED=1 and "
+                          f"PHASED_TTT_NUM_PHASES > 0 (in force: {phased[0]}, {int(phased[1])}, "
+                          f"{_in_force(env, 'PHASED_TTT_NUM_PHASES')}); PRESET=pr1855 sets them")
+    return {}
 
 
 def _alias_choice(alias: str, raw: str, choices: dict[str, dict[str, str]], otherwise: str = "") -> dict[str, str]:
@@ -484,9 +585,40 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                      eval_mode="doc", eval_seq_len=2048, ttt_enabled=True, ttt_chunk_size=48, ttt_batch_size=64,
                      ttt_grad_steps=1, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_lora_lr=1e-4, ttt_beta1=0.0,
                      ttt_beta2=0.99, ttt_weight_decay=0.5, ttt_warm_start_a=True, ttt_k_lora=True, ttt_o_lora=True,
-                     ttt_mlp_lora=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, global_ttt_lr=0.001,
+                     ttt_mlp_lora=True, ttt_optimizer="adam", phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, global_ttt_lr=0.001,
                      global_ttt_momentum=0.9, global_ttt_epochs=1, global_ttt_chunk_tokens=32_768,
                      global_ttt_batch_seqs=32, global_ttt_grad_clip=1.0),
+    # The founding systems (issue 14; stack.md 3.13 and 13). Everything not named is the defaults' (#1060's).
+    # #691: #414's stack (relu^2, XSA on the last 4, BigramHash 2048x128, GPTQ-lite int6, zstd-22, the
+    # sequential stream, fixed-decay EMA; its tight SWA was never used) + #549's legal TTT (the defaults).
+    "pr691": dict(negative_slope=0.0, xsa_last_n=4, bigram_vocab_size=2048, bigram_dim=128, train_loader="sequential",
+                  ema_warmup=False, weight_average="ema", gptq_calib="none", gptq_reserve_seconds=0.0,
+                  quant_compressor="zstd"),
+    # #639: full GPTQ calibrated on training data in 560-600 s, XSA on all 11, the SWA/EMA blend, AdamW TTT
+    # (lr 1e-4, wd 0, 3 epochs) on 128K chunks with blocks 0-8 frozen. The rest (our specs give no more) is
+    # #549's, whose legal TTT it builds on: LeakyReLU(0.5)^2, BigramHash 1536x128, lzma.
+    "pr639": dict(bigram_vocab_size=1536, bigram_dim=128, train_loader="sequential", ema_warmup=False,
+                  weight_average="blend", gptq_calib="train", gptq_reserve_seconds=40.0, quant_compressor="lzma",
+                  ttt_optimizer="adamw", ttt_lr=1e-4, ttt_epochs=3, ttt_freeze_blocks=9, ttt_chunk_tokens=131_072),
+    # #1306: #1019's stack (BigramHash 3072x112, warmdown 4000, AR self-generated calibration, lzma-9) with
+    # the coprime loader and causal SLOT (non-record, rule A7). Its pre-quant AdamW TTT trained on
+    # validation tokens before scoring them (rule A4): left out, and no TTT runs.
+    "pr1306": dict(bigram_vocab_size=3072, bigram_dim=112, warmdown_iters=4000, ema_warmup=False,
+                   gptq_calib="selfgen", gptq_calib_batches=64, gptq_reserve_seconds=0.0, quant_compressor="lzma",
+                   ttt_enabled=False, slot_enabled=True),
+    "pr1060": {},  # the defaults: #1060's stack plus #549's score-first TTT (TTT_ENABLED=0 is #1060's headline)
+}
+# The 1.0611 record under its PR number (issue 14).
+# TODO(merge, issue 14 part 2): once CASEOPS_ENABLED is a field, pr1855 = frontier + caseops_enabled=True,
+# tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+# data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved" (frontier keeps plain sp8192).
+PRESETS["pr1855"] = PRESETS["frontier"]
+# What a preset leaves out or assumes, logged with `preset:<name>`.
+PRESET_NOTES = {
+    "pr639": "architecture beyond XSA-all assumed from #549 (no logged parameter count to check)",
+    "pr1306": "pre-quant TTT on validation tokens left out (rule A4), no TTT; causal SLOT scored as "
+              "causal_slot_nonrecord (rule A7)",
+    "pr1855": "plain sp8192 data: CaseOps is not in this version",
 }
 
 
@@ -3230,6 +3362,8 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
     setup_logging(h, rt)
     select_attention_backend(h.attn_backend, rt.device.type)
     log_run_header(h, rt)
+    note = PRESET_NOTES.get(h.preset, "")
+    log(f"preset:{h.preset or 'pr1060'}" + (f" note:{note}" if note else ""))
     for line in alias_lines:  # the records' variable names that were translated (env_aliases)
         log(line)
     h = resolve_bos_id(h, sp)
