@@ -618,7 +618,7 @@ PRESET_NOTES = {
     "pr639": "architecture beyond XSA-all assumed from #549 (no logged parameter count to check)",
     "pr1306": "pre-quant TTT on validation tokens left out (rule A4), no TTT; causal SLOT scored as "
               "causal_slot_nonrecord (rule A7)",
-    "pr1855": "plain sp8192 data: CaseOps is not in this version",
+    "pr1855": "plain sp8192 data by default; the record's CaseOps data runs with CASEOPS_ENABLED=1 and its tokenizer",
 }
 
 
