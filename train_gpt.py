@@ -933,8 +933,8 @@ VARLEN_TOKENS_PER_SEQ = 256
 VARLEN_MIN_SEQS = 256
 
 
-class VarlenOverflow(ValueError):
-    """A batch holds more attention segments than varlen_capacity: reported like a bad input."""
+class VarlenOverflow(ConfigError):
+    """A batch holds more attention segments than varlen_capacity: an `error:` line, exit 2."""
 
 
 class VarlenSegments(typing.NamedTuple):
