@@ -9,6 +9,7 @@ FA3 is replaced by a reference varlen function (per-segment SDPA), so all of it 
 """
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -264,3 +265,30 @@ def test_calibration_attention_knob_picks_the_forward(tiny_data):
     assert tg.Hyperparameters.from_env(doc_env(tiny_data)).gptq_calib_attention == "masked"
     with pytest.raises(tg.ConfigError, match="^GPTQ_CALIB_ATTENTION=causal: must be one of"):
         tg.Hyperparameters.from_env(doc_env(tiny_data, GPTQ_CALIB_ATTENTION="causal"))
+
+
+def test_packed_training_gives_varlen_one_row_cut_at_train_seq_len(tiny_data, monkeypatch):
+    """TRAIN_LOADER=packed: each micro-step is one (1, 4096) row, segments at most TRAIN_SEQ_LEN;
+    masked calibration goes the same way, dense calibration never reaches varlen."""
+    from conftest import tiny_env
+    h = tg.Hyperparameters.from_env(tiny_env(tiny_data, TRAIN_LOADER="packed", DOC_MASKING=1, BOS_ID=BOS,
+                                             ITERATIONS=2, WARMUP_STEPS=0, GPTQ_CALIB_BATCHES=1))
+    ref = ReferenceVarlen()
+    monkeypatch.setitem(tg._ATTENTION, "varlen", ref)
+    base = tg.GPT(tg.model_config(h))
+    result, _, loader = tg.train(base, base, h, RT)
+    assert base.segment_len == h.train_seq_len == 128 and ref.calls
+    assert all(L == 128 and cu[-1] == 4096 and len(cu) == tg.varlen_capacity(1, 4096, 128) + 1 for cu, L, _ in ref.calls)
+    n = len(ref.calls)
+    tg.calibrate(base, loader, h, RT, result)
+    assert len(ref.calls) > n
+    n = len(ref.calls)
+    dense = tg.calibrate(base, loader, dataclasses.replace(h, gptq_calib_attention="dense"), RT, result)
+    assert len(ref.calls) == n and "blocks.0.attn.c_q.weight" in dense
+
+
+def test_frontier_preset_follows_the_record_here():
+    """PRESET=frontier: the record's loader, no EMA warm-up, skip_gates fp16 (issue 19 items 2-3)."""
+    h = tg.Hyperparameters.from_env({"PRESET": "frontier"})
+    assert (h.train_loader, h.ema_warmup, h.gate_patterns) == ("packed", False, ("attn_gate",))
+    assert tg.Hyperparameters.from_env({"PRESET": "frontier", "TRAIN_LOADER": "coprime", "EMA_WARMUP": "1"}).ema_warmup
