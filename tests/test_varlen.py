@@ -292,3 +292,17 @@ def test_frontier_preset_follows_the_record_here():
     h = tg.Hyperparameters.from_env({"PRESET": "frontier"})
     assert (h.train_loader, h.ema_warmup, h.gate_patterns) == ("packed", False, ("attn_gate",))
     assert tg.Hyperparameters.from_env({"PRESET": "frontier", "TRAIN_LOADER": "coprime", "EMA_WARMUP": "1"}).ema_warmup
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["sdpa_mask", "cu_seqlens"])
+def test_segments_compile_in_one_graph_and_equal_eager(varlen, monkeypatch):
+    """Inductor, fullgraph, static shapes: the packed cut (cummax) and nonzero_static at the capacity."""
+    monkeypatch.setitem(tg._ATTENTION, "varlen", ReferenceVarlen() if varlen else None)
+    ids = random_ids((2, 256), 37.0, seed=4)
+    torch._dynamo.reset()
+    got = torch.compile(tg.document_segments, fullgraph=True, dynamic=False)(ids, BOS, 40)
+    want = tg.document_segments(ids, BOS, 40)
+    if varlen:
+        assert torch.equal(got.cu_seqlens, want.cu_seqlens) and got.max_seqlen == want.max_seqlen == 40
+    else:
+        assert torch.equal(got, want)
