@@ -454,7 +454,7 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                      muon_wd=0.095, adam_wd=0.02, ema_decay=0.9965, ema_warmup=False,  # the record has no EMA warm-up
                      muon_row_normalize=True, muon_ns_coeffs="polar_express", warmdown_frac=0.85, min_lr=0.1,
                      embed_wd=0.085, gptq_calib_batches=16, gptq_reserve_seconds=8.0,
-                     train_loader="packed",  # the record's DocumentPackingLoader: shards in order, one row per micro-step
+                     train_loader="packed",  # the record's DocumentPackingLoader: shards in order, one row a step
                      quant_clip="sdclip", quant_embed="gptq", matrix_bits=6, embed_bits=7, matrix_clip_sigmas=12.85,
                      mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0, embed_clip_sigmas=14.0, gated_attn_quant_gate=True,
                      quant_gate_patterns="attn_gate",  # the record keeps skip_gates fp16
@@ -928,8 +928,8 @@ def select_attention_backend(requested: str, device_type: str) -> str:
 # gridDim.z = batch (<= 65,535), so B*T+1 entries (98,305 in training) crash; the record pads to a
 # multiple of 64 (about 128-192 entries). Here: one sequence per row piece, plus one per
 # VARLEN_TOKENS_PER_SEQ tokens, at least VARLEN_MIN_SEQS, a multiple of 64: 448 for a 48 x 2048
-# micro-batch (FineWeb's mean segment is ~580 tokens; the sp8192 stand-in's 98,304-token windows hold
-# at most 135). A batch needing more raises VarlenOverflow (check_varlen_rows, before the forward).
+# micro-batch (the record's runs: ~170 segments per 98,304 tokens; the sp8192 stand-in train shard's
+# windows: at most 135). A batch needing more raises VarlenOverflow (check_varlen_rows, before the forward).
 VARLEN_TOKENS_PER_SEQ = 256
 VARLEN_MIN_SEQS = 256
 
@@ -2359,7 +2359,7 @@ def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: 
     rest -> fp16. Then LQER corrections of the worst GPTQ'd tensors, if on."""
     out: dict[str, dict] = {"gptq": {}, "int8": {}, "gate": {}, "fp16": {}, "lqer": {}}
     for name, t in state.items():
-        if spec.quant_gate and is_gate_param(name, t, spec.gate_patterns):  # first: a gate may also look like a block matrix
+        if spec.quant_gate and is_gate_param(name, t, spec.gate_patterns):  # first: a gate may look like a matrix
             out["gate"][name] = quantize_gate_rows(t)
         elif is_int6_matrix(name, t) or (spec.embed_gptq and name == "tok_emb.weight"):
             k = spec.sigmas(name) if spec.clip == "sdclip" else 0.0

@@ -57,7 +57,8 @@ class ReferenceVarlen:
         for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
             assert 0 <= b - a <= max_q
             if b > a:
-                qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+                kv = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+                qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, *kv))
                 out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1)
         return out
 
@@ -278,7 +279,8 @@ def test_packed_training_gives_varlen_one_row_cut_at_train_seq_len(tiny_data, mo
     base = tg.GPT(tg.model_config(h))
     result, _, loader = tg.train(base, base, h, RT)
     assert base.segment_len == h.train_seq_len == 128 and ref.calls
-    assert all(L == 128 and cu[-1] == 4096 and len(cu) == tg.varlen_capacity(1, 4096, 128) + 1 for cu, L, _ in ref.calls)
+    cap = tg.varlen_capacity(1, 4096, 128)
+    assert all(L == 128 and cu[-1] == 4096 and len(cu) == cap + 1 for cu, L, _ in ref.calls)
     n = len(ref.calls)
     tg.calibrate(base, loader, h, RT, result)
     assert len(ref.calls) > n
