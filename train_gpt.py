@@ -268,8 +268,6 @@ class Hyperparameters:
             need(getattr(self, var.lower()) > 0, var, "must be > 0")
         need(all(s.strip().isdigit() for s in self.ve_layers.split(",") if s.strip()), "VE_LAYERS",
              "must be a comma-separated list of layer ids")
-        need(self.train_loader != "packed" or self.doc_masking, "TRAIN_LOADER",
-             "packed needs DOC_MASKING=1: its one row per micro-step is cut into attention segments only by the mask")
         need(set(self.gate_patterns) <= set(GATE_PARAM_PATTERNS), "QUANT_GATE_PATTERNS",
              f"must be a comma-separated subset of {','.join(GATE_PARAM_PATTERNS)}")
         need(self.val_loss_every == 0, "VAL_LOSS_EVERY", "must be 0: validation data is read only after "
@@ -778,8 +776,9 @@ class PackedLoader:
     (1, n) and the same slice shifted by one as targets. As the sequences are the same whatever
     splits them, 1 GPU x 8 accumulation steps sees the tokens 8 GPUs see. With DOC_MASKING the
     row is cut at every BOS and every TRAIN_SEQ_LEN tokens from a segment start (GPT.segment_len
-    = packed_segment_len), as the record's cu_seqlens."""
+    = packed_segment_len), as the record's cu_seqlens; without it, the same tokens as seqs rows."""
     varlen_check: tuple[int, int] | None = None  # as SequentialLoader's
+    one_row = True  # make_train_loader: DOC_MASKING (else (seqs, seq_len) rows, cut at row starts)
 
     def __init__(self, paths: list[str], rt: Runtime, seed: int = 0):
         self.rt, self.stream = rt, SequentialLoader(paths, rt)  # its _take: the shards end to end, wrapping
@@ -788,10 +787,11 @@ class PackedLoader:
         n = seqs * seq_len
         chunk = self.stream._take(self.rt.world_size * (n + 1))
         local = chunk[self.rt.rank * (n + 1):(self.rt.rank + 1) * (n + 1)]
+        rows = 1 if self.one_row else seqs
         if self.varlen_check:
-            check_varlen_rows(local[None, :-1], *self.varlen_check)
+            check_varlen_rows(local[:-1].reshape(rows, -1), *self.varlen_check)
         local = self.rt.to_device(local)
-        return local[None, :-1], local[None, 1:]
+        return local[:-1].view(rows, -1), local[1:].view(rows, -1)
 
 
 TRAIN_LOADERS = {"sequential": SequentialLoader, "coprime": CoprimeLoader, "packed": PackedLoader}
@@ -799,11 +799,12 @@ TRAIN_LOADERS = {"sequential": SequentialLoader, "coprime": CoprimeLoader, "pack
 
 def packed_segment_len(h: Hyperparameters) -> int:
     """GPT.segment_len for training: TRAIN_SEQ_LEN with the packed loader's long rows, else 0 (the row)."""
-    return h.train_seq_len if h.train_loader == "packed" else 0
+    return h.train_seq_len if h.train_loader == "packed" and h.doc_masking else 0
 
 
 def make_train_loader(h: Hyperparameters, rt: Runtime):
     loader = TRAIN_LOADERS[h.train_loader](shard_paths(h.train_files), rt, h.seed)
+    loader.one_row = h.doc_masking
     if h.doc_masking:  # the capacity check runs here, on the host, before the compiled forward
         loader.varlen_check = (h.bos_id, packed_segment_len(h))
     return loader
@@ -1681,7 +1682,27 @@ def evaluate(nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime, strid
     rt.sync()
     t0 = time.perf_counter()
     wins = sliding_windows(len(val.tokens) - 1, h.eval_seq_len, stride)
+    if h.doc_masking:
+        check_window_segments(val, wins[rank_slice(len(wins), rt)], h.eval_batch_seqs, h.bos_id)
     return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses), rt, t0)
+
+
+def check_window_segments(val: ValidationData, wins: np.ndarray, batch: int, bos_id: int):
+    """check_varlen_rows for every batch score_windows makes of `wins` (this rank's, padded by
+    repeating the last), from a prefix count of BOS: one device sync per phase."""
+    if len(wins) == 0:
+        return
+    L = int((wins[:, 2] - wins[:, 0]).max())
+    pad = -len(wins) % batch
+    starts = torch.from_numpy(np.concatenate((wins[:, 0], np.repeat(wins[-1:, 0], pad)))).to(val.tokens.device)
+    bos = F.pad(torch.cumsum(val.tokens == bos_id, 0), (1, 0))  # bos[i]: BOS among tokens[:i]
+    n = len(val.tokens)
+    rows = 1 + bos[(starts + L).clamp(max=n)] - bos[(starts + 1).clamp(max=n)]  # row start + BOS after it
+    most = int(rows.view(-1, batch).sum(1).max())
+    cap = varlen_capacity(batch, L)
+    if most > cap:
+        raise VarlenOverflow(f"DOC_MASKING: an eval batch of shape ({batch}, {L}) holds {most} attention segments, "
+                             f"more than the varlen capacity {cap} (VARLEN_TOKENS_PER_SEQ={VARLEN_TOKENS_PER_SEQ})")
 
 
 clock = time.perf_counter  # the TTT planners' clock (a test swaps in a virtual one)

@@ -266,10 +266,14 @@ def test_packed_one_gpu_with_accumulation_sees_what_two_gpus_see(stream_shards):
         assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b)), f"step {k}"
 
 
-def test_packed_needs_document_masking_and_checks_segments(stream_shards, tiny_data):
+def test_packed_rows_follow_document_masking_and_check_segments(stream_shards, tiny_data):
     from conftest import tiny_env
-    with pytest.raises(tg.ConfigError, match="^TRAIN_LOADER=packed: packed needs DOC_MASKING=1"):
-        tg.Hyperparameters.from_env(tiny_env(tiny_data, TRAIN_LOADER="packed"))
+    plain = tg.Hyperparameters.from_env(tiny_env(tiny_data, TRAIN_LOADER="packed"))  # no DOC_MASKING: seqs rows
+    x, y = tg.make_train_loader(plain, fake_runtime(0, 1)).next_batch(2, 8)
+    one = tg.PackedLoader(tg.shard_paths(plain.train_files), fake_runtime(0, 1))
+    x1, y1 = one.next_batch(2, 8)
+    assert x.shape == (2, 8) and torch.equal(x.flatten(), x1[0]) and torch.equal(y.flatten(), y1[0])
+    assert tg.packed_segment_len(plain) == 0
     h = tg.Hyperparameters.from_env(tiny_env(tiny_data, TRAIN_LOADER="packed", DOC_MASKING=1, BOS_ID=1))
     loader = tg.make_train_loader(h, fake_runtime(0, 1))
     assert isinstance(loader, tg.PackedLoader) and loader.varlen_check == (1, h.train_seq_len)

@@ -308,3 +308,26 @@ def test_segments_compile_in_one_graph_and_equal_eager(varlen, monkeypatch):
         assert torch.equal(got.cu_seqlens, want.cu_seqlens) and got.max_seqlen == want.max_seqlen == 40
     else:
         assert torch.equal(got, want)
+
+
+def test_eval_windows_are_checked_before_scoring(tiny_data, monkeypatch):
+    """Multi-document eval windows (roundtrip, sliding) with DOC_MASKING: the largest batch's
+    segments, counted here batch by batch from the windows, are reported before any forward."""
+    h = tg.Hyperparameters.from_env(doc_env(tiny_data, DOC_MASKING=1, BOS_ID=BOS, EVAL_SEQ_LEN=128, EVAL_STRIDE=64,
+                                            EVAL_BATCH_SEQS=8))
+    model = noisy_model(h)
+    tokens = np.tile(np.array([BOS, 40, 41, 42], dtype=np.int64), 700)
+    tokens[:1000:3] = BOS  # a denser stretch: the first batches hold more segments
+    from doc_streams import make_val
+    val = make_val(tokens[:len(tokens) // 128 * 128 + 1], h.vocab_size)
+    wins = tg.sliding_windows(len(val.tokens) - 1, 128, 64)
+    x = [val.tokens[w0:w0 + 128] for w0 in wins[:, 0]]
+    x += [x[-1]] * (-len(x) % 8)
+    most = max(tg.segment_count(torch.stack(x[b:b + 8]), BOS) for b in range(0, len(x), 8))
+    assert most > tg.varlen_capacity(8, 128) == 256
+    calls = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(tg.VarlenOverflow, match=f"eval batch of shape \\(8, 128\\) holds {most} attention segments"):
+        tg.evaluate(tg.nll_function(model), val, h, RT, 64)
+    assert not calls
+    tg.evaluate(tg.nll_function(noisy_model(h)), val, dataclasses.replace(h, doc_masking=False), RT, 64)  # unchecked
