@@ -452,6 +452,7 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                      muon_wd=0.095, adam_wd=0.02, ema_decay=0.9965, ema_warmup=False,  # the record has no EMA warm-up
                      muon_row_normalize=True, muon_ns_coeffs="polar_express", warmdown_frac=0.85, min_lr=0.1,
                      embed_wd=0.085, gptq_calib_batches=16, gptq_reserve_seconds=8.0,
+                     gptq_calib_attention="dense",  # the record's: a tie on CPU (README), better in the review
                      train_loader="packed",  # the record's DocumentPackingLoader: shards in order, one row a step
                      quant_clip="sdclip", quant_embed="gptq", matrix_bits=6, embed_bits=7, matrix_clip_sigmas=12.85,
                      mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0, embed_clip_sigmas=14.0, gated_attn_quant_gate=True,

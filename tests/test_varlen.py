@@ -290,9 +290,10 @@ def test_packed_training_gives_varlen_one_row_cut_at_train_seq_len(tiny_data, mo
 
 
 def test_frontier_preset_follows_the_record_here():
-    """PRESET=frontier: the record's loader, no EMA warm-up, skip_gates fp16 (issue 19 items 2-3)."""
+    """PRESET=frontier: the record's loader, no EMA warm-up, skip_gates fp16, dense calibration (issue 19)."""
     h = tg.Hyperparameters.from_env({"PRESET": "frontier"})
     assert (h.train_loader, h.ema_warmup, h.gate_patterns) == ("packed", False, ("attn_gate",))
+    assert h.gptq_calib_attention == "dense"
     assert tg.Hyperparameters.from_env({"PRESET": "frontier", "TRAIN_LOADER": "coprime", "EMA_WARMUP": "1"}).ema_warmup
 
 
