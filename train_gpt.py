@@ -140,7 +140,7 @@ class Hyperparameters:
     seed: int = 1337  # init, data order (coprime loader), TTT and calibration sampling
     preset: str = ""  # a name of PRESETS ("" = the defaults, #1060's stack = pr1060); applied before env overrides
     device: str = "auto"  # auto | cuda | cpu
-    train_loader: str = "coprime"  # coprime (multi-shard, SEED-dependent order; #1060) | sequential
+    train_loader: str = "coprime"  # coprime (multi-shard, SEED-dependent order; #1060) | sequential | packed (#1855's)
     eval_artifact: str = ""  # skip training: score this artifact on DATA_PATH's val shards
     token_losses_dir: str = ""  # write <dir>/{sliding,ttt}.npy per-token NLL arrays
     # model
@@ -218,6 +218,7 @@ class Hyperparameters:
     # quantization and artifact
     gptq_calib: str = "train"  # train (inside the cap) | selfgen (model-generated text) | none (GPTQ-lite)
     gptq_calib_batches: int = 64  # train: micro-batches per rank; selfgen: sequences in all
+    gptq_calib_attention: str = "masked"  # Hessian forward with DOC_MASKING: masked (as trained) | dense (the record's)
     gptq_selfgen_temp: float = 0.8  # sampling temperature of self-generated calibration text
     gptq_reserve_seconds: float = 14.0  # taken out of MAX_WALLCLOCK_SECONDS for calibration (#1060: 14 s)
     gptq_block_size: int = 128
@@ -233,6 +234,7 @@ class Hyperparameters:
     attn_clip_sigmas: float = 13.0  # sdclip k of .attn. matrices
     embed_clip_sigmas: float = 14.0  # sdclip k of the tied embedding
     gated_attn_quant_gate: bool = False  # the quant gate: gate weights as int8 rows, not fp16 (#1736)
+    quant_gate_patterns: str = "attn_gate,skip_gate,smear_gate"  # gates it covers, by name part (the record: attn_gate)
     lqer_enabled: bool = False  # low-rank correction of the worst GPTQ residuals (#1797)
     lqer_rank: int = 4
     lqer_top_k: int = 3  # tensors corrected: the largest ||W - W_hat||_F
@@ -301,6 +303,8 @@ class Hyperparameters:
             need(getattr(self, var.lower()) > 0, var, "must be > 0")
         need(all(s.strip().isdigit() for s in self.ve_layers.split(",") if s.strip()), "VE_LAYERS",
              "must be a comma-separated list of layer ids")
+        need(set(self.gate_patterns) <= set(GATE_PARAM_PATTERNS), "QUANT_GATE_PATTERNS",
+             f"must be a comma-separated subset of {','.join(GATE_PARAM_PATTERNS)}")
         need(self.val_loss_every == 0, "VAL_LOSS_EVERY", "must be 0: validation data is read only after "
              "training and serialization (rule C1); the log has train_loss every TRAIN_LOG_EVERY steps")
         need(self.model_dim % self.num_heads == 0, "MODEL_DIM", "must be divisible by NUM_HEADS")
@@ -349,10 +353,11 @@ class Hyperparameters:
              "must be > 0 with LoRA TTT on (EVAL_MODE=doc, TTT_ENABLED=1)")
         need(self.phased_ttt_num_phases <= self.phased_ttt_prefix_docs, "PHASED_TTT_NUM_PHASES",
              f"must be <= PHASED_TTT_PREFIX_DOCS={self.phased_ttt_prefix_docs}: each phase needs a document")
-        for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", ("sequential", "coprime")),
+        for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", tuple(TRAIN_LOADERS)),
                              ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")), ("PRESET", ("", *PRESETS)),
                              ("PARALLEL_FINAL_LANE", ("mean",)),
                              ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
+                             ("GPTQ_CALIB_ATTENTION", ("masked", "dense")),
                              ("QUANT_COMPRESSOR", ("zstd", "lzma", "brotli", "auto")), ("QUANT_EMBED", ("int8", "gptq")),
                              ("QUANT_CLIP", ("search", "sdclip")),
                              ("TTT_OPTIMIZER", ("sgd", "adamw", "adam")), ("EVAL_MODE", ("sliding", "doc")),
@@ -365,6 +370,10 @@ class Hyperparameters:
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    @property
+    def gate_patterns(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in self.quant_gate_patterns.split(",") if s.strip())
 
     @property
     def ve_layer_ids(self) -> tuple[int, ...]:
@@ -575,11 +584,14 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                      parallel_start_layer=8, doc_masking=True, smear_gate_enabled=True, gate_window=12,
                      sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, sparse_attn_gate_init_std=0.0,
                      matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.97, beta2=0.99,
-                     muon_wd=0.095, adam_wd=0.02, ema_decay=0.9965,
+                     muon_wd=0.095, adam_wd=0.02, ema_decay=0.9965, ema_warmup=False,  # the record has no EMA warm-up
                      muon_row_normalize=True, muon_ns_coeffs="polar_express", warmdown_frac=0.85, min_lr=0.1,
                      embed_wd=0.085, gptq_calib_batches=16, gptq_reserve_seconds=8.0,
+                     gptq_calib_attention="dense",  # the record's: a tie on CPU (README), better in the review
+                     train_loader="packed",  # the record's DocumentPackingLoader: shards in order, one row a step
                      quant_clip="sdclip", quant_embed="gptq", matrix_bits=6, embed_bits=7, matrix_clip_sigmas=12.85,
                      mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0, embed_clip_sigmas=14.0, gated_attn_quant_gate=True,
+                     quant_gate_patterns="attn_gate",  # the record keeps skip_gates fp16
                      lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_factor_bits=4, lqer_asym_group=64,
                      quant_compressor="brotli",
                      eval_mode="doc", eval_seq_len=2048, ttt_enabled=True, ttt_chunk_size=48, ttt_batch_size=64,
@@ -857,6 +869,7 @@ class SequentialLoader:
     Per micro-step the ranks consume the next world*n tokens (plus one peeked target) and rank r
     keeps span r. Unlike the records' per-rank +1 spans, the global batch is then the same
     stream of sequences at any world size and gradient accumulation (1 GPU x 8 accum == 8 GPUs)."""
+    varlen_check: tuple[int, int] | None = None  # DOC_MASKING: (bos_id, segment length) for check_varlen_rows
 
     def __init__(self, paths: list[str], rt: Runtime, seed: int = 0):
         self.paths, self.rt = paths, rt
@@ -880,7 +893,10 @@ class SequentialLoader:
         span = seqs * seq_len
         chunk = self._take(self.rt.world_size * span + 1)
         self.pos -= 1  # the last target is the next micro-step's first input
-        local = self.rt.to_device(chunk[self.rt.rank * span:(self.rt.rank + 1) * span + 1])
+        local = chunk[self.rt.rank * span:(self.rt.rank + 1) * span + 1]
+        if self.varlen_check:
+            check_varlen_rows(local[:-1].reshape(seqs, seq_len), *self.varlen_check)
+        local = self.rt.to_device(local)
         return local[:-1].view(seqs, seq_len), local[1:].view(seqs, seq_len)
 
 
@@ -899,6 +915,7 @@ class CoprimeLoader:
     same global list and take windows rank, rank+W, ..."""
 
     MIX_RAMP_CALLS = 1800
+    varlen_check: tuple[int, int] | None = None  # as SequentialLoader's
 
     def __init__(self, paths: list[str], rt: Runtime, seed: int):
         self.rt = rt
@@ -949,13 +966,52 @@ class CoprimeLoader:
                 if lists[j][1]:
                     order.append((lists[j][0], lists[j][1].pop()))
         mine = order[self.rt.rank::W]
-        rows = self.rt.to_device(np.stack([self.shards[i][o:o + seq_len + 1] for i, o in mine]))
+        rows = np.stack([self.shards[i][o:o + seq_len + 1] for i, o in mine])
+        if self.varlen_check:
+            check_varlen_rows(rows[:, :-1], *self.varlen_check)
+        rows = self.rt.to_device(rows)
         return rows[:, :-1], rows[:, 1:]
 
 
+class PackedLoader:
+    """The record's DocumentPackingLoader (#1530 -> #1855; frontier.md 1.3): the sorted train shards
+    streamed in file order, no shuffling and no seed. Each micro-step the ranks consume world x
+    (n + 1) contiguous tokens, n = seqs x seq_len; rank r's slice r is one packed row: inputs
+    (1, n) and the same slice shifted by one as targets. As the sequences are the same whatever
+    splits them, 1 GPU x 8 accumulation steps sees the tokens 8 GPUs see. With DOC_MASKING the
+    row is cut at every BOS and every TRAIN_SEQ_LEN tokens from a segment start (GPT.segment_len
+    = packed_segment_len), as the record's cu_seqlens; without it, the same tokens as seqs rows."""
+    varlen_check: tuple[int, int] | None = None  # as SequentialLoader's
+    one_row = True  # make_train_loader: DOC_MASKING (else (seqs, seq_len) rows, cut at row starts)
+
+    def __init__(self, paths: list[str], rt: Runtime, seed: int = 0):
+        self.rt, self.stream = rt, SequentialLoader(paths, rt)  # its _take: the shards end to end, wrapping
+
+    def next_batch(self, seqs: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        n = seqs * seq_len
+        chunk = self.stream._take(self.rt.world_size * (n + 1))
+        local = chunk[self.rt.rank * (n + 1):(self.rt.rank + 1) * (n + 1)]
+        rows = 1 if self.one_row else seqs
+        if self.varlen_check:
+            check_varlen_rows(local[:-1].reshape(rows, -1), *self.varlen_check)
+        local = self.rt.to_device(local)
+        return local[:-1].view(rows, -1), local[1:].view(rows, -1)
+
+
+TRAIN_LOADERS = {"sequential": SequentialLoader, "coprime": CoprimeLoader, "packed": PackedLoader}
+
+
+def packed_segment_len(h: Hyperparameters) -> int:
+    """GPT.segment_len for training: TRAIN_SEQ_LEN with the packed loader's long rows, else 0 (the row)."""
+    return h.train_seq_len if h.train_loader == "packed" and h.doc_masking else 0
+
+
 def make_train_loader(h: Hyperparameters, rt: Runtime):
-    cls = CoprimeLoader if h.train_loader == "coprime" else SequentialLoader
-    return cls(shard_paths(h.train_files), rt, h.seed)
+    loader = TRAIN_LOADERS[h.train_loader](shard_paths(h.train_files), rt, h.seed)
+    loader.one_row = h.doc_masking
+    if h.doc_masking:  # the capacity check runs here, on the host, before the compiled forward
+        loader.varlen_check = (h.bos_id, packed_segment_len(h))
+    return loader
 
 
 @dataclass
@@ -1100,31 +1156,83 @@ def select_attention_backend(requested: str, device_type: str) -> str:
     return name
 
 
-VARLEN_SEGMENTS_PER_ROW = 64  # cu_seqlens capacity per row: FineWeb rows of 2048 hold ~3.5 documents
+# FA3 varlen capacity (issue 19 F1): cu_seqlens has a static length, so compiled shapes stay fixed, but a
+# small one. FA3's backward allocates total_q + batch*128 rows of scratch and launches grids with
+# gridDim.z = batch (<= 65,535), so B*T+1 entries (98,305 in training) crash; the record pads to a
+# multiple of 64 (about 128-192 entries). Here: one sequence per row piece, plus one per
+# VARLEN_TOKENS_PER_SEQ tokens, at least VARLEN_MIN_SEQS, a multiple of 64: 448 for a 48 x 2048
+# micro-batch (the record's runs: ~170 segments per 98,304 tokens; the sp8192 stand-in train shard's
+# windows: at most 135). A batch needing more raises VarlenOverflow (check_varlen_rows, before the forward).
+VARLEN_TOKENS_PER_SEQ = 256
+VARLEN_MIN_SEQS = 256
 
 
-def varlen_capacity(rows: int, seq_len: int) -> int:
-    """Sequences one FA3 varlen call is given for a (rows, seq_len) batch: a static bound, so the
-    compiled shape stays fixed, far under CUDA's 65,535 grid limit and FA3's backward scratch
-    (total + sequences*128 rows) at the record shape: 48 x 2048 -> 3,072 (not 98,304; review F1)."""
-    return min(rows * seq_len, rows * VARLEN_SEGMENTS_PER_ROW)
+class VarlenOverflow(ConfigError):
+    """A batch holds more attention segments than varlen_capacity: an `error:` line, exit 2."""
 
 
-def document_segments(ids: Tensor, bos_id: int) -> Tensor:
-    """Document masking (VarLen attention, #1530): attention never crosses a BOS. With FA3 the
-    int32 cu_seqlens of the flattened (B*T) stream, cut at every BOS and every row start; padded
-    with the total length (empty segments) to the static varlen_capacity so compiled shapes stay
-    fixed; a batch with more segments than that fails a device-side assert (no host sync) rather
-    than merging documents. Otherwise the block-diagonal causal mask (B,1,T,T) for SDPA."""
+class VarlenSegments(typing.NamedTuple):
+    """What FA3's varlen call takes for document masking: cu_seqlens (capacity + 1,) int32 and the
+    longest segment (the kernel's max_seqlen)."""
+    cu_seqlens: Tensor
+    max_seqlen: int
+
+
+def varlen_capacity(B: int, T: int, seg_len: int = 0) -> int:
+    """Sequences FA3's varlen call gets for a (B, T) batch: the static length of cu_seqlens less one
+    (see VARLEN_TOKENS_PER_SEQ); never more than B*T."""
+    L = min(T, seg_len or T)
+    need = max(VARLEN_MIN_SEQS, B * -(-T // L) + B * T // VARLEN_TOKENS_PER_SEQ)
+    return min(B * T, -(-need // 64) * 64)
+
+
+def segment_starts(ids: Tensor, bos_id: int, seg_len: int = 0) -> Tensor:
+    """(B,T) bool: where an attention segment starts. At every row start and every BOS; with
+    0 < seg_len < T (a packed row, the record's DocumentPackingLoader) also every seg_len tokens
+    after a segment's start, so no segment is longer than seg_len."""
+    starts = ids == bos_id
+    starts[:, 0] = True
+    if 0 < seg_len < ids.size(1):
+        col = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
+        last = torch.cummax(torch.where(starts, col, 0), dim=1).values  # latest row start or BOS
+        starts = (col - last) % seg_len == 0
+    return starts
+
+
+def segment_count(ids, bos_id: int, seg_len: int = 0) -> int:
+    """Non-empty attention segments of ids (B,T) (a tensor or numpy array) under document masking."""
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64)) if isinstance(ids, np.ndarray) else ids
+    return int(segment_starts(ids, bos_id, seg_len).sum())
+
+
+def varlen_batch_size(ids, bos_id: int, seg_len: int = 0) -> int:
+    """The number of sequences FA3's varlen call gets for ids (B,T) (its cu_seqlens length less
+    one): varlen_capacity, after checking that the batch's segments fit (VarlenOverflow if not)."""
+    check_varlen_rows(ids, bos_id, seg_len)
+    return varlen_capacity(*ids.shape, seg_len)
+
+
+def check_varlen_rows(ids, bos_id: int, seg_len: int = 0):
+    """The overflow check, on the host before the (compiled) forward: nonzero_static would drop
+    the starts past the capacity and silently join documents."""
+    n, cap = segment_count(ids, bos_id, seg_len), varlen_capacity(*ids.shape, seg_len)
+    if n > cap:
+        raise VarlenOverflow(f"DOC_MASKING: a batch of shape {tuple(ids.shape)} holds {n} attention segments, "
+                             f"more than the varlen capacity {cap} (VARLEN_TOKENS_PER_SEQ={VARLEN_TOKENS_PER_SEQ}): "
+                             "documents this short need a larger capacity")
+
+
+def document_segments(ids: Tensor, bos_id: int, seg_len: int = 0) -> VarlenSegments | Tensor:
+    """Document masking (VarLen attention, #1530): attention never crosses a segment start
+    (segment_starts). With FA3, VarlenSegments over the flattened (B*T) stream, padded with the
+    total length to varlen_capacity sequences (empty ones) so compiled shapes stay fixed.
+    Otherwise the block-diagonal causal mask (B,1,T,T) for SDPA: the same attention."""
     B, T = ids.shape
+    starts = segment_starts(ids, bos_id, seg_len)
     if _ATTENTION["varlen"] is not None:
-        starts = ids == bos_id
-        starts[:, 0] = True
-        cap = varlen_capacity(B, T)
-        torch._assert_async(starts.sum() <= cap, "document masking: more segments than varlen_capacity")
-        pos = torch.nonzero_static(starts.flatten(), size=cap, fill_value=B * T).flatten()
-        return torch.cat((pos, pos.new_full((1,), B * T))).int()
-    doc = torch.cumsum(ids == bos_id, dim=1)  # (B,T) document index within the row
+        pos = torch.nonzero_static(starts.flatten(), size=varlen_capacity(B, T, seg_len), fill_value=B * T).flatten()
+        return VarlenSegments(torch.cat((pos, pos.new_full((1,), B * T))).int(), min(T, seg_len or T))
+    doc = torch.cumsum(starts, dim=1)  # (B,T) segment index within the row
     causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
@@ -1143,11 +1251,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor | None = None
     return y.transpose(1, 2)
 
 
-def document_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor) -> Tensor:
+def document_attention(q: Tensor, k: Tensor, v: Tensor, docs: VarlenSegments | Tensor) -> Tensor:
     """causal_attention within documents: FA3's varlen call on cu_seqlens, or SDPA with the mask."""
-    if docs.dtype == torch.int32:
-        B, T = q.shape[:2]
-        out = _ATTENTION["varlen"](q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), docs, docs, T, T, causal=True)
+    if isinstance(docs, VarlenSegments):
+        cu, L = docs
+        out = _ATTENTION["varlen"](q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, L, L, causal=True)
         return (out[0] if isinstance(out, tuple) else out).view_as(q)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=docs, enable_gqa=q.size(2) != k.size(2))
@@ -1321,6 +1429,7 @@ def loop_layer_order(num_layers: int, loop_start: int, loop_end: int, num_loops:
 class GPT(nn.Module):
     """The record stack (stack.md section 3), built from a model_config() dict."""
     lora = None  # LM-head adapter during doc-mode TTT: final hidden -> logits, before the softcap
+    segment_len = 0  # DOC_MASKING: longest attention segment (0 = the row); packed training rows: TRAIN_SEQ_LEN
 
     def __init__(self, cfg: dict, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -1367,8 +1476,11 @@ class GPT(nn.Module):
             for block in self.blocks:
                 nn.init.normal_(block.attn.attn_gate_w, std=self.cfg["sparse_attn_gate_init_std"])
 
-    def forward_hidden(self, ids: Tensor) -> Tensor:
-        """ids (B,T) -> final normed hidden states (B,T,d). The one block loop of the model."""
+    def forward_hidden(self, ids: Tensor, doc_mask: bool = True) -> Tensor:
+        """ids (B,T) -> final normed hidden states (B,T,d). The one block loop of the model.
+        doc_mask=False: plain causal attention even with DOC_MASKING, for rows that hold one
+        document each (doc-phase windows, LoRA and global TTT rows; issue 19 F1b): the same
+        numbers, and never FA3's varlen kernel."""
         dt = self.compute_dtype
         x = self.tok_emb(ids).to(dt)
         if self.smear is not None:
@@ -1381,7 +1493,8 @@ class GPT(nn.Module):
             x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
         x0, skips = x, []
         ve_base = self.ve_proj(self.ve_embed(ids).to(dt)) * self.ve_scale.to(dt) if self.ve_layers else None
-        docs = document_segments(ids, self.cfg["bos_id"]) if self.cfg["doc_masking"] else None
+        masked = self.cfg["doc_masking"] and doc_mask
+        docs = document_segments(ids, self.cfg["bos_id"], self.segment_len) if masked else None
         order = self.loop_order if self.looping else self.plain_order
         num_encoder = len(order) // 2
         for j, i in enumerate(order):  # j: position in the (looped) sequence, i: physical layer
@@ -1426,9 +1539,10 @@ class GPT(nn.Module):
             logits = logits + self.lora(hidden).float()
         return c * torch.tanh(logits / c)
 
-    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-        """Mean cross-entropy (training), or per-token NLL (B,T) with reduction='none'."""
-        logits = self.logits(self.forward_hidden(ids))
+    def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean", doc_mask: bool = True) -> Tensor:
+        """Mean cross-entropy (training), or per-token NLL (B,T) with reduction='none'; doc_mask as
+        in forward_hidden."""
+        logits = self.logits(self.forward_hidden(ids, doc_mask))
         nll = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return nll if reduction == "mean" else nll.view_as(targets)
 
@@ -1759,8 +1873,9 @@ def to_result(sums: Tensor, rt: Runtime, t0: float) -> EvalResult:
     return EvalResult(s[0], int(s[1]), int(s[2]), 1000 * (time.perf_counter() - t0))
 
 
-def nll_function(model: GPT):
-    return lambda x, y: model(x, y, reduction="none")
+def nll_function(model: GPT, doc_mask: bool = True):
+    """Per-token NLL of (B,T) windows; doc_mask=False for windows of one document each (F1b)."""
+    return lambda x, y: model(x, y, reduction="none", doc_mask=doc_mask)
 
 
 def slot_nll_function(model: GPT, steps: int, lr: float):
@@ -1799,7 +1914,27 @@ def evaluate(nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime, strid
     rt.sync()
     t0 = time.perf_counter()
     wins = sliding_windows(len(val.tokens) - 1, h.eval_seq_len, stride)
+    if h.doc_masking:
+        check_window_segments(val, wins[rank_slice(len(wins), rt)], h.eval_batch_seqs, h.bos_id)
     return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses), rt, t0)
+
+
+def check_window_segments(val: ValidationData, wins: np.ndarray, batch: int, bos_id: int):
+    """check_varlen_rows for every batch score_windows makes of `wins` (this rank's, padded by
+    repeating the last), from a prefix count of BOS: one device sync per phase."""
+    if len(wins) == 0:
+        return
+    L = int((wins[:, 2] - wins[:, 0]).max())
+    pad = -len(wins) % batch
+    starts = torch.from_numpy(np.concatenate((wins[:, 0], np.repeat(wins[-1:, 0], pad)))).to(val.tokens.device)
+    bos = F.pad(torch.cumsum(val.tokens == bos_id, 0), (1, 0))  # bos[i]: BOS among tokens[:i]
+    n = len(val.tokens)
+    rows = 1 + bos[(starts + L).clamp(max=n)] - bos[(starts + 1).clamp(max=n)]  # row start + BOS after it
+    most = int(rows.view(-1, batch).sum(1).max())
+    cap = varlen_capacity(batch, L)
+    if most > cap:
+        raise VarlenOverflow(f"DOC_MASKING: an eval batch of shape ({batch}, {L}) holds {most} attention segments, "
+                             f"more than the varlen capacity {cap} (VARLEN_TOKENS_PER_SEQ={VARLEN_TOKENS_PER_SEQ})")
 
 
 clock = time.perf_counter  # the TTT planners' clock (a test swaps in a virtual one)
@@ -2079,7 +2214,7 @@ def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters:
             opt.step()
         n_steps = steps if weight.any() else 0
         with torch.set_grad_enabled(n_steps > 0):
-            score_first(lambda: model(x, y, reduction="none"), score, adapt, n_steps)
+            score_first(lambda: model(x, y, reduction="none", doc_mask=False), score, adapt, n_steps)  # 1 doc a row
     return sums
 
 
@@ -2109,7 +2244,7 @@ def global_ttt(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparam
             idx, valid = rows[:, :1] + pos, pos < rows[:, 1:]
             x, y = torch.where(valid, val.tokens[idx.clamp(max=len(val.tokens) - 2)], 0), val.tokens[(idx + 1).clamp(
                 max=len(val.tokens) - 1)]
-            nll = model(x, y, reduction="none")
+            nll = model(x, y, reduction="none", doc_mask=False)  # one document a row: plain causal (F1b)
             (torch.where(valid, nll, 0.0).sum() / int(step[:, 1].sum())).backward()
         all_reduce_grads(params, rt, op="sum")
         if h.global_ttt_grad_clip > 0:
@@ -2327,8 +2462,9 @@ PASSTHROUGH_MAX_NUMEL = 65_536  # smaller float tensors are stored as fp16
 GPTQ_DAMP = 0.01  # diagonal damping, fraction of mean(diag(H))
 GPTQ_DAMP_RETRIES = 3  # Cholesky failures: damping x10 this many times, then the identity Hessian
 # The quant gate (#1736, widened by #1787): gate weights whose name holds one of these and whose size is in
-# GATE_NUMEL_RANGE are int8 rows instead of fp16. The records matched "attn_gate" (attn_gate_w); the skip
-# and smear gates follow the same rule (the (1, 12) smear gate is below the range and stays fp16).
+# GATE_NUMEL_RANGE are int8 rows instead of fp16. The records matched "attn_gate" (attn_gate_w) and kept
+# skip_gates fp16 (PRESET=frontier: QUANT_GATE_PATTERNS=attn_gate); by default the skip and smear gates
+# follow the same rule (the (1, 12) smear gate is below the range and stays fp16).
 GATE_PARAM_PATTERNS = ("attn_gate", "skip_gate", "smear_gate")
 GATE_NUMEL_RANGE = (32, 8192)
 LQER_A_BITS = 2  # asymmetric LQER: the left factor A = U_r S_r is int2 with one scale per matrix (#1797)
@@ -2357,13 +2493,14 @@ class QuantSpec:
     lqer_rank: int = 4
     lqer_factor_bits: int = 4
     lqer_group: int = 64
+    gate_patterns: tuple[str, ...] = GATE_PARAM_PATTERNS  # gates the quant gate covers (QUANT_GATE_PATTERNS)
 
     @classmethod
     def from_hparams(cls, h: Hyperparameters) -> "QuantSpec":
         return cls(h.gptq_block_size, h.quant_embed == "gptq", h.int6_scale_floor, h.quant_clip, h.matrix_bits,
                    h.embed_bits, (h.matrix_clip_sigmas, h.mlp_clip_sigmas, h.attn_clip_sigmas, h.embed_clip_sigmas),
                    h.gated_attn_quant_gate, h.lqer_top_k if h.lqer_enabled else 0, h.lqer_rank, h.lqer_factor_bits,
-                   h.lqer_asym_group)
+                   h.lqer_asym_group, h.gate_patterns)
 
     def bits(self, name: str) -> int:
         return self.embed_bits if name.startswith("tok_emb.") else self.matrix_bits
@@ -2488,9 +2625,9 @@ def is_int6_matrix(name: str, t: Tensor) -> bool:
     return name.startswith("blocks.") and name.endswith(".weight") and t.ndim == 2
 
 
-def is_gate_param(name: str, t: Tensor) -> bool:
-    """A gate weight the quant gate stores as int8 rows (GATE_PARAM_PATTERNS, GATE_NUMEL_RANGE)."""
-    return any(p in name for p in GATE_PARAM_PATTERNS) and GATE_NUMEL_RANGE[0] <= t.numel() <= GATE_NUMEL_RANGE[1]
+def is_gate_param(name: str, t: Tensor, patterns: tuple[str, ...] = GATE_PARAM_PATTERNS) -> bool:
+    """A gate weight the quant gate stores as int8 rows (name holds one of `patterns`, size in GATE_NUMEL_RANGE)."""
+    return any(p in name for p in patterns) and GATE_NUMEL_RANGE[0] <= t.numel() <= GATE_NUMEL_RANGE[1]
 
 
 def quantize_groups(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
@@ -2546,7 +2683,7 @@ def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: 
     rest -> fp16. Then LQER corrections of the worst GPTQ'd tensors, if on."""
     out: dict[str, dict] = {"gptq": {}, "int8": {}, "gate": {}, "fp16": {}, "lqer": {}}
     for name, t in state.items():
-        if spec.quant_gate and is_gate_param(name, t):  # first: a gate may also look like a block matrix
+        if spec.quant_gate and is_gate_param(name, t, spec.gate_patterns):  # first: a gate may look like a matrix
             out["gate"][name] = quantize_gate_rows(t)
         elif is_int6_matrix(name, t) or (spec.embed_gptq and name == "tok_emb.weight"):
             k = spec.sigmas(name) if spec.clip == "sdclip" else 0.0
@@ -2781,10 +2918,12 @@ def write_artifact(blob: bytes, path: str, limit: int = SIZE_LIMIT_BYTES) -> dic
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, batches: typing.Iterable[tuple[Tensor, Tensor]], rt: Runtime) -> dict[str, Tensor]:
+def collect_hessians(model: GPT, batches: typing.Iterable[tuple[Tensor, Tensor]], rt: Runtime,
+                     doc_mask: bool = True) -> dict[str, Tensor]:
     """H = sum of X^T X over calibration tokens for every int6 matrix, from forward pre-hooks on
     the real modules, summed over ranks. K and V share Q's input, so they share its H. The tied
-    embedding gets the output head's H (final hidden states), for QUANT_EMBED=gptq."""
+    embedding gets the output head's H (final hidden states), for QUANT_EMBED=gptq. doc_mask=False:
+    the dense causal forward even with DOC_MASKING (GPTQ_CALIB_ATTENTION=dense, the record's)."""
     d = model.cfg["model_dim"]
     hessians: dict[str, Tensor] = {"tok_emb.weight": torch.zeros(d, d, device=rt.device)}
     hooks = []
@@ -2801,7 +2940,7 @@ def collect_hessians(model: GPT, batches: typing.Iterable[tuple[Tensor, Tensor]]
     try:
         with torch.inference_mode():
             for x, _ in batches:
-                accumulate("tok_emb.weight", model.forward_hidden(x))
+                accumulate("tok_emb.weight", model.forward_hidden(x, doc_mask))
     finally:
         for hk in hooks:
             hk.remove()
@@ -2884,6 +3023,7 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
     params = list(base_model.parameters())
     opts = build_optimizers(base_model, h, rt)
     geometry = batch_geometry(h, rt)
+    base_model.segment_len = packed_segment_len(h)  # before compiling: a constant of the graph
     log(f"model_params:{sum(p.numel() for p in params)} micro_batch_seqs:{geometry[0]} grad_accum_steps:{geometry[1]} "
         f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len}")
     if h.warmup_steps > 0:
@@ -2978,7 +3118,7 @@ def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, result: 
         rt.sync()
         t0 = time.perf_counter()
         seqs = generate_sequences(base_model, h.gptq_calib_batches, h.train_seq_len, h.gptq_selfgen_temp, h.seed, rt)
-        hessians = collect_hessians(base_model, ((s, None) for s in seqs), rt)
+        hessians = collect_hessians(base_model, ((s, None) for s in seqs), rt, h.gptq_calib_attention == "masked")
         rt.sync()
         result.selfgen_time_ms = 1000 * (time.perf_counter() - t0)
         log(f"calib:source:selfgen sequences:{h.gptq_calib_batches} temp:{h.gptq_selfgen_temp} layers:{len(hessians)} "
@@ -2986,14 +3126,16 @@ def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, result: 
         return hessians
     rt.sync()
     t0 = time.perf_counter()
-    seqs = batch_geometry(h, rt)[0]
+    seqs, masked = batch_geometry(h, rt)[0], h.gptq_calib_attention == "masked"
     batches = (loader.next_batch(seqs, h.train_seq_len) for _ in range(h.gptq_calib_batches))
-    hessians = collect_hessians(base_model, batches, rt)
+    if not masked:  # dense: sequences of TRAIN_SEQ_LEN, also from the packed loader's one long row
+        batches = ((x.reshape(-1, h.train_seq_len), y.reshape(-1, h.train_seq_len)) for x, y in batches)
+    hessians = collect_hessians(base_model, batches, rt, masked)
     rt.sync()
     result.calib_time_ms = 1000 * (time.perf_counter() - t0)
     total = result.train_time_ms + result.calib_time_ms
     cap = 1000 * h.max_wallclock_seconds
-    log(f"calib:source:train batches:{h.gptq_calib_batches} layers:{len(hessians)} "
+    log(f"calib:source:train batches:{h.gptq_calib_batches} attention:{h.gptq_calib_attention} layers:{len(hessians)} "
         f"calib_time:{result.calib_time_ms:.0f}ms train+calib:{total:.0f}ms cap:{cap:.0f}ms "
         f"within_cap:{cap <= 0 or total <= cap}")
     return hessians
@@ -3116,7 +3258,11 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
     phase("roundtrip", lambda _: evaluate(nll_fn, val, h, rt, h.eval_seq_len), per_token=False)
     if h.eval_mode == "doc":
         spans = validation_documents(val, sp.bos_id())
-        phase("doc", lambda tl: evaluate_docs(nll_fn, val, spans, h, rt, tl), f" chunk:{h.ttt_chunk_size}")
+        doc_fn = nll_fn  # doc windows hold one document each: plain causal attention, never varlen (F1b)
+        if cfg["doc_masking"]:
+            doc_fn = maybe_compile(nll_function(model, doc_mask=False), h, rt)
+            compile_warm_up(doc_fn, h, rt, cfg["vocab_size"])
+        phase("doc", lambda tl: evaluate_docs(doc_fn, val, spans, h, rt, tl), f" chunk:{h.ttt_chunk_size}")
     else:
         phase("sliding", lambda tl: evaluate(nll_fn, val, h, rt, h.eval_stride, tl), f" stride:{h.eval_stride}")
     if h.slot_enabled:
@@ -3246,6 +3392,7 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
     """Compile and time training steps, calibration, quantization + compression of the current
     weights, a slice of sliding eval and a two-chunk TTT on training tokens. Seconds, max over ranks."""
     base_model = build_model(model_config(h), rt)
+    base_model.segment_len = packed_segment_len(h)
     model = maybe_compile(base_model, h, rt)
     params, opts, geometry = list(base_model.parameters()), build_optimizers(base_model, h, rt), batch_geometry(h, rt)
     loader, averager = make_train_loader(h, rt), WeightAverager(base_model, h.ema_decay)

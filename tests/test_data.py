@@ -259,3 +259,47 @@ def test_truncated_last_train_shard_fails_before_step_1(tiny_data, tmp_path, mon
     err = out.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {last}: file is") and "header promises" in err[0], err
     assert "step:1/" not in out.out and "train_shards:" not in out.out
+
+
+# ---- packed loader (the record's DocumentPackingLoader, issue 19 item 3)
+
+
+@pytest.mark.parametrize("world,seqs,seq_len", [(1, 2, 16), (2, 1, 9), (3, 3, 7)], ids=["1gpu", "2gpu", "3gpu"])
+def test_packed_is_the_records_span_arithmetic(stream_shards, world, seqs, seq_len):
+    """Independent reading of frontier.md 1.3: call k of rank r is the slice of n + 1 tokens
+    starting at (k * world + r) * (n + 1) of the cyclic stream of sorted shards, n = seqs * seq_len:
+    inputs its first n as one row, targets the same shifted by one. No seed."""
+    paths, stream = stream_shards
+    n = seqs * seq_len
+    loaders = [tg.PackedLoader(paths, fake_runtime(r, world), seed) for r, seed in zip(range(world), (1, 2, 3))]
+    for k in range(2 * len(stream) // (world * (n + 1)) + 3):  # wraps past the last shard twice
+        for r, loader in enumerate(loaders):
+            x, y = loader.next_batch(seqs, seq_len)
+            want = torch.from_numpy(stream[((k * world + r) * (n + 1) + np.arange(n + 1)) % len(stream)])
+            assert x.shape == y.shape == (1, n) and x.dtype == torch.int64
+            assert torch.equal(x[0], want[:-1]) and torch.equal(y[0], want[1:]), f"call {k} rank {r}"
+
+
+def test_packed_one_gpu_with_accumulation_sees_what_two_gpus_see(stream_shards):
+    paths, _ = stream_shards
+    one = tg.PackedLoader(paths, fake_runtime(0, 1))
+    two = [tg.PackedLoader(paths, fake_runtime(r, 2)) for r in (0, 1)]
+    for k in range(20):
+        a = [one.next_batch(2, 8) for _ in range(2)]  # 2 accumulation steps
+        b = [loader.next_batch(2, 8) for loader in two]
+        assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b)), f"step {k}"
+
+
+def test_packed_rows_follow_document_masking_and_check_segments(stream_shards, tiny_data):
+    from conftest import tiny_env
+    plain = tg.Hyperparameters.from_env(tiny_env(tiny_data, TRAIN_LOADER="packed"))  # no DOC_MASKING: seqs rows
+    x, y = tg.make_train_loader(plain, fake_runtime(0, 1)).next_batch(2, 8)
+    one = tg.PackedLoader(tg.shard_paths(plain.train_files), fake_runtime(0, 1))
+    x1, y1 = one.next_batch(2, 8)
+    assert x.shape == (2, 8) and torch.equal(x.flatten(), x1[0]) and torch.equal(y.flatten(), y1[0])
+    assert tg.packed_segment_len(plain) == 0
+    h = tg.Hyperparameters.from_env(tiny_env(tiny_data, TRAIN_LOADER="packed", DOC_MASKING=1, BOS_ID=1))
+    loader = tg.make_train_loader(h, fake_runtime(0, 1))
+    assert isinstance(loader, tg.PackedLoader) and loader.varlen_check == (1, h.train_seq_len)
+    assert tg.packed_segment_len(h) == h.train_seq_len
+    assert tg.packed_segment_len(tg.dataclasses.replace(h, train_loader="sequential")) == 0

@@ -249,40 +249,6 @@ def test_varlen_path_gets_cu_seqlens_at_every_bos_and_row_start(monkeypatch):
     torch.testing.assert_close(got, masked, rtol=1e-5, atol=1e-5)
 
 
-def test_varlen_capacity_is_bounded_at_the_record_shapes():
-    """Review F1: B*T+1 cu_seqlens gave FA3 98,304 sequences per training micro-batch (CUDA grid z
-    limit 65,535, ~53 GB of backward scratch). The static capacity stays far under the limit."""
-    assert tg.varlen_capacity(48, 2048) == 48 * tg.VARLEN_SEGMENTS_PER_ROW == 3072
-    for rows, T in ((48, 2048), (32, 2048), (64, 2048), (2, 30)):
-        cap = tg.varlen_capacity(rows, T)
-        assert cap <= min(rows * T, 65_535 // 8)
-    # FA3 mha_bwd scratch rows: total_q + batch * kBlockM (128): 491,520 against B*T+1's 12,681,216
-    assert 48 * 2048 + tg.varlen_capacity(48, 2048) * 128 == 491_520 < 12_681_216 // 25
-
-
-def test_varlen_padding_to_the_capacity_keeps_the_numbers_and_overflow_fails(monkeypatch):
-    """With a capacity below B*T the cu_seqlens have capacity+1 entries, the real cuts first, and
-    give the masked path's numbers; more segments than the capacity fail loudly, never merge."""
-    calls = []
-    varlen = reference_varlen(calls)
-    m = noisy(hp(**TINY_FRONTIER))
-    ids = doc_stream(5, 512)[:60].view(2, 30)
-    starts = sorted({0, 30} | {int(p) for p in (ids.flatten() == BOS).nonzero()})
-    monkeypatch.setattr(tg, "VARLEN_SEGMENTS_PER_ROW", -(-len(starts) // 2))
-    cap = tg.varlen_capacity(2, 30)
-    assert len(starts) <= cap < 60
-    with torch.no_grad():
-        masked = m.forward_hidden(ids)
-        monkeypatch.setitem(tg._ATTENTION, "varlen", varlen)
-        got = m.forward_hidden(ids)
-        cu = calls[0].tolist()
-        assert len(cu) == cap + 1 and cu[:len(starts)] == starts and set(cu[len(starts):]) == {60}
-        torch.testing.assert_close(got, masked, rtol=1e-5, atol=1e-5)
-        monkeypatch.setattr(tg, "VARLEN_SEGMENTS_PER_ROW", 1)
-        with pytest.raises(RuntimeError, match="more segments than varlen_capacity"):
-            m.forward_hidden(ids)
-
-
 # ----------------------------------------------------------------------------------------------
 # Flip test across documents: change a token of document k, no other document's NLL moves
 

@@ -178,7 +178,7 @@ def test_global_phase_trains_only_the_prefix_documents(h):
     model = noisy_model(h)
     seen = []
     real = model.forward
-    model.forward = lambda x, y, reduction="mean": (seen.append(y.clone()), real(x, y, reduction))[1]
+    model.forward = lambda x, y, reduction="mean", **kw: (seen.append(y.clone()), real(x, y, reduction, **kw))[1]
     tokens = tg.global_ttt(model, val, prefix, dataclasses.replace(h, global_ttt_epochs=2), RT)
     assert tokens == int(prefix[:, 1].sum())
     assert sum(len(y.flatten()) for y in seen) >= 2 * tokens

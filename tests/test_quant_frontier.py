@@ -298,3 +298,17 @@ def test_every_option_artifact_loads_with_eval_artifact_alone(tiny_data, tmp_pat
     again = tg.json.load(open("logs/eval.json"))
     for phase in ("roundtrip", "sliding"):
         assert again["eval"][phase]["val_bpb"] == first["eval"][phase]["val_bpb"]
+
+
+def test_quant_gate_patterns_choose_which_gates_are_int8():
+    """QUANT_GATE_PATTERNS=attn_gate (PRESET=frontier, the record's): skip_gates stay fp16."""
+    state = trained_like_state()
+    attn_only = tg.quantize_state(state, {}, tg.QuantSpec(quant_gate=True, gate_patterns=("attn_gate",)))
+    assert set(attn_only["gate"]) == {"blocks.0.attn.attn_gate_w", "blocks.1.attn.attn_gate_w",
+                                      "blocks.1.attn.attn_gate.weight"}
+    assert torch.equal(attn_only["fp16"]["skip_gates"], state["skip_gates"].half())
+    h = tg.Hyperparameters.from_env({"PRESET": "frontier"})
+    assert tg.QuantSpec.from_hparams(h).gate_patterns == ("attn_gate",)
+    assert tg.QuantSpec.from_hparams(tg.Hyperparameters()).gate_patterns == tg.GATE_PARAM_PATTERNS
+    with pytest.raises(tg.ConfigError, match="^QUANT_GATE_PATTERNS=attn_gate,skip: must be a comma-separated subset"):
+        tg.Hyperparameters.from_env({"QUANT_GATE_PATTERNS": "attn_gate,skip"})
