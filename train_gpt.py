@@ -620,10 +620,9 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                    ttt_enabled=False, slot_enabled=True),
     "pr1060": {},  # the defaults: #1060's stack plus #549's score-first TTT (TTT_ENABLED=0 is #1060's headline)
 }
-# The 1.0611 record under its PR number (issue 14).
-# TODO(merge, issue 14 part 2): once CASEOPS_ENABLED is a field, pr1855 = frontier + caseops_enabled=True,
-# tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
-# data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved" (frontier keeps plain sp8192).
+# The 1.0611 record under its PR number (issue 14). It keeps plain sp8192 for now; the record's own data is
+# CASEOPS_ENABLED=1 with TOKENIZER_PATH=.../fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model and
+# shards built by tests/caseops_data.py (not yet the preset's default: issue 14 is open).
 PRESETS["pr1855"] = PRESETS["frontier"]
 # What a preset leaves out or assumes, logged with `preset:<name>`.
 PRESET_NOTES = {
@@ -1200,9 +1199,19 @@ def segment_starts(ids: Tensor, bos_id: int, seg_len: int = 0) -> Tensor:
 
 
 def segment_count(ids, bos_id: int, seg_len: int = 0) -> int:
-    """Non-empty attention segments of ids (B,T) (a tensor or numpy array) under document masking."""
-    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64)) if isinstance(ids, np.ndarray) else ids
-    return int(segment_starts(ids, bos_id, seg_len).sum())
+    """Non-empty attention segments of ids (B,T) (a tensor or numpy array) under document masking.
+    A loader's numpy batch (every micro-step, on the host) is counted from its BOS positions alone:
+    each piece between starts gives ceil(length / seg_len) segments, as segment_starts cuts it."""
+    if not isinstance(ids, np.ndarray):
+        return int(segment_starts(ids, bos_id, seg_len).sum())
+    starts = ids == bos_id
+    starts[:, 0] = True
+    T = ids.shape[1]
+    if not 0 < seg_len < T:
+        return int(np.count_nonzero(starts))
+    r, c = np.nonzero(starts)  # row-major: a start's end is the next start in its row, else T
+    end = np.where(np.append(r[1:] == r[:-1], False), np.append(c[1:], T), T)
+    return int((-(-(end - c) // seg_len)).sum())
 
 
 def varlen_batch_size(ids, bos_id: int, seg_len: int = 0) -> int:

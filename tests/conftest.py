@@ -98,6 +98,15 @@ def script_env(env: dict) -> dict:
     return base
 
 
+def assert_one_error_line(proc: subprocess.CompletedProcess, words) -> str:
+    """A bad input's contract: exit 2, the last stderr line is `error:` naming every word, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and all(w in last for w in words), last
+    assert "Traceback" not in proc.stderr
+    return last
+
+
 def run_script(env: dict, cwd: Path, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run train_gpt.py in `cwd` as `python3 train_gpt.py` or under torchrun with nproc processes."""
     script = str(ROOT / "train_gpt.py")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import train_gpt as tg
-from conftest import ROOT, run_script, tiny_env
+from conftest import assert_one_error_line, ROOT, run_script, tiny_env
 
 SCRIPT = ROOT / "train_gpt.py"
 PHASES = ("prequant", "roundtrip", "sliding", "ttt")
@@ -250,10 +250,7 @@ def test_bad_input_fails_with_one_error_line(case, tiny_data, tmp_path):
     cwd = tmp_path / "run"
     cwd.mkdir()
     proc = run_script(env, cwd, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and all(w in last for w in words), last
-    assert "Traceback" not in proc.stderr
+    assert_one_error_line(proc, words)
     if re.search(r"^step:\d+/", proc.stdout, re.M) or [p for p in cwd.iterdir() if p.name.startswith(tg.ARTIFACT_NAME)]:
         raise LeftBehind("trained or left an artifact (or its .tmp) in cwd: " + str(sorted(os.listdir(cwd))))
 

@@ -332,3 +332,44 @@ def test_eval_windows_are_checked_before_scoring(tiny_data, monkeypatch):
         tg.evaluate(tg.nll_function(model), val, h, RT, 64)
     assert not calls
     tg.evaluate(tg.nll_function(noisy_model(h)), val, dataclasses.replace(h, doc_masking=False), RT, 64)  # unchecked
+
+
+@pytest.mark.parametrize("seg_len", [0, 1, 7, 50, 64])
+@pytest.mark.parametrize("bos_every", [1.5, 6.0, 40.0])
+def test_numpy_segment_count_equals_the_walk(seg_len, bos_every):
+    """The loaders' host count (numpy, every micro-step) equals the independent walk and the
+    tensor path of segment_starts."""
+    for seed in range(3):
+        ids = random_ids((5, 50), bos_every, seed).numpy().astype(np.uint16)
+        want = int(walk_starts(ids, BOS, seg_len).sum())
+        assert tg.segment_count(ids, BOS, seg_len) == want
+        assert tg.segment_count(torch.from_numpy(ids.astype(np.int64)), BOS, seg_len) == want
+
+
+FA3_BLOCK_M = 128  # hopper/flash_bwd_launch_template.h: kBlockM for hdim 64, causal
+CUDA_GRID_Z_MAX = 65_535
+H100_BYTES = 80 * 10**9
+
+
+def fa3_varlen_backward_scratch(total_q: int, batch: int, heads: int, kv_heads: int, head_dim: int) -> int:
+    """FA3 mha_bwd's varlen scratch (review F1, from hopper/flash_api.cpp): total_q + batch*kBlockM
+    padded rows of fp32 dq_accum (heads x head_dim), dk/dv accum (kv heads x head_dim each, GQA),
+    softmax_d and lse (heads each)."""
+    rows = total_q + batch * FA3_BLOCK_M
+    return rows * 4 * (heads * head_dim + 2 * kv_heads * head_dim + 2 * heads)
+
+
+@pytest.mark.parametrize("shape,seg_len", [((48, 2048), 0), ((1, 98_304), 2048), ((32, 2048), 0)],
+                         ids=["train_rows", "train_packed", "eval_batch"])
+def test_fa3_backward_scratch_and_grid_fit_an_h100_at_the_record_shapes(shape, seg_len):
+    """A CPU model of the GPU limits the varlen call must respect at the frontier's shapes (8 heads,
+    4 KV heads, head dim 64): the grid's z dimension (= sequences) under 65,535 and the backward
+    scratch a small part of 80 GB. The same model reproduces the review's crash for B*T+1 padding
+    (98,304 sequences, ~53 GB), so it can tell the two apart."""
+    B, T = shape
+    cap = tg.varlen_capacity(B, T, seg_len)
+    assert cap <= CUDA_GRID_Z_MAX
+    # this model: 0.65 GB at the training shapes, 0.44 GB at the eval batch
+    assert fa3_varlen_backward_scratch(B * T, cap, 8, 4, 64) < H100_BYTES // 20
+    old = fa3_varlen_backward_scratch(98_304, 98_304, 8, 4, 64)
+    assert 98_304 > CUDA_GRID_Z_MAX and 52e9 < old < 54e9
