@@ -1780,6 +1780,37 @@ def phase_boundaries(n_docs: int, batch: int, prefix: int, phases: int) -> list[
     return [(-(-b // batch), b) for b in docs if b > 0]
 
 
+@dataclass(frozen=True)
+class LoraSchedule:
+    """The whole plan of LoRA TTT, shared by lora_ttt_evaluate and PREFLIGHT=plan (nothing else
+    decides who runs what): batches of document indices in queue order, mine[rank][segment] = the
+    queue indices rank runs in phase segment `segment` (segment p ends at global phase p; one more
+    segment follows the last phase), each batch's token-positions (lora_batch_work), and the
+    document indices each global phase trains on."""
+    queue: list[np.ndarray]
+    mine: list[list[list[int]]]
+    work: list[int]
+    phase_docs: list[np.ndarray]
+
+
+def lora_schedule(spans: np.ndarray, h: Hyperparameters, world_size: int) -> LoraSchedule:
+    """Today's plan: TTT_BATCH_SIZE batches longest first (ttt_queue), each phase segment's
+    batches round-robin over ranks, phase p trains on the queue prefix (phase_boundaries)."""
+    queue = ttt_queue(spans, h.ttt_batch_size)
+    order = np.concatenate(queue) if queue else np.zeros(0, dtype=np.int64)
+    bounds = phase_boundaries(len(spans), h.ttt_batch_size, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases)
+    cuts = [0] + [min(k, len(queue)) for k, _ in bounds] + [len(queue)]
+    mine = [[list(range(cuts[s] + r, cuts[s + 1], world_size)) for s in range(len(cuts) - 1)]
+            for r in range(world_size)]
+    work = [lora_batch_work(spans[q], h.ttt_chunk_size, h.eval_seq_len) for q in queue]
+    return LoraSchedule(queue, mine, work, [order[:b] for _, b in bounds])
+
+
+def schedule_done_after(plan: LoraSchedule, seg: int) -> bool:
+    """True when no rank has a batch after phase segment `seg`: a phase there would adapt nothing."""
+    return not any(batches for rank in plan.mine for batches in rank[seg + 1:])
+
+
 def chunk_rows(spans: np.ndarray, ci: int, chunk: int, seq_len: int) -> tuple[np.ndarray, ...]:
     """Chunk ci of a batch of documents sorted longest first: for each document that has it, the
     row start in the stream, row length (the last <= seq_len tokens up to the chunk's end), offset
@@ -1922,25 +1953,22 @@ def run_global_phase(model: GPT, val: ValidationData, prefix: np.ndarray, p: int
 def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime,
                       losses: TokenLosses | None = None, deadline: float | None = None) -> EvalResult:
     """Batched per-document LoRA TTT (PR #1530 -> #1855), with PHASED_TTT_NUM_PHASES global SGD
-    pauses (PR #1626), score-first per chunk (rules A1-A5). The queue's batches are split over
-    ranks round-robin within each phase segment (deterministic, no side channel); at a pause every
-    rank has scored every batch holding a prefix document, then all ranks train the base on them.
-    Adapters: B and the AdamW state reset per batch, A too unless TTT_WARM_START_A (then A is new
-    per segment). With a deadline, the grad steps per chunk are re-planned after every batch from
-    the robust pace, and a phase that would not fit is skipped; both can come back later."""
+    pauses (PR #1626), score-first per chunk (rules A1-A5). Who runs which batch in which phase
+    segment, and which documents each phase trains on, is lora_schedule's plan alone; at a pause
+    every rank has scored every batch before it, then all ranks train the base on the phase's
+    documents. Adapters: B and the AdamW state reset per batch, A too unless TTT_WARM_START_A (then
+    A is new per segment). With a deadline, the grad steps per chunk are re-planned after every
+    batch from the robust pace, and a phase that would not fit is skipped; both can come back later."""
     rt.sync()
     t0 = clock()
     C, L = h.ttt_chunk_size, h.eval_seq_len
-    queue = ttt_queue(spans, h.ttt_batch_size)
-    order = np.concatenate(queue)
-    bounds = phase_boundaries(len(spans), h.ttt_batch_size, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases)
-    cuts = [0] + [min(k, len(queue)) for k, _ in bounds] + [len(queue)]
-    mine = [list(range(cuts[s] + rt.rank, cuts[s + 1], rt.world_size)) for s in range(len(cuts) - 1)]
-    work = [lora_batch_work(spans[q], C, L) for q in queue]
-    phase_tokens = [int(spans[order[:b], 1].sum()) * h.global_ttt_epochs for _, b in bounds]
+    plan = lora_schedule(spans, h, rt.world_size)
+    queue, work, mine = plan.queue, plan.work, plan.mine[rt.rank]
+    n_phases = len(plan.phase_docs)
+    phase_tokens = [int(spans[d, 1].sum()) * h.global_ttt_epochs for d in plan.phase_docs]
     log(f"ttt:start mode:lora docs:{len(spans)} batches:{len(queue)} batch_docs:{h.ttt_batch_size} chunk:{C} "
         f"context:{L} rank:{h.ttt_lora_rank} alpha:{h.ttt_lora_alpha} lr:{h.ttt_lora_lr} grad_steps:{h.ttt_grad_steps} "
-        f"warm_start_a:{int(h.ttt_warm_start_a)} phases:{len(bounds)} phase_docs:{[b for _, b in bounds]} "
+        f"warm_start_a:{int(h.ttt_warm_start_a)} phases:{n_phases} phase_docs:{[len(d) for d in plan.phase_docs]} "
         f"protocol:score_first")
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     steps, paces, token_s, plan_changes, phases_run, steps_used = h.ttt_grad_steps, [], None, 0, 0, []
@@ -1977,14 +2005,14 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
                         f"rank0_bpb:{EvalResult(tot[0], int(tot[1]), int(tot[2])).val_bpb:.6f}")
             detach_lora(model)
             pace = robust_pace(paces)
-            if seg < len(bounds):
+            if seg < n_phases:
                 est_s, room_s = None, 0.0
                 if deadline is not None and pace is not None:
                     left = sum(work[b] for s in mine[seg + 1:] for b in s)
                     est_s = phase_tokens[seg] * (token_s or pace * (1 + STEP_COST))
                     room_s = deadline - clock() - left * pace * (1 + STEP_COST * steps)
-                ran = run_global_phase(model, val, spans[order[:bounds[seg][1]]], seg, len(bounds),
-                                       cuts[seg + 1] >= len(queue), h, rt, est_s, room_s)
+                ran = run_global_phase(model, val, spans[plan.phase_docs[seg]], seg, n_phases,
+                                       schedule_done_after(plan, seg), h, rt, est_s, room_s)
                 if ran is not None:
                     token_s, phases_run = ran, phases_run + 1
     finally:
@@ -1993,7 +2021,7 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
     result = to_result(sums, rt, t0)
     result.notes = dict(mode="lora", docs=len(spans), batches=len(queue), chunk_size=C,
                         grad_steps_requested=h.ttt_grad_steps, grad_steps_min=min(steps_used, default=0),
-                        plan_changes=plan_changes, phases_planned=len(bounds), phases_run=phases_run,
+                        plan_changes=plan_changes, phases_planned=n_phases, phases_run=phases_run,
                         score_first=True)
     return result
 
