@@ -253,6 +253,8 @@ class Hyperparameters:
     preflight_eval_windows: int = 512  # sliding windows timed (on training tokens), projected to the val stream
     preflight_world_size: int = 8  # PREFLIGHT=plan: ranks of the modelled run
     preflight_gpu_gib: float = 79.6  # PREFLIGHT=plan: memory per rank (H100 80 GB: 81,559 MiB)
+    preflight_val_tokens: int = 40_540_000  # PREFLIGHT=plan: tokens of the modelled val set (sp8192's; never read)
+    preflight_val_docs: int = 50_000  # PREFLIGHT=plan: its documents (lengths: the train shard's, cycled and scaled)
 
     def __post_init__(self):
         def need(cond: bool, var: str, msg: str):
@@ -264,7 +266,8 @@ class Hyperparameters:
                     "TRAIN_LOG_EVERY", "MUON_BACKEND_STEPS", "MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS",
                     "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS", "LQER_RANK", "LQER_ASYM_GROUP", "TTT_CHUNK_SIZE",
                     "TTT_BATCH_SIZE", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "PREFLIGHT_STEPS",
-                    "PREFLIGHT_EVAL_WINDOWS", "PREFLIGHT_WORLD_SIZE", "PREFLIGHT_GPU_GIB"):
+                    "PREFLIGHT_EVAL_WINDOWS", "PREFLIGHT_WORLD_SIZE", "PREFLIGHT_GPU_GIB",
+                    "PREFLIGHT_VAL_TOKENS", "PREFLIGHT_VAL_DOCS"):
             need(getattr(self, var.lower()) > 0, var, "must be > 0")
         need(all(s.strip().isdigit() for s in self.ve_layers.split(",") if s.strip()), "VE_LAYERS",
              "must be a comma-separated list of layer ids")
@@ -3091,9 +3094,6 @@ EAGER_TTT_FACTOR = 1.8  # eager LoRA TTT against compiled: 1.3-1.8x (~9k op disp
 QUANTIZE_COMPRESS_S = 70.0  # GPTQ + LQER + brotli-11 on rank 0, ours: 50-70 s
 DECOMPRESS_S = 1.0  # brotli: ~16 MB at ~186 MB/s (review probe 4), rounded up
 EVAL_COMPILE_S = 65.0  # one compile of the eval forward: the prequant diagnostic's 40-70 s less its 5.7 s of forward
-# The validation set the eval scores (sp8192): its size only, never its tokens.
-VAL_TOKENS = 40_540_000
-VAL_DOCS = 50_000
 FA3_BWD_BLOCK_M = 128  # kBlockM of FA3's hdim-64 causal backward (hopper/flash_bwd_launch_template.h)
 CUDA_GRID_Z_MAX = 65_535  # gridDim.z limit; FA3's backward grids are (blocks, heads, batch)
 
@@ -3212,11 +3212,11 @@ def global_rows_per_forward(spans: np.ndarray, plan: LoraSchedule, h: Hyperparam
 
 def plan_documents(h: Hyperparameters) -> np.ndarray:
     """Spans of a FineWeb-like validation set built from the first TRAIN shard's BOS spans (never a
-    validation token): its document lengths in order, cycled to VAL_DOCS documents and scaled to
-    VAL_TOKENS tokens in all (the real sp8192 validation set's size)."""
+    validation token): its document lengths in order, cycled to PREFLIGHT_VAL_DOCS documents and
+    scaled to PREFLIGHT_VAL_TOKENS tokens in all (default: the real sp8192 validation set's size)."""
     lengths = document_spans(np.asarray(read_shard(shard_paths(h.train_files)[0])), h.bos_id)[:, 1]
-    n = np.resize(lengths, VAL_DOCS).astype(np.float64)
-    n = np.maximum(np.round(n * VAL_TOKENS / n.sum()), 2).astype(np.int64)
+    n = np.resize(lengths, h.preflight_val_docs).astype(np.float64)
+    n = np.maximum(np.round(n * h.preflight_val_tokens / n.sum()), 2).astype(np.int64)
     return np.stack((np.cumsum(n) - n, n), axis=1)
 
 
@@ -3347,7 +3347,8 @@ def preflight_plan(h: Hyperparameters):
     preflight_plan_rows for PREFLIGHT_WORLD_SIZE ranks, printed and written as JSON; NoGo if a
     limit would break."""
     log(f"preflight:plan world_size:{h.preflight_world_size} gpu_gib:{h.preflight_gpu_gib} (full-size model on "
-        f"the meta device; documents from the train shard's BOS spans scaled to {VAL_TOKENS} tokens)")
+        f"the meta device; {h.preflight_val_docs} documents from the train shard's BOS spans scaled to "
+        f"{h.preflight_val_tokens} tokens)")
     spans = plan_documents(h)
     preflight_verdict(h, preflight_plan_rows(h, spans, lora_schedule(spans, h, h.preflight_world_size)))
 
