@@ -1812,6 +1812,12 @@ def lora_schedule(spans: np.ndarray, h: Hyperparameters, world_size: int) -> Lor
     return LoraSchedule(queue, mine, work, [order[:b] for _, b in bounds])
 
 
+def schedule_critical_seconds(plan: LoraSchedule, batch_s: typing.Sequence[float]) -> float:
+    """Seconds of the plan on its critical path: each phase segment ends in a collective, so the
+    sum over segments of the slowest rank's batches there."""
+    return sum(max(sum(batch_s[b] for b in rank[s]) for rank in plan.mine) for s in range(len(plan.mine[0])))
+
+
 def schedule_done_after(plan: LoraSchedule, seg: int) -> bool:
     """True when no rank has a batch after phase segment `seg`: a phase there would adapt nothing."""
     return not any(batches for rank in plan.mine for batches in rank[seg + 1:])
@@ -2996,9 +3002,46 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
         r = ttt_evaluate(base_model, nll_fn, two, h, rt)
         n_scored = len(sliding_windows(2 * C, L, h.eval_stride))
         m["ttt_chunk_train_s"] = max(r.time_ms / 1000 - n_scored * m["window_s"], 0.0)
+    if h.ttt_enabled and h.eval_mode == "doc":
+        m.update(preflight_doc_measure(base_model, h, rt))
     names = sorted(m)
     values = rt.all_reduce_(torch.tensor([m[k] for k in names], dtype=torch.float64, device=rt.device), "max")
     return dict(zip(names, values.tolist()))
+
+
+def preflight_doc_measure(model: GPT, h: Hyperparameters, rt: Runtime) -> dict:
+    """EVAL_MODE=doc: the real eval phases on training tokens at a small budget (issue 19 item 5):
+    lora_ttt_evaluate on one batch of the longest documents of the stand-in stream (cut at twice
+    EVAL_SEQ_LEN: the full-context shape) and one of the shortest, without phases, then one
+    global_ttt step. Seconds per token-position (lora_batch_work) and per global token."""
+    B, L = h.ttt_batch_size, h.eval_seq_len
+    stream = stand_in_stream(h, max(4 * B * L, 2 * h.global_ttt_chunk_tokens) + 1).to(rt.device)
+    spans = document_spans(stream.tokens.cpu().numpy(), h.bos_id)
+    spans[:, 1] = np.minimum(spans[:, 1], 2 * L)
+    order, one, m = np.argsort(-spans[:, 1], kind="stable"), dataclasses.replace(h, phased_ttt_num_phases=0), {}
+    for name, docs in (("lora_long", order[:B]), ("lora_short", order[-B:])):
+        sub = spans[np.sort(docs)]
+        r = lora_ttt_evaluate(model, stream, sub, one, rt)
+        m[f"{name}_s_per_pos"] = r.time_ms / 1000 / sum(lora_schedule(sub, one, 1).work)
+    take = order[:int(np.searchsorted(np.cumsum(spans[order, 1]), h.global_ttt_chunk_tokens)) + 1]
+    sub = spans[np.sort(take)]
+    _, t = timed(rt, lambda: global_ttt(model, stream, sub, dataclasses.replace(h, global_ttt_epochs=1), rt))
+    m["global_s_per_token"] = t / int(sub[:, 1].sum())
+    log(f"preflight:doc lora_long:{m['lora_long_s_per_pos'] * 1e6:.3f}us/pos lora_short:"
+        f"{m['lora_short_s_per_pos'] * 1e6:.3f}us/pos global:{m['global_s_per_token'] * 1e6:.3f}us/token")
+    return m
+
+
+def preflight_doc_eval_seconds(h: Hyperparameters, rt: Runtime, m: dict) -> dict[str, float]:
+    """EVAL_MODE=doc's projection from preflight_doc_measure's paces and the real queue: the plan of
+    lora_schedule over plan_documents at this world size, doc windows at the measured window time."""
+    spans, L = plan_documents(h), h.eval_seq_len
+    plan = lora_schedule(spans, h, rt.world_size)
+    sec = [w * (m["lora_long_s_per_pos"] if spans[q, 1].max() >= L else m["lora_short_s_per_pos"])
+           for q, w in zip(plan.queue, plan.work)]
+    return {"doc windows": len(doc_windows(spans, L, h.ttt_chunk_size)) * m["window_s"],
+            "lora ttt": schedule_critical_seconds(plan, sec),
+            "global phases": phase_tokens_run(spans, plan, h) * m["global_s_per_token"]}
 
 
 def preflight_table(h: Hyperparameters, rt: Runtime, m: dict) -> list[tuple[str, str, str, str]]:
@@ -3029,9 +3072,16 @@ def preflight_table(h: Hyperparameters, rt: Runtime, m: dict) -> list[tuple[str,
                + m["compress_s"] + (sliding_s if h.ttt_enabled else 0.0))
     eval_s, limit_s = fixed_s + ttt_train_s, EVAL_LIMIT_MS / 1000
     status = "ok" if eval_s <= limit_s else "warn" if fixed_s <= limit_s else "NO-GO"
+    what = (f"sliding {sliding_s:.1f} ({n_sliding} windows), TTT {(sliding_s + ttt_train_s) if h.ttt_enabled else 0:.1f}"
+            f" ({n_chunks} chunks)")
+    if "lora_long_s_per_pos" in m:  # EVAL_MODE=doc: the real phases' paces on the real queue (no sliding phase)
+        doc = preflight_doc_eval_seconds(h, rt, m)
+        fixed_s += doc["doc windows"] - 2 * sliding_s
+        eval_s = fixed_s + doc["lora ttt"] + doc["global phases"]
+        status = "ok" if eval_s <= limit_s else "NO-GO"  # the planner degrades grad steps, past the deadline
+        what = ", ".join(f"{k} {v:.1f}" for k, v in doc.items())
     rows.append(("eval + post-train", f"{eval_s:.1f} s: 2 compiles {2 * m['eval_compile_s']:.1f}, prequant + "
-                 f"roundtrip {2 * plain_s:.1f}, sliding {sliding_s:.1f} ({n_sliding} windows), TTT "
-                 f"{(sliding_s + ttt_train_s) if h.ttt_enabled else 0:.1f} ({n_chunks} chunks), selfgen "
+                 f"roundtrip {2 * plain_s:.1f}, {what}, selfgen "
                  f"{m['selfgen_s']:.1f}, quantize {m['quantize_s']:.1f}, compress {m['compress_s']:.1f}",
                  f"{limit_s:.0f} s" + (" (TTT epochs shrink to fit)" if status == "warn" else ""), status))
     trained = int(m["payload_bytes"] * TRAINED_COMPRESSED_PER_PAYLOAD_BYTE)
@@ -3231,6 +3281,12 @@ def eval_phases_run(h: Hyperparameters) -> list[str]:
             + ["slot"] * h.slot_enabled + ["ttt"] * h.ttt_enabled)
 
 
+def phase_tokens_run(spans: np.ndarray, plan: LoraSchedule, h: Hyperparameters) -> int:
+    """Tokens the global phases train on, every epoch, counting only phases with batches after them."""
+    return h.global_ttt_epochs * sum(int(spans[d, 1].sum()) for p, d in enumerate(plan.phase_docs)
+                                     if not schedule_done_after(plan, p))
+
+
 def plan_eval_seconds(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, world_size: int) -> dict[str, float]:
     """Projected eval seconds by part on `world_size` H100s from the plan's real work and the
     record's logged rates: forward phases at RECORD_FORWARD_TOKENS_PER_S; LoRA TTT on the critical
@@ -3256,10 +3312,8 @@ def plan_eval_seconds(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule,
         steps = (1 + STEP_COST * h.ttt_grad_steps) / (1 + STEP_COST * RECORD_LORA_GRAD_STEPS)
         sec = [w / (RECORD_LORA_LONG_TOKENS_PER_S if spans[q, 1].max() >= L else RECORD_LORA_SHORT_TOKENS_PER_S)
                * steps * eager for q, w in zip(plan.queue, plan.work)]
-        parts["lora ttt"] = sum(max(sum(sec[b] for b in rank[s]) for rank in plan.mine)
-                                for s in range(len(plan.mine[0])))
-        tokens = sum(int(spans[d, 1].sum()) for p, d in enumerate(plan.phase_docs) if not schedule_done_after(plan, p))
-        parts["global phases"] = tokens * h.global_ttt_epochs / (RECORD_GLOBAL_TOKENS_PER_S * world_size)
+        parts["lora ttt"] = schedule_critical_seconds(plan, sec)
+        parts["global phases"] = phase_tokens_run(spans, plan, h) / (RECORD_GLOBAL_TOKENS_PER_S * world_size)
     return parts
 
 

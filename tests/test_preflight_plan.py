@@ -241,3 +241,33 @@ def test_frontier_plan_is_go_after_the_fixes():
     assert rows["varlen calls on single-document rows"][1] == 0
     assert rows["eval seconds (projected)"][1] < 600
     assert all(r[3] != "NO-GO" for r in rows.values())
+
+
+def test_preflight_doc_mode_runs_the_real_eval_phases_on_training_tokens(tiny_data, tmp_path, monkeypatch, capsys):
+    """PREFLIGHT=1 with EVAL_MODE=doc (issue 19 item 5): lora_ttt_evaluate twice (a long and a
+    short batch, no phases) and global_ttt once, on training tokens; the val shard is garbage of
+    the right size, so reading it would fail; the projection names the doc phases and is in the JSON."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in tiny_data.iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    val = data / "fineweb_val_000000.bin"
+    val.write_bytes(b"\xff" * val.stat().st_size)
+    called = []
+    for name in ("lora_ttt_evaluate", "global_ttt"):
+        real = getattr(tg, name)
+        monkeypatch.setattr(tg, name, lambda *a, _real=real, _name=name, **k: called.append((_name, len(a[2])))
+                            or _real(*a, **k))
+    monkeypatch.chdir(tmp_path)
+    env = tiny_env(data, PREFLIGHT=1, PREFLIGHT_STEPS=2, PREFLIGHT_EVAL_WINDOWS=8, EVAL_MODE="doc", TTT_CHUNK_SIZE=32,
+                   TTT_BATCH_SIZE=4, PHASED_TTT_NUM_PHASES=2, GLOBAL_TTT_CHUNK_TOKENS=1024, RUN_ID="doc",
+                   PREFLIGHT_VAL_TOKENS=20_000, PREFLIGHT_VAL_DOCS=100)
+    assert tg.main(env) in (0, 4)
+    out = capsys.readouterr().out
+    assert [c[0] for c in called] == ["lora_ttt_evaluate", "lora_ttt_evaluate", "global_ttt"]
+    assert called[0][1] == called[1][1] == 4  # one batch of TTT_BATCH_SIZE documents each
+    assert "preflight:doc lora_long:" in out
+    table = json.loads((tmp_path / "logs" / "doc.preflight.json").read_text())
+    row = {r["name"]: r for r in table["rows"]}["eval + post-train"]
+    assert "doc windows" in row["value"] and "lora ttt" in row["value"] and "global phases" in row["value"]
+    assert table["verdict"] == ("NO-GO" if any(r["status"] == "NO-GO" for r in table["rows"]) else "GO")
