@@ -285,9 +285,13 @@ class Hyperparameters:
     eval_budget_seconds: float = 600.0  # all work after training; TTT epochs, grad steps, phases shrink to fit
     record: bool = False  # record attempt: exit 3 (after writing logs) if the compliance audit fails
     # preflight (issue 8): time every phase on the real machine, print go/no-go, write no artifact
-    preflight: bool = False  # only the preflight run (exit 0 GO, 4 NO-GO); reads no validation token
+    preflight: str = "0"  # 1: only the preflight run (exit 0 GO, 4 NO-GO); plan: model the run on any CPU; reads no val token
     preflight_steps: int = 30  # timed training steps after the compile step
     preflight_eval_windows: int = 512  # sliding windows timed (on training tokens), projected to the val stream
+    preflight_world_size: int = 8  # PREFLIGHT=plan: ranks of the modelled run
+    preflight_gpu_gib: float = 79.6  # PREFLIGHT=plan: memory per rank (H100 80 GB: 81,559 MiB)
+    preflight_val_tokens: int = 40_540_000  # PREFLIGHT=plan: tokens of the modelled val set (sp8192's; never read)
+    preflight_val_docs: int = 50_000  # PREFLIGHT=plan: its documents (lengths: the train shard's, cycled and scaled)
 
     def __post_init__(self):
         def need(cond: bool, var: str, msg: str):
@@ -299,7 +303,8 @@ class Hyperparameters:
                     "TRAIN_LOG_EVERY", "MUON_BACKEND_STEPS", "MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS",
                     "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS", "LQER_RANK", "LQER_ASYM_GROUP", "TTT_CHUNK_SIZE",
                     "TTT_BATCH_SIZE", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "PREFLIGHT_STEPS",
-                    "PREFLIGHT_EVAL_WINDOWS"):
+                    "PREFLIGHT_EVAL_WINDOWS", "PREFLIGHT_WORLD_SIZE", "PREFLIGHT_GPU_GIB",
+                    "PREFLIGHT_VAL_TOKENS", "PREFLIGHT_VAL_DOCS"):
             need(getattr(self, var.lower()) > 0, var, "must be > 0")
         need(all(s.strip().isdigit() for s in self.ve_layers.split(",") if s.strip()), "VE_LAYERS",
              "must be a comma-separated list of layer ids")
@@ -361,7 +366,8 @@ class Hyperparameters:
                              ("QUANT_COMPRESSOR", ("zstd", "lzma", "brotli", "auto")), ("QUANT_EMBED", ("int8", "gptq")),
                              ("QUANT_CLIP", ("search", "sdclip")),
                              ("TTT_OPTIMIZER", ("sgd", "adamw", "adam")), ("EVAL_MODE", ("sliding", "doc")),
-                             ("PHASED_TTT_SELECT", ("shortest", "prefix")), ("TTT_BALANCE", ("lpt", "round_robin"))):
+                             ("PHASED_TTT_SELECT", ("shortest", "prefix")), ("TTT_BALANCE", ("lpt", "round_robin")),
+                             ("PREFLIGHT", ("0", "1", "plan"))):
             need(getattr(self, var.lower()) in allowed, var, f"must be one of {allowed}")
         need(self.ttt_optimizer != "adam" or self.eval_mode == "doc", "TTT_OPTIMIZER",
              "adam is the 1.06 records' name for the LoRA TTT optimizer (EVAL_MODE=doc); EVAL_MODE=sliding's "
@@ -2227,6 +2233,14 @@ def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters:
     return sums
 
 
+def global_pieces(spans: np.ndarray, h: Hyperparameters) -> tuple[np.ndarray, np.ndarray]:
+    """Global TTT's rows: (start, length) pieces of <= EVAL_SEQ_LEN tokens of one document each,
+    and the SGD step of each (one step per GLOBAL_TTT_CHUNK_TOKENS tokens, in order)."""
+    L = h.eval_seq_len
+    pieces = np.asarray([(s + j, min(L, n - j)) for s, n in spans for j in range(0, n, L)], dtype=np.int64)
+    return pieces, (np.cumsum(pieces[:, 1]) - pieces[:, 1]) // h.global_ttt_chunk_tokens
+
+
 def global_ttt(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime) -> int:
     """Phased TTT's global step (PR #1610, #1626): SGD with momentum on every base weight over
     documents already scored, GLOBAL_TTT_EPOCHS passes, one step per GLOBAL_TTT_CHUNK_TOKENS
@@ -2234,8 +2248,7 @@ def global_ttt(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparam
     <= EVAL_SEQ_LEN tokens of one document, so no context crosses a document boundary. Returns
     the tokens trained on per epoch."""
     L = h.eval_seq_len
-    pieces = np.asarray([(s + j, min(L, n - j)) for s, n in spans for j in range(0, n, L)], dtype=np.int64)
-    step_of = (np.cumsum(pieces[:, 1]) - pieces[:, 1]) // h.global_ttt_chunk_tokens
+    pieces, step_of = global_pieces(spans, h)
     n_steps = int(step_of[-1]) + 1
     params = list(model.parameters())
     model.requires_grad_(True)
@@ -2349,6 +2362,17 @@ def lora_schedule(spans: np.ndarray, h: Hyperparameters, world_size: int) -> Lor
     return LoraSchedule(queue, mine, work, phase_docs, cuts)
 
 
+def schedule_critical_seconds(plan: LoraSchedule, batch_s: typing.Sequence[float]) -> float:
+    """Seconds of the plan on its critical path: each phase segment ends in a collective, so the
+    sum over segments of the slowest rank's batches there."""
+    return sum(max(sum(batch_s[b] for b in rank[s]) for rank in plan.mine) for s in range(len(plan.mine[0])))
+
+
+def schedule_done_after(plan: LoraSchedule, seg: int) -> bool:
+    """True when no rank has a batch after phase segment `seg`: a phase there would adapt nothing."""
+    return not any(batches for rank in plan.mine for batches in rank[seg + 1:])
+
+
 def lora_plan_steps(h: Hyperparameters, pace: float, work_left: int, phase_tokens: int, token_s: float | None,
                     time_left_s: float) -> int:
     """Grad steps per chunk for the rest of the queue: the most (<= TTT_GRAD_STEPS) whose projected
@@ -2393,12 +2417,12 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
     t0 = clock()
     C, L = h.ttt_chunk_size, h.eval_seq_len
     plan = lora_schedule(spans, h, rt.world_size)
-    queue, work, cuts, mine = plan.queue, plan.work, plan.cuts, plan.mine[rt.rank]
-    bounds = [(cuts[p + 1], len(d)) for p, d in enumerate(plan.phase_docs)]
+    queue, work, mine = plan.queue, plan.work, plan.mine[rt.rank]
+    n_phases = len(plan.phase_docs)
     phase_tokens = [int(spans[d, 1].sum()) * h.global_ttt_epochs for d in plan.phase_docs]
     log(f"ttt:start mode:lora docs:{len(spans)} batches:{len(queue)} batch_docs:{h.ttt_batch_size} chunk:{C} "
         f"context:{L} rank:{h.ttt_lora_rank} alpha:{h.ttt_lora_alpha} lr:{h.ttt_lora_lr} grad_steps:{h.ttt_grad_steps} "
-        f"warm_start_a:{int(h.ttt_warm_start_a)} phases:{len(bounds)} phase_docs:{[b for _, b in bounds]} "
+        f"warm_start_a:{int(h.ttt_warm_start_a)} phases:{n_phases} phase_docs:{[len(d) for d in plan.phase_docs]} "
         f"phase_select:{h.phased_ttt_select} balance:{h.ttt_balance} "
         f"protocol:score_first")
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
@@ -2436,14 +2460,14 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
                         f"rank0_bpb:{EvalResult(tot[0], int(tot[1]), int(tot[2])).val_bpb:.6f}")
             detach_lora(model)
             pace = robust_pace(paces)
-            if seg < len(bounds):
+            if seg < n_phases:
                 est_s, room_s = None, 0.0
                 if deadline is not None and pace is not None:
                     left = sum(work[b] for s in mine[seg + 1:] for b in s)
                     est_s = phase_tokens[seg] * (token_s or pace * (1 + STEP_COST))
                     room_s = deadline - clock() - left * pace * (1 + STEP_COST * steps)
-                ran = run_global_phase(model, val, spans[plan.phase_docs[seg]], seg, len(bounds),
-                                       cuts[seg + 1] >= len(queue), h, rt, est_s, room_s)
+                ran = run_global_phase(model, val, spans[plan.phase_docs[seg]], seg, n_phases,
+                                       schedule_done_after(plan, seg), h, rt, est_s, room_s)
                 if ran is not None:
                     token_s, phases_run = ran, phases_run + 1
     finally:
@@ -2452,7 +2476,7 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
     result = to_result(sums, rt, t0)
     result.notes = dict(mode="lora", docs=len(spans), batches=len(queue), chunk_size=C,
                         grad_steps_requested=h.ttt_grad_steps, grad_steps_min=min(steps_used, default=0),
-                        plan_changes=plan_changes, phases_planned=len(bounds), phases_run=phases_run,
+                        plan_changes=plan_changes, phases_planned=n_phases, phases_run=phases_run,
                         score_first=True)
     return result
 
@@ -3437,9 +3461,46 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
         r = ttt_evaluate(base_model, nll_fn, two, h, rt)
         n_scored = len(sliding_windows(2 * C, L, h.eval_stride))
         m["ttt_chunk_train_s"] = max(r.time_ms / 1000 - n_scored * m["window_s"], 0.0)
+    if h.ttt_enabled and h.eval_mode == "doc":
+        m.update(preflight_doc_measure(base_model, h, rt))
     names = sorted(m)
     values = rt.all_reduce_(torch.tensor([m[k] for k in names], dtype=torch.float64, device=rt.device), "max")
     return dict(zip(names, values.tolist()))
+
+
+def preflight_doc_measure(model: GPT, h: Hyperparameters, rt: Runtime) -> dict:
+    """EVAL_MODE=doc: the real eval phases on training tokens at a small budget (issue 19 item 5):
+    lora_ttt_evaluate on one batch of the longest documents of the stand-in stream (cut at twice
+    EVAL_SEQ_LEN: the full-context shape) and one of the shortest, without phases, then one
+    global_ttt step. Seconds per token-position (lora_batch_work) and per global token."""
+    B, L = h.ttt_batch_size, h.eval_seq_len
+    stream = stand_in_stream(h, max(4 * B * L, 2 * h.global_ttt_chunk_tokens) + 1).to(rt.device)
+    spans = document_spans(stream.tokens.cpu().numpy(), h.bos_id)
+    spans[:, 1] = np.minimum(spans[:, 1], 2 * L)
+    order, one, m = np.argsort(-spans[:, 1], kind="stable"), dataclasses.replace(h, phased_ttt_num_phases=0), {}
+    for name, docs in (("lora_long", order[:B]), ("lora_short", order[-B:])):
+        sub = spans[np.sort(docs)]
+        r = lora_ttt_evaluate(model, stream, sub, one, rt)
+        m[f"{name}_s_per_pos"] = r.time_ms / 1000 / sum(lora_schedule(sub, one, 1).work)
+    take = order[:int(np.searchsorted(np.cumsum(spans[order, 1]), h.global_ttt_chunk_tokens)) + 1]
+    sub = spans[np.sort(take)]
+    _, t = timed(rt, lambda: global_ttt(model, stream, sub, dataclasses.replace(h, global_ttt_epochs=1), rt))
+    m["global_s_per_token"] = t / int(sub[:, 1].sum())
+    log(f"preflight:doc lora_long:{m['lora_long_s_per_pos'] * 1e6:.3f}us/pos lora_short:"
+        f"{m['lora_short_s_per_pos'] * 1e6:.3f}us/pos global:{m['global_s_per_token'] * 1e6:.3f}us/token")
+    return m
+
+
+def preflight_doc_eval_seconds(h: Hyperparameters, rt: Runtime, m: dict) -> dict[str, float]:
+    """EVAL_MODE=doc's projection from preflight_doc_measure's paces and the real queue: the plan of
+    lora_schedule over plan_documents at this world size, doc windows at the measured window time."""
+    spans, L = plan_documents(h), h.eval_seq_len
+    plan = lora_schedule(spans, h, rt.world_size)
+    sec = [w * (m["lora_long_s_per_pos"] if spans[q, 1].max() >= L else m["lora_short_s_per_pos"])
+           for q, w in zip(plan.queue, plan.work)]
+    return {"doc windows": len(doc_windows(spans, L, h.ttt_chunk_size)) * m["window_s"],
+            "lora ttt": schedule_critical_seconds(plan, sec),
+            "global phases": phase_tokens_run(spans, plan, h) * m["global_s_per_token"]}
 
 
 def preflight_table(h: Hyperparameters, rt: Runtime, m: dict) -> list[tuple[str, str, str, str]]:
@@ -3470,9 +3531,16 @@ def preflight_table(h: Hyperparameters, rt: Runtime, m: dict) -> list[tuple[str,
                + m["compress_s"] + (sliding_s if h.ttt_enabled else 0.0))
     eval_s, limit_s = fixed_s + ttt_train_s, EVAL_LIMIT_MS / 1000
     status = "ok" if eval_s <= limit_s else "warn" if fixed_s <= limit_s else "NO-GO"
+    what = (f"sliding {sliding_s:.1f} ({n_sliding} windows), TTT {(sliding_s + ttt_train_s) if h.ttt_enabled else 0:.1f}"
+            f" ({n_chunks} chunks)")
+    if "lora_long_s_per_pos" in m:  # EVAL_MODE=doc: the real phases' paces on the real queue (no sliding phase)
+        doc = preflight_doc_eval_seconds(h, rt, m)
+        fixed_s += doc["doc windows"] - 2 * sliding_s
+        eval_s = fixed_s + doc["lora ttt"] + doc["global phases"]
+        status = "ok" if eval_s <= limit_s else "NO-GO"  # the planner degrades grad steps, past the deadline
+        what = ", ".join(f"{k} {v:.1f}" for k, v in doc.items())
     rows.append(("eval + post-train", f"{eval_s:.1f} s: 2 compiles {2 * m['eval_compile_s']:.1f}, prequant + "
-                 f"roundtrip {2 * plain_s:.1f}, sliding {sliding_s:.1f} ({n_sliding} windows), TTT "
-                 f"{(sliding_s + ttt_train_s) if h.ttt_enabled else 0:.1f} ({n_chunks} chunks), selfgen "
+                 f"roundtrip {2 * plain_s:.1f}, {what}, selfgen "
                  f"{m['selfgen_s']:.1f}, quantize {m['quantize_s']:.1f}, compress {m['compress_s']:.1f}",
                  f"{limit_s:.0f} s" + (" (TTT epochs shrink to fit)" if status == "warn" else ""), status))
     trained = int(m["payload_bytes"] * TRAINED_COMPRESSED_PER_PAYLOAD_BYTE)
@@ -3494,14 +3562,309 @@ def preflight(h: Hyperparameters, rt: Runtime):
     the go/no-go table. Writes no artifact and no summary; raises NoGo if a limit would break."""
     log(f"preflight:start steps:{h.preflight_steps} eval_windows:{h.preflight_eval_windows} "
         f"world_size:{rt.world_size} (training tokens only; no validation token is read)")
-    rows = preflight_table(h, rt, preflight_measure(h, rt))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    preflight_verdict(h, preflight_table(h, rt, preflight_measure(h, rt)))
+
+
+def preflight_verdict(h: Hyperparameters, rows: list[tuple]):
+    """Print the rows (name, value, limit, status[, detail]) as a table, write them to
+    logs/<RUN_ID>.preflight.json ({"verdict": "GO"|"NO-GO", "rows": [{name, value, limit, status,
+    detail}]}: the only file besides the log), raise NoGo if any status is NO-GO."""
+    cells = [[f"{c:,}" if isinstance(c, (int, float)) else str(c) for c in r[:3]] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(3)]
+    for r, c in zip(rows, cells):
+        log("preflight| " + " | ".join(x.ljust(w) for x, w in zip(c, widths)) + f" | {r[3]}")
     for r in rows:
-        log("preflight| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + f" | {r[3]}")
+        if len(r) > 4:
+            log(f"preflight:detail {r[0]}: {r[4]}")
     bad = [r[0] for r in rows if r[3] == "NO-GO"]
-    log(f"preflight:verdict {'NO-GO: ' + ', '.join(bad) if bad else 'GO'} (nothing written but this log)")
+    path = os.path.join("logs", f"{h.run_id}.preflight.json")
+    if _LOG["is_main"]:
+        os.makedirs("logs", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(dict(verdict="NO-GO" if bad else "GO", rows=[dict(zip(("name", "value", "limit", "status",
+                                                                              "detail"), r)) for r in rows]), f, indent=1)
+    log(f"preflight:verdict {'NO-GO: ' + ', '.join(bad) if bad else 'GO'} (table: {path}; nothing else written)")
     if bad:
         raise NoGo("preflight: NO-GO: " + ", ".join(bad))
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan-only preflight (PREFLIGHT=plan, issue 19): the 8xH100 run modelled on any CPU, nothing trained
+
+# Rates of the 1.0611 record's logs (#1855 train_seed*.log, all on 8 H100s; review_frontier_gpu.md Part 3).
+RECORD_LORA_LONG_TOKENS_PER_S = 0.38e6  # compiled LoRA TTT, token-positions/s/GPU, batches of context-filling documents
+RECORD_LORA_SHORT_TOKENS_PER_S = 0.5e6  # the same, batches of shorter documents
+RECORD_LORA_GRAD_STEPS = 1  # grad steps per chunk inside those two rates
+RECORD_GLOBAL_TOKENS_PER_S = 639 * 32_768 / 84.4 / 8  # global TTT, tokens/s/GPU: 639 steps of 32K in 74.5-84.4 s (slowest)
+RECORD_FORWARD_TOKENS_PER_S = 47.85e6 / 6.7 / 8  # forward-only diagnostic, tokens/s/GPU: 47.85 M tokens in 6.7 s
+RECORD_TTT_COMPILE_S = 137.6  # compile warm-up of the LoRA path, seed 42 (84-138 s over the 3 seeds)
+# The review's estimates (Part 3; not logged rates) for work the record did not time or did otherwise:
+EAGER_TTT_FACTOR = 1.8  # eager LoRA TTT against compiled: 1.3-1.8x (~9k op dispatches per chunk step); the upper end
+QUANTIZE_COMPRESS_S = 70.0  # GPTQ + LQER + brotli-11 on rank 0, ours: 50-70 s
+DECOMPRESS_S = 1.0  # brotli: ~16 MB at ~186 MB/s (review probe 4), rounded up
+EVAL_COMPILE_S = 65.0  # one compile of the eval forward: the prequant diagnostic's 40-70 s less its 5.7 s of forward
+FA3_BWD_BLOCK_M = 128  # kBlockM of FA3's hdim-64 causal backward (hopper/flash_bwd_launch_template.h)
+CUDA_GRID_Z_MAX = 65_535  # gridDim.z limit; FA3's backward grids are (blocks, heads, batch)
+
+
+class _MetaFA3(torch.autograd.Function):
+    """FA3 on the meta device: saves what FA3 keeps for its backward (q, k, v, out and the fp32
+    log-sum-exp of every query head), computes nothing."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q[..., 0].numel(), dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        q, k, v = ctx.saved_tensors[:3]
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextlib.contextmanager
+def meta_attention(calls: list[dict]):
+    """FA3 stand-ins in _ATTENTION while the model runs on meta tensors; every call appends its
+    shape to `calls`: varlen, sequences (cu_seqlens entries - 1: what FA3 sees as its batch),
+    total_q, T, heads, kv_heads, head_dim."""
+    def dense(q, k, v, *args, **kwargs):
+        calls.append(dict(varlen=False, seqs=q.size(0), total_q=q.size(0) * q.size(1), T=q.size(1),
+                          heads=q.size(2), kv_heads=k.size(2), head_dim=q.size(3)))
+        return _MetaFA3.apply(q, k, v)
+
+    def varlen(q, k, v, *args, **kwargs):
+        cu = args[0] if args else kwargs["cu_seqlens_q"]
+        T = args[2] if len(args) > 2 else kwargs.get("max_seqlen_q", q.size(0))
+        calls.append(dict(varlen=True, seqs=cu.numel() - 1, total_q=q.size(0), T=int(T), heads=q.size(1),
+                          kv_heads=k.size(1), head_dim=q.size(2)))
+        return _MetaFA3.apply(q, k, v)
+    saved = dict(_ATTENTION)
+    _ATTENTION.update(name="fa3", fn=dense, varlen=varlen)
+    try:
+        yield calls
+    finally:
+        _ATTENTION.clear()
+        _ATTENTION.update(saved)
+
+
+def fa3_backward_workspace_bytes(call: dict) -> int:
+    """Scratch of one FA3 backward (hopper/flash_api.cpp mha_bwd): softmax_d and softmax_lse_log2
+    (H x rows fp32), dq_accum (H x rows x D fp32) and, with GQA, dk_accum + dv_accum (Hkv x rows x D
+    fp32 each), rows = total_q + batch * kBlockM in varlen (batch = sequences), else batch x seqlen
+    rounded up to kBlockM. 98,304 sequences of a 48x2048 micro-batch: about 53 GB."""
+    M = FA3_BWD_BLOCK_M
+    rows = call["total_q"] + call["seqs"] * M if call["varlen"] else call["seqs"] * (-(-call["T"] // M) * M)
+    H, Hkv, D = call["heads"], call["kv_heads"], call["head_dim"]
+    return 4 * rows * (H * (2 + D) + (2 * Hkv * D if Hkv != H else 0))
+
+
+def saved_activation_bytes(fn: typing.Callable, exclude: typing.Iterable[Tensor] = ()) -> tuple[int, typing.Any]:
+    """(bytes autograd saves for the backward of fn(), fn()'s output), measured with
+    saved_tensors_hooks: each storage once, those of `exclude` (parameters, counted apart) not at
+    all. Eager autograd: an upper bound for a compiled graph, whose partitioner recomputes
+    pointwise ops rather than saving them. Keep the output alive while the bytes matter."""
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in skip:
+            seen[storage._cdata] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def tensor_bytes(ts: typing.Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def train_state_bytes(model: GPT, h: Hyperparameters, world_size: int) -> dict[str, int]:
+    """Per rank during training: fp32 parameters, their grads, AdamW's two moments (embeddings,
+    scalars), this rank's share of Muon's momentum (ceil(bank / world) matrices per bank), the
+    EMA copy (+ the SWA sum unless WEIGHT_AVERAGE=ema)."""
+    g = param_groups(model)
+    params = tensor_bytes(model.parameters())
+    banks: dict[tuple, list[Tensor]] = {}
+    for p in g["matrix"]:
+        banks.setdefault(tuple(p.shape), []).append(p)
+    muon = sum(-(-len(ps) // world_size) * tensor_bytes(ps[:1]) for ps in banks.values())
+    adam = 2 * tensor_bytes(g["embed"] + g["scalar"])
+    average = params * (1 if h.weight_average == "ema" else 2)
+    return dict(params=params, grads=params, optimizer=adam + muon + average)
+
+
+def lora_largest_chunk(spans: np.ndarray, plan: LoraSchedule, h: Hyperparameters) -> tuple[int, int]:
+    """(rows, padded length) of the largest LoRA TTT forward of the plan: max rows x length."""
+    C, best = h.ttt_chunk_size, (0, 0)
+    for q in plan.queue:  # chunk ci of a batch: the documents longer than ci*C, as long as its longest row
+        n = spans[q, 1]
+        ci = np.arange(-(-int(n.max()) // C))
+        rows, length = (n[None, :] > ci[:, None] * C).sum(1), np.minimum(np.minimum((ci + 1) * C, n.max()), h.eval_seq_len)
+        k = int(np.argmax(rows * length))
+        best = max(best, (int(rows[k]), int(length[k])), key=lambda s: s[0] * s[1])
+    return best
+
+
+def global_rows_per_forward(spans: np.ndarray, plan: LoraSchedule, h: Hyperparameters, world_size: int) -> int:
+    """The most rows (one document piece each, padded to EVAL_SEQ_LEN) one rank forwards at once in
+    any global phase: its share of a step's pieces, at most GLOBAL_TTT_BATCH_SEQS."""
+    most = 0
+    for docs in plan.phase_docs:
+        if len(docs):
+            _, step_of = global_pieces(spans[docs], h)
+            most = max(most, -(-int(np.bincount(step_of).max()) // world_size))
+    return min(most, h.global_ttt_batch_seqs)
+
+
+def plan_documents(h: Hyperparameters) -> np.ndarray:
+    """Spans of a FineWeb-like validation set built from the first TRAIN shard's BOS spans (never a
+    validation token): its document lengths in order, cycled to PREFLIGHT_VAL_DOCS documents and
+    scaled to PREFLIGHT_VAL_TOKENS tokens in all (default: the real sp8192 validation set's size)."""
+    lengths = document_spans(np.asarray(read_shard(shard_paths(h.train_files)[0])), h.bos_id)[:, 1]
+    n = np.resize(lengths, h.preflight_val_docs).astype(np.float64)
+    n = np.maximum(np.round(n * h.preflight_val_tokens / n.sum()), 2).astype(np.int64)
+    return np.stack((np.cumsum(n) - n, n), axis=1)
+
+
+def lora_ttt_compiled(h: Hyperparameters) -> bool:
+    """Whether lora_ttt_evaluate runs a compiled forward: not yet (issue 19, What must work 2)."""
+    return False
+
+
+def eval_phases_run(h: Hyperparameters) -> list[str]:
+    """The phases evaluate_final runs after a training run, in order: as evaluate_final decides."""
+    return (["prequant", "roundtrip", "doc" if h.eval_mode == "doc" else "sliding"]
+            + ["slot"] * h.slot_enabled + ["ttt"] * h.ttt_enabled)
+
+
+def phase_tokens_run(spans: np.ndarray, plan: LoraSchedule, h: Hyperparameters) -> int:
+    """Tokens the global phases train on, every epoch, counting only phases with batches after them."""
+    return h.global_ttt_epochs * sum(int(spans[d, 1].sum()) for p, d in enumerate(plan.phase_docs)
+                                     if not schedule_done_after(plan, p))
+
+
+def plan_eval_seconds(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, world_size: int) -> dict[str, float]:
+    """Projected eval seconds by part on `world_size` H100s from the plan's real work and the
+    record's logged rates: forward phases at RECORD_FORWARD_TOKENS_PER_S; LoRA TTT on the critical
+    path (each segment ends in a collective: the sum over segments of the slowest rank), per batch
+    at the long or short rate, scaled by the grad steps (the planner's STEP_COST model) and by
+    EAGER_TTT_FACTOR unless compiled; each global phase that runs at RECORD_GLOBAL_TOKENS_PER_S
+    (rows of 2048 tokens: bound by the GPU, not by op dispatch, so no eager factor)."""
+    fwd, L, total = RECORD_FORWARD_TOKENS_PER_S * world_size, h.eval_seq_len, int(spans[:, 1].sum())
+    phases = eval_phases_run(h)
+    parts = {"quantize+compress": QUANTIZE_COMPRESS_S, "decompress": DECOMPRESS_S,
+             "eval compiles": EVAL_COMPILE_S * len({"prequant", "roundtrip"} & set(phases)) * (h.compile != 0)}
+    for name in ("prequant", "roundtrip"):
+        if name in phases:
+            parts[name] = len(sliding_windows(total, L, L)) * L / fwd
+    if "doc" in phases:
+        parts["doc windows"] = len(doc_windows(spans, L, h.ttt_chunk_size)) * L / fwd
+    if "sliding" in phases:
+        parts["sliding"] = len(sliding_windows(total, L, h.eval_stride)) * L / fwd
+    if "ttt" in phases and h.eval_mode == "doc":
+        eager = 1.0 if lora_ttt_compiled(h) else EAGER_TTT_FACTOR
+        if lora_ttt_compiled(h):
+            parts["ttt compile"] = RECORD_TTT_COMPILE_S
+        steps = (1 + STEP_COST * h.ttt_grad_steps) / (1 + STEP_COST * RECORD_LORA_GRAD_STEPS)
+        sec = [w / (RECORD_LORA_LONG_TOKENS_PER_S if spans[q, 1].max() >= L else RECORD_LORA_SHORT_TOKENS_PER_S)
+               * steps * eager for q, w in zip(plan.queue, plan.work)]
+        parts["lora ttt"] = schedule_critical_seconds(plan, sec)
+        parts["global phases"] = phase_tokens_run(spans, plan, h) / (RECORD_GLOBAL_TOKENS_PER_S * world_size)
+    return parts
+
+
+def plan_phase_memory(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule) -> list[dict]:
+    """The full-size model on the meta device at the run's real shapes, per rank: a training
+    micro-batch (looped), the largest LoRA TTT chunk, a global TTT forward, and an eval forward
+    (attention calls only). Each: name, bytes by part, and the attention calls it made."""
+    W = h.preflight_world_size
+    with torch.device("meta"):
+        model = GPT(model_config(h), torch.bfloat16)
+    model.looping = True  # training after ENABLE_LOOPING_AT, and every eval phase
+    params = list(model.parameters())
+    ids = lambda n, T: torch.zeros((n, T), dtype=torch.long, device="meta")  # noqa: E731
+    out = []
+
+    def measure(name: str, shape: tuple[int, int], state: dict[str, int], exclude: list[Tensor], **kwargs):
+        calls: list[dict] = []
+        with meta_attention(calls):
+            saved, loss = saved_activation_bytes(lambda: model(ids(*shape), ids(*shape), **kwargs), exclude)
+        workspace = max((fa3_backward_workspace_bytes(c) for c in calls), default=0) if loss.requires_grad else 0
+        out.append(dict(name=name, shape=shape, calls=calls, bytes=dict(state, activations=saved, fa3_workspace=workspace)))
+    seqs = h.train_batch_tokens // h.train_seq_len // W
+    seqs //= next(d for d in range(1, seqs + 1) if seqs % d == 0 and seqs // d <= h.micro_batch_seqs)
+    measure("train micro-batch", (seqs, h.train_seq_len), train_state_bytes(model, h, W), params)
+    model.requires_grad_(False)
+    if h.eval_mode == "doc" and h.ttt_enabled and plan.queue:
+        adapters = attach_lora(model, h, torch.Generator().manual_seed(0), torch.device("meta"))
+        lora = [t for a in adapters for t in (a.A, a.B)]
+        state = dict(params=tensor_bytes(params) + tensor_bytes(lora), grads=tensor_bytes(lora),
+                     optimizer=2 * tensor_bytes(lora))
+        measure("LoRA TTT chunk", lora_largest_chunk(spans, plan, h), state, params + lora, reduction="none",
+                doc_mask=False)  # one document a row, as lora_ttt_batch runs it
+        detach_lora(model)
+    rows = global_rows_per_forward(spans, plan, h, W)
+    if rows:
+        model.requires_grad_(True)
+        p = tensor_bytes(params)
+        measure("global TTT step", (rows, h.eval_seq_len), dict(params=p, grads=p, optimizer=p), params,
+                reduction="none", doc_mask=False)  # one document a row, as global_ttt runs it
+        model.requires_grad_(False)
+    with torch.inference_mode():
+        measure("eval forward", (h.eval_batch_seqs, h.eval_seq_len), dict(params=tensor_bytes(params)), params,
+                reduction="none")
+    return out
+
+
+def preflight_plan_rows(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule) -> list[tuple]:
+    """Rows (name, value, limit, status, detail) of PREFLIGHT=plan: each phase's peak memory per
+    rank against PREFLIGHT_GPU_GIB, the largest varlen sequence count against the grid limit, the
+    varlen calls on single-document rows (LoRA and global TTT: none allowed), the projected eval
+    seconds against 600."""
+    gib, rows = 2 ** 30, []
+    phases = plan_phase_memory(h, spans, plan)
+    compiled = {"train micro-batch": h.compile != 0, "LoRA TTT chunk": lora_ttt_compiled(h), "global TTT step": False}
+    for ph in phases:
+        if ph["name"] == "eval forward":
+            continue
+        total, rest = sum(ph["bytes"].values()) / gib, (sum(ph["bytes"].values()) - ph["bytes"]["activations"]) / gib
+        fits = total <= h.preflight_gpu_gib
+        status = "ok" if fits else "warn" if compiled[ph["name"]] and rest <= h.preflight_gpu_gib else "NO-GO"
+        detail = " + ".join(f"{k} {v / gib:.2f}" for k, v in ph["bytes"].items()) + (
+            f" GiB at {ph['shape'][0]}x{ph['shape'][1]}; activations of eager autograd"
+            + (", an upper bound: this phase runs compiled" if compiled[ph["name"]] else ", as this phase runs"))
+        rows.append((f"memory: {ph['name']}", round(total, 2), h.preflight_gpu_gib, status, detail))
+    varlen = [(ph["name"], c["seqs"]) for ph in phases for c in ph["calls"] if c["varlen"]]
+    most = max((n for _, n in varlen), default=0)
+    by_phase = ", ".join(f"{name} {max(n for p, n in varlen if p == name)}" for name in dict(varlen))
+    rows.append(("varlen sequences per call", most, CUDA_GRID_Z_MAX, "ok" if most <= CUDA_GRID_Z_MAX else "NO-GO",
+                 f"largest cu_seqlens batch by phase: {by_phase or 'no varlen call'}"))
+    single = sum(1 for ph in phases if ph["name"] in ("LoRA TTT chunk", "global TTT step")
+                 for c in ph["calls"] if c["varlen"])
+    rows.append(("varlen calls on single-document rows", single, 0, "ok" if single == 0 else "NO-GO",
+                 "LoRA and global TTT rows hold one document each: plain causal attention suffices"))
+    parts = plan_eval_seconds(h, spans, plan, h.preflight_world_size)
+    total = sum(parts.values())
+    limit = EVAL_LIMIT_MS / 1000
+    rows.append(("eval seconds (projected)", round(total, 1), limit, "ok" if total <= limit else "NO-GO",
+                 ", ".join(f"{k} {v:.1f}" for k, v in parts.items()) + f" s; {len(spans)} docs, "
+                 f"{int(spans[:, 1].sum())} tokens; TTT {'compiled' if lora_ttt_compiled(h) else 'eager'}; "
+                 "rates from the record's logs (RECORD_*), estimates named in the code"))
+    return rows
+
+
+def preflight_plan(h: Hyperparameters):
+    """PREFLIGHT=plan: the run modelled on any CPU (nothing trained, no validation file opened):
+    preflight_plan_rows for PREFLIGHT_WORLD_SIZE ranks, printed and written as JSON; NoGo if a
+    limit would break."""
+    log(f"preflight:plan world_size:{h.preflight_world_size} gpu_gib:{h.preflight_gpu_gib} (full-size model on "
+        f"the meta device; {h.preflight_val_docs} documents from the train shard's BOS spans scaled to "
+        f"{h.preflight_val_tokens} tokens)")
+    spans = plan_documents(h)
+    preflight_verdict(h, preflight_plan_rows(h, spans, lora_schedule(spans, h, h.preflight_world_size)))
 
 
 def artifact_sizes(path: str) -> dict:
@@ -3528,7 +3891,9 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
         log(check_train_shards(h.train_files))
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
-    if h.preflight:
+    if h.preflight == "plan":
+        return preflight_plan(h)
+    if h.preflight == "1":
         return preflight(h, rt)
     if h.eval_artifact:
         if not os.path.isfile(h.eval_artifact):

@@ -7,6 +7,7 @@ recorded), and the projection arithmetic of `preflight_table` against hand compu
     python3 -m pytest -q tests/test_preflight.py
 """
 
+import json
 import math
 import shutil
 
@@ -49,7 +50,10 @@ def test_preflight_prints_table_writes_nothing_and_reads_no_val_token(garbage_va
     assert all(r.rstrip().endswith(("| ok", "| warn")) for r in rows)
     assert "preflight:verdict GO" in out
     assert read and all("fineweb_train_" in p for p in read)  # training shards only
-    assert sorted(p.name for p in run_dir.rglob("*")) == ["logs", "pf.txt"]  # no artifact, no summary JSON
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["logs", "pf.preflight.json", "pf.txt"]  # no artifact
+    table = json.loads((run_dir / "logs" / "pf.preflight.json").read_text())
+    assert table["verdict"] == "GO" and [r["name"] for r in table["rows"]] == [r.split("|")[1].strip() for r in rows]
+    assert all(set(r) == {"name", "value", "limit", "status"} for r in table["rows"])
     logged = (run_dir / "logs" / "pf.txt").read_text().splitlines()
     assert [ln for ln in logged if ln.startswith("preflight| ")] == rows
 
