@@ -1109,10 +1109,15 @@ def load_validation(h: Hyperparameters, sp, rt: Runtime, seq_len: int) -> Valida
 CASEOPS_CONTROL_PIECES = ("\ue001", "\ue002", "\ue003", "\ue004")  # TITLE, ALLCAPS, CAPNEXT, ESC (frontier.md 1.2)
 
 
+def caseops_pieces_missing(sp) -> list[str]:
+    """The CaseOps control pieces not in sp's vocab: none for a CaseOps tokenizer."""
+    pieces = {sp.id_to_piece(i) for i in range(sp.vocab_size())}
+    return [c for c in CASEOPS_CONTROL_PIECES if c not in pieces]
+
+
 def check_caseops_tokenizer(h: Hyperparameters, sp) -> None:
     """A CaseOps tokenizer (its four control pieces in the vocab) iff CASEOPS_ENABLED=1."""
-    pieces = {sp.id_to_piece(i) for i in range(sp.vocab_size())}
-    is_caseops = all(c in pieces for c in CASEOPS_CONTROL_PIECES)
+    is_caseops = not caseops_pieces_missing(sp)
     if is_caseops and not h.caseops_enabled:
         raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path} is a CaseOps tokenizer: set CASEOPS_ENABLED=1 "
                           "(bytes come from the fineweb_val_bytes_*.bin sidecar)")

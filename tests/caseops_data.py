@@ -128,14 +128,60 @@ def build(docs: list[str], sp, out: str, val_docs: int = 50000) -> None:
     train_gpt.write_shard(os.path.join(out, "fineweb_train_000000.bin"), np.asarray(train, dtype=np.uint16))
 
 
-if __name__ == "__main__":
+class ToolError(Exception):
+    """Bad input: one `error:` line on stderr, exit 2."""
+
+
+def read_docs(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ToolError(f"--docs {path}: cannot read: {e}") from None
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ToolError(f"--docs {path} line {n}: not a JSON object with a \"text\" string ({e!r})") from None
+        if not isinstance(text, str):
+            raise ToolError(f"--docs {path} line {n}: \"text\" is {type(text).__name__}, not a string")
+        texts.append(text)
+    return texts
+
+
+def load_caseops_tokenizer(path: str):
+    import sentencepiece as spm
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:
+        raise ToolError(f"--tokenizer {path}: not a SentencePiece model ({str(e).splitlines()[0][:120]})") from None
+    missing = train_gpt.caseops_pieces_missing(sp)
+    if missing:
+        raise ToolError(f"--tokenizer {path}: not a CaseOps tokenizer (control pieces {missing} missing)")
+    return sp
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", required=True)
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--val-docs", type=int, default=50000)
-    a = ap.parse_args()
-    import sentencepiece as spm
-    with open(a.docs, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f if line.strip()]
-    build(texts, spm.SentencePieceProcessor(model_file=a.tokenizer), a.out, a.val_docs)
+    a = ap.parse_args(argv)
+    try:
+        texts = read_docs(a.docs)
+        if not 0 < a.val_docs < len(texts):
+            raise ToolError(f"--val-docs {a.val_docs}: must be at least 1 and below the {len(texts)} documents "
+                            "of --docs (the rest are training documents)")
+        build(texts, load_caseops_tokenizer(a.tokenizer), a.out, a.val_docs)
+    except (ToolError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
