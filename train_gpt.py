@@ -626,16 +626,18 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                    ttt_enabled=False, slot_enabled=True),
     "pr1060": {},  # the defaults: #1060's stack plus #549's score-first TTT (TTT_ENABLED=0 is #1060's headline)
 }
-# The 1.0611 record under its PR number (issue 14). It keeps plain sp8192 for now; the record's own data is
-# CASEOPS_ENABLED=1 with TOKENIZER_PATH=.../fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model and
-# shards built by tests/caseops_data.py (not yet the preset's default: issue 14 is open).
-PRESETS["pr1855"] = PRESETS["frontier"]
+# The 1.0611 record under its PR number (issue 14): frontier on the record's own data, CaseOps shards with
+# their byte sidecars (tests/caseops_data.py builds them) and its tokenizer, at the record's paths.
+# PRESET=frontier keeps plain sp8192, which runs without the CaseOps download.
+PRESETS["pr1855"] = dict(PRESETS["frontier"], caseops_enabled=True,
+                         data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                         tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
 # What a preset leaves out or assumes, logged with `preset:<name>`.
 PRESET_NOTES = {
     "pr639": "architecture beyond XSA-all assumed from #549 (no logged parameter count to check)",
     "pr1306": "pre-quant TTT on validation tokens left out (rule A4), no TTT; causal SLOT scored as "
               "causal_slot_nonrecord (rule A7)",
-    "pr1855": "plain sp8192 data by default; the record's CaseOps data runs with CASEOPS_ENABLED=1 and its tokenizer",
+    "pr1855": "the record's CaseOps data (val bytes from the sidecar shards); PRESET=frontier is the same on plain sp8192",
 }
 
 

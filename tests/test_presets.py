@@ -122,12 +122,15 @@ def test_each_preset_has_its_distinctive_settings(name):
     assert h.preset == name
 
 
-def test_pr1060_is_the_defaults_and_pr1855_is_frontier():
+def test_pr1060_is_the_defaults_and_pr1855_is_frontier_on_caseops_data():
     def fields(h):
         return {k: v for k, v in dataclasses.asdict(h).items() if k != "preset"}
     assert fields(tg.Hyperparameters.from_env({"PRESET": "pr1060"})) == fields(tg.Hyperparameters())
+    pr1855, frontier = (fields(tg.Hyperparameters.from_env({"PRESET": n})) for n in ("pr1855", "frontier"))
+    assert {k for k in pr1855 if pr1855[k] != frontier[k]} == {"caseops_enabled", "data_path", "tokenizer_path"}
+    assert pr1855["caseops_enabled"] and not frontier["caseops_enabled"]
+    assert pr1855["tokenizer_path"].endswith("fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
     pr1855 = tg.Hyperparameters.from_env({"PRESET": "pr1855"})
-    assert fields(pr1855) == fields(tg.Hyperparameters.from_env({"PRESET": "frontier"}))
     assert (pr1855.eval_mode, pr1855.ttt_optimizer, pr1855.phased_ttt_num_phases) == ("doc", "adam", 3)
 
 
@@ -139,7 +142,9 @@ TINY_EXTRA = {"pr639": dict(TTT_FREEZE_BLOCKS=1),  # "the first 9 of 11" becomes
 
 def tiny_preset_env(name: str, data) -> dict:
     if name == "pr1855":
-        return frontier_env(data, PRESET="pr1855", RUN_ID=name, ITERATIONS=4, TRAIN_BATCH_TOKENS=1024,
+        # plain tiny shards: the CaseOps data path runs in test_caseops.py's tiny run
+        return frontier_env(data, PRESET="pr1855", CASEOPS_ENABLED=0, RUN_ID=name, ITERATIONS=4,
+                            TRAIN_BATCH_TOKENS=1024,
                             PHASED_TTT_PREFIX_DOCS=4, PHASED_TTT_NUM_PHASES=1, TTT_BATCH_SIZE=16,
                             TTT_LORA_RANK=4, TTT_CHUNK_SIZE=128)
     env = {k.upper(): str(int(v) if isinstance(v, bool) else v) for k, v in tg.PRESETS["tiny"].items()
@@ -212,12 +217,12 @@ def test_launch_line_after_pr1855_names_only_what_cannot_run(tmp_path, monkeypat
 
 
 def test_launch_line_means_the_preset_plus_its_seed_data_and_reserve():
-    """With what is not available replaced, the line changes nothing of PRESET=pr1855 but the data
-    paths, SEED and GPTQ_RESERVE_SECONDS: the preset is the record's configuration."""
-    line = dict(parse_line(RECORD_LINE), PRESET="pr1855", COMPRESSOR="brotli", CASEOPS_ENABLED="0")
+    """With what is not available replaced, the line changes nothing of PRESET=pr1855 but SEED and
+    GPTQ_RESERVE_SECONDS: the preset is the record's configuration, data paths and CaseOps included."""
+    line = dict(parse_line(RECORD_LINE), PRESET="pr1855", COMPRESSOR="brotli")
     h, preset = tg.Hyperparameters.from_env(line), tg.Hyperparameters.from_env({"PRESET": "pr1855"})
     changed = {k for k, v in dataclasses.asdict(h).items() if getattr(preset, k) != v}
-    assert changed == {"data_path", "tokenizer_path", "seed", "gptq_reserve_seconds"}
+    assert changed == {"seed", "gptq_reserve_seconds"}
     hints = tg.typing.get_type_hints(tg.Hyperparameters)
     for var, raw in line.items():
         if var.lower() in hints:
