@@ -573,8 +573,11 @@ def _parse_env(var: str, raw: str, kind: type) -> typing.Any:
         raise ConfigError(f"{var}={raw!r}: not a valid {kind.__name__} ({e})") from None
 
 
+# The real-text sample shipped with the repo (tests/data/README.md): PRESET=tiny's data, found from the script's folder.
+SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data")
 PRESETS: dict[str, dict[str, typing.Any]] = {
-    "tiny": dict(vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
+    "tiny": dict(data_path=os.path.join(SAMPLE_DIR, "sp1024"),
+                 tokenizer_path=os.path.join(SAMPLE_DIR, "fineweb_1024_bpe.model"), vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
                  xsa_last_n=2, ve_layers="0,1", ve_dim=16, bigram_vocab_size=256, bigram_dim=16,
                  train_seq_len=128, eval_seq_len=128, eval_stride=32, eval_batch_seqs=8,
                  train_batch_tokens=4096, micro_batch_seqs=32, iterations=40, warmdown_iters=10,
