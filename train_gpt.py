@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import errno
 import glob
 import hashlib
 import io
@@ -573,8 +574,11 @@ def _parse_env(var: str, raw: str, kind: type) -> typing.Any:
         raise ConfigError(f"{var}={raw!r}: not a valid {kind.__name__} ({e})") from None
 
 
+# The real-text sample shipped with the repo (tests/data/README.md): PRESET=tiny's data, found from the script's folder.
+SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data")
 PRESETS: dict[str, dict[str, typing.Any]] = {
-    "tiny": dict(vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
+    "tiny": dict(data_path=os.path.join(SAMPLE_DIR, "sp1024"),
+                 tokenizer_path=os.path.join(SAMPLE_DIR, "fineweb_1024_bpe.model"), vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
                  xsa_last_n=2, ve_layers="0,1", ve_dim=16, bigram_vocab_size=256, bigram_dim=16,
                  train_seq_len=128, eval_seq_len=128, eval_stride=32, eval_batch_seqs=8,
                  train_batch_tokens=4096, micro_batch_seqs=32, iterations=40, warmdown_iters=10,
@@ -768,9 +772,16 @@ def setup_logging(h: Hyperparameters, rt: Runtime) -> str:
     _LOG["is_main"] = rt.is_main
     _LOG["path"] = None
     if rt.is_main:
-        os.makedirs("logs", exist_ok=True)
-        _LOG["path"] = os.path.join("logs", f"{h.run_id}.txt")
-        open(_LOG["path"], "w").close()
+        path = os.path.join("logs", f"{h.run_id}.txt")
+        try:  # a read-only folder, or a file named logs: one error line, not a traceback
+            if not h.eval_artifact and not os.access(".", os.W_OK):
+                raise PermissionError(errno.EACCES, f"no write permission for the artifact {ARTIFACT_NAME}")
+            os.makedirs("logs", exist_ok=True)
+            open(path, "w").close()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be written in the working directory {os.path.abspath('.')} "
+                              f"({e.strerror or e}); run from a writable folder") from None
+        _LOG["path"] = path
     return _LOG["path"]
 
 
@@ -2934,6 +2945,17 @@ def unpack_artifact(blob: bytes) -> tuple[dict, dict]:
     return cfg, dequantize_state(qstate)
 
 
+def read_artifact(path: str, h: Hyperparameters) -> tuple[dict, dict]:
+    """unpack_artifact of the file at `path`, checked against VOCAB_SIZE: every problem one ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"EVAL_ARTIFACT={path}: file not found")
+    with open(path, "rb") as f:
+        cfg, state = unpack_artifact(f.read())
+    if cfg["vocab_size"] != h.vocab_size:
+        raise ConfigError(f"EVAL_ARTIFACT: artifact vocab_size={cfg['vocab_size']} but VOCAB_SIZE={h.vocab_size}")
+    return cfg, state
+
+
 def code_bytes() -> int:
     """Bytes of this script as shipped: they count toward the artifact limit (rule D2)."""
     return os.path.getsize(os.path.abspath(__file__))
@@ -3263,11 +3285,13 @@ def compile_warm_up(nll_fn, h: Hyperparameters, rt: Runtime, vocab: int):
 
 
 def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, prequant_model: GPT | None = None,
-                   spent_s: float = 0.0, started: float | None = None) -> tuple[dict[str, EvalResult], float]:
+                   spent_s: float = 0.0, started: float | None = None,
+                   artifact: tuple[dict, dict] | None = None) -> tuple[dict[str, EvalResult], float]:
     """Everything after training, timed as the eval budget: from `started` (the evaluation
     process's start for EVAL_ARTIFACT; here otherwise) to the last score, less `spent_s` of
-    post-training work already done (rule B4). It covers artifact read and decompression,
-    dequantization, compile warm-ups and every phase. Val is opened only here."""
+    post-training work already done (rule B4). It covers artifact read and decompression (here, or
+    `artifact` = read_artifact's result since `started`), dequantization, compile warm-ups and every
+    phase. Val is opened only here."""
     rt.sync()
     t0 = time.perf_counter() if started is None else started
     deadline = t0 + (1 - EVAL_MARGIN) * h.eval_budget_seconds - spent_s
@@ -3285,10 +3309,7 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
         pre_fn = maybe_compile(nll_function(prequant_model), h, rt)
         compile_warm_up(pre_fn, h, rt, h.vocab_size)
         phase("prequant", lambda _: evaluate(pre_fn, val, h, rt, h.eval_seq_len), per_token=False)
-    with open(artifact_path, "rb") as f:
-        cfg, state = unpack_artifact(f.read())
-    if cfg["vocab_size"] != h.vocab_size:
-        raise ConfigError(f"EVAL_ARTIFACT: artifact vocab_size={cfg['vocab_size']} but VOCAB_SIZE={h.vocab_size}")
+    cfg, state = artifact or read_artifact(artifact_path, h)
     model = build_model(cfg, rt)
     model.load_state_dict(state, strict=True)
     nll_fn = maybe_compile(nll_function(model), h, rt)
@@ -3885,6 +3906,9 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
     check_caseops_tokenizer(h, sp)
     if h.caseops_enabled:
         val_bytes_paths(h)  # a missing/misaligned sidecar: error before anything is written (headers only)
+    # EVAL_ARTIFACT: read and check the artifact first (before the val shards, before any file is written);
+    # its read counts on the eval clock all the same, which starts at process start (rule B3).
+    artifact = read_artifact(h.eval_artifact, h) if h.eval_artifact and h.preflight not in ("1", "plan") else None
     setup_logging(h, rt)
     select_attention_backend(h.attn_backend, rt.device.type)
     log_run_header(h, rt)
@@ -3903,9 +3927,7 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
     if h.preflight == "1":
         return preflight(h, rt)
     if h.eval_artifact:
-        if not os.path.isfile(h.eval_artifact):
-            raise ConfigError(f"EVAL_ARTIFACT={h.eval_artifact}: file not found")
-        results, eval_ms = evaluate_final(h, rt, sp, h.eval_artifact, started=started)
+        results, eval_ms = evaluate_final(h, rt, sp, h.eval_artifact, started=started, artifact=artifact)
         return write_summary(h, rt, None, artifact_sizes(h.eval_artifact), results, eval_ms)
     base_model = build_model(model_config(h), rt)
     model = maybe_compile(base_model, h, rt)

@@ -55,7 +55,7 @@ def run_phases(h: tg.Hyperparameters, rt: tg.Runtime, steps: int, ttt_chunks: in
 def small_hparams(data, **overrides) -> tg.Hyperparameters:
     """The tiny preset with a 2-micro-step batch, 3 TTT chunks of 4 sequences and a padded last
     eval batch: every shape the run compiles, at the least compile time."""
-    env = {"PRESET": "tiny", "DATA_PATH": str(data), "TOKENIZER_PATH": str(data / "tokenizer.model"),
+    env = {"PRESET": "tiny", "DATA_PATH": str(data), "TOKENIZER_PATH": str(data / "tokenizer.model"), "VOCAB_SIZE": "512",
            "TRAIN_BATCH_TOKENS": "512", "MICRO_BATCH_SEQS": "2", "TTT_CHUNK_TOKENS": "512", "TTT_BATCH_SEQS": "4",
            "EVAL_BATCH_SEQS": "8", "TTT_EPOCHS": "1"}
     env.update({k: str(v) for k, v in overrides.items()})

@@ -23,6 +23,12 @@ from make_tiny_data import make_dataset  # noqa: E402
 SHARED_DATA = ROOT.parent / "shared" / "data"
 REAL_TOKENIZER = SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model"
 REAL_SHARDS = SHARED_DATA / "standin_sp1024"
+# The real-text sample shipped in the repo (tests/data/README.md): present in every clone.
+SAMPLE = TESTS / "data"
+SAMPLE_TOKENIZER = {1024: SAMPLE / "fineweb_1024_bpe.model", 8192: SAMPLE / "fineweb_8192_bpe.model"}
+SAMPLE_SHARDS = {1024: SAMPLE / "sp1024", 8192: SAMPLE / "sp8192"}
+SAMPLE_DOCS = 60  # documents in each sample shard (tests/make_sample_data.py DOCS)
+TINY_DATA_VOCAB = 512  # make_dataset's tokenizer; PRESET=tiny's own default is the sample's 1024
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,12 +59,13 @@ def _isolate():
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """Folder with tokenizer.model (vocab 512), two train shards and one val shard."""
+    """Folder with tokenizer.model (vocab TINY_DATA_VOCAB), two train shards and one val shard."""
     return Path(make_dataset(str(tmp_path_factory.mktemp("tiny_data"))))
 
 
 def tiny_env(data: Path, **overrides) -> dict:
-    env = {"PRESET": "tiny", "DATA_PATH": str(data), "TOKENIZER_PATH": str(data / "tokenizer.model")}
+    env = {"PRESET": "tiny", "DATA_PATH": str(data), "TOKENIZER_PATH": str(data / "tokenizer.model"),
+           "VOCAB_SIZE": str(TINY_DATA_VOCAB)}
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 

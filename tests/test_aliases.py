@@ -97,7 +97,7 @@ def test_aliases_are_not_fields_and_unknown_names_still_raise():
 def test_main_logs_the_mapping(tiny_data, tmp_path, monkeypatch, capsys):
     """The run logs each translated name (a DATA_PATH without shards then stops it: exit 2)."""
     monkeypatch.chdir(tmp_path)
-    env = {"PRESET": "tiny", "RUN_ID": "alias", "TOKENIZER_PATH": str(tiny_data / "tokenizer.model"),
+    env = {"PRESET": "tiny", "RUN_ID": "alias", "TOKENIZER_PATH": str(tiny_data / "tokenizer.model"), "VOCAB_SIZE": "512",
            "DATA_PATH": str(tmp_path), "GPTQ_RESERVE_MS": "14000", "VE_ENABLED": "1"}
     assert tg.main(env) == 2
     log = (tmp_path / "logs" / "alias.txt").read_text()

@@ -1,6 +1,7 @@
 """Bits per byte: the tokenizer byte tables (build_byte_luts, ValidationData.target_bytes) against the
 UTF-8 length of the decoded text (rules E1/E2), on the tiny tokenizer, on the real sp1024 tokenizer
-and real validation documents when ../shared/data is present, and on a hand-made vocabulary;
+and real validation documents (the sample shipped in tests/data, and the full stand-in shard when
+../shared/data is present), and on a hand-made vocabulary;
 EvalResult's val_loss/val_bpb arithmetic; and load_validation's truncation and errors.
 
     python3 -m pytest -q tests/test_bpb.py
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REAL_SHARDS, REAL_TOKENIZER, tiny_env
+from conftest import REAL_SHARDS, REAL_TOKENIZER, SAMPLE_DOCS, SAMPLE_SHARDS, SAMPLE_TOKENIZER, tiny_env
 
 BOS = 1
 
@@ -110,26 +111,29 @@ def test_tiny_tokenizer_every_piece(tiny_sp):
 
 real_data = pytest.mark.skipif(not (REAL_TOKENIZER.exists() and (REAL_SHARDS / "fineweb_val_000000.bin").exists()),
                                reason="../shared/data (real sp1024 tokenizer and shards) not present")
+# (tokenizer, val shard folder, documents checked): the shipped sample everywhere, the full stand-in where present.
+REAL_SOURCES = [pytest.param((SAMPLE_TOKENIZER[1024], SAMPLE_SHARDS[1024], SAMPLE_DOCS), id="sample"),
+                pytest.param((REAL_TOKENIZER, REAL_SHARDS, 120), id="shared", marks=real_data)]
 
 
-@real_data
 def test_real_tokenizer_every_piece():
-    sp = load_sp(REAL_TOKENIZER)
+    sp = load_sp(SAMPLE_TOKENIZER[1024])  # the real sp1024 model, shipped (test_data checks it is the same file)
     assert sp.vocab_size() == 1024 and all(sp.is_byte(i) for i in range(4, 260))
     check_every_piece(sp)
 
 
-@real_data
-def test_real_validation_documents():
-    """The first 120 real FineWeb val documents: per document and over the whole stream,
-    LUT bytes == len(decoded text in UTF-8)."""
-    sp = load_sp(REAL_TOKENIZER)
+@pytest.mark.parametrize("source", REAL_SOURCES)
+def test_real_validation_documents(source):
+    """The first 120 real FineWeb val documents (all 60 of the sample): per document and over the
+    whole stream, LUT bytes == len(decoded text in UTF-8)."""
+    tokenizer, shards, n_docs = source
+    sp = load_sp(tokenizer)
     vd = luts(sp, 1024)
-    tokens = np.asarray(tg.read_shard(str(REAL_SHARDS / "fineweb_val_000000.bin")), dtype=np.int64)
+    tokens = np.asarray(tg.read_shard(str(shards / "fineweb_val_000000.bin")), dtype=np.int64)
     starts = np.flatnonzero(tokens == BOS)
-    assert starts[0] == 0
-    stream = tokens[:starts[120]]
-    docs = np.split(stream, starts[1:120])
+    assert starts[0] == 0 and len(starts) >= n_docs
+    stream = tokens[:starts[n_docs]] if n_docs < len(starts) else tokens
+    docs = np.split(stream, starts[1:n_docs])
     total = 0
     for k, doc in enumerate(docs):
         assert doc[0] == BOS and BOS not in doc[1:]

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 import train_gpt as tg
+from conftest import SAMPLE_SHARDS, SAMPLE_TOKENIZER
 
 # The record run (stack.md; the 11-layer GPTQ/TTT records), written out by hand on purpose.
 RECORD = dict(num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=3.0, negative_slope=0.5,
@@ -41,7 +42,8 @@ def test_tiny_preset_matches_the_interface_shapes():
     for var, raw in INTERFACE_TINY.items():
         field = var.lower()
         assert getattr(h, field) == type(getattr(h, field))(raw), var
-    assert h.preset == "tiny" and h.device == "cpu" and h.vocab_size == 512  # the tiny tokenizer's vocab
+    assert h.preset == "tiny" and h.device == "cpu" and h.vocab_size == 1024  # the shipped sample's tokenizer
+    assert (h.data_path, h.tokenizer_path) == (str(SAMPLE_SHARDS[1024]), str(SAMPLE_TOKENIZER[1024]))
     assert h.max_wallclock_seconds == 0.0  # ITERATIONS ends a tiny run
 
 

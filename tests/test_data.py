@@ -303,3 +303,46 @@ def test_packed_rows_follow_document_masking_and_check_segments(stream_shards, t
     assert isinstance(loader, tg.PackedLoader) and loader.varlen_check == (1, h.train_seq_len)
     assert tg.packed_segment_len(h) == h.train_seq_len
     assert tg.packed_segment_len(tg.dataclasses.replace(h, train_loader="sequential")) == 0
+
+
+# ---- the real-text sample shipped in tests/data (PRESET=tiny's data, the E2 proofs in a fork)
+
+SAMPLE_SHA256 = {1024: "4f5e8adb109c66b4886963bc75a7befd73bda36d27fd7102df8e9e66503b0e2a",  # ../shared/data/README.md
+                 8192: "4e979c92754cc9d7bdebd9dfe5edf3fc0b41b38714b394e4297fa851e3afd516"}
+
+
+def sample_documents(vocab: int, split: str) -> list[str]:
+    import sentencepiece as spm
+    from conftest import SAMPLE_SHARDS, SAMPLE_TOKENIZER
+    sp = spm.SentencePieceProcessor(model_file=str(SAMPLE_TOKENIZER[vocab]))
+    tokens = np.asarray(tg.read_shard(str(SAMPLE_SHARDS[vocab] / f"fineweb_{split}_000000.bin")), dtype=np.int64)
+    assert tokens[0] == 1 and tokens.max() < vocab
+    return [sp.decode(doc[1:].tolist()) for doc in np.split(tokens, np.flatnonzero(tokens == 1)[1:])]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_sample_is_the_same_real_documents_in_both_vocabularies(split):
+    """Each sample shard reads in the real format and holds SAMPLE_DOCS whole documents ([BOS] + tokens):
+    decoded, the sp1024 and sp8192 shards give the same texts (the stand-ins' re-encoding is lossless)."""
+    from conftest import SAMPLE, SAMPLE_DOCS, SAMPLE_TOKENIZER
+    import hashlib
+    for vocab, sha in SAMPLE_SHA256.items():
+        assert hashlib.sha256(SAMPLE_TOKENIZER[vocab].read_bytes()).hexdigest() == sha  # the real tokenizers
+    docs = sample_documents(1024, split)
+    assert len(docs) == SAMPLE_DOCS and sum(map(len, docs)) > 100_000 and all(docs)
+    assert sample_documents(8192, split) == docs
+    assert sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file()) < 1_500_000  # stays small in the repo
+
+
+def test_sample_is_cut_from_the_stand_in_shards(tmp_path):
+    """Where ../shared/data exists, tests/make_sample_data.py rebuilds the shipped sample byte for byte:
+    each shard is a prefix of the stand-in's, cut on a document boundary."""
+    from conftest import SAMPLE, SHARED_DATA
+    if not (SHARED_DATA / "standin_sp8192").is_dir():
+        pytest.skip("../shared/data not present")
+    import make_sample_data
+    assert make_sample_data.main(["--src", str(SHARED_DATA), "--out", str(tmp_path)]) == 0
+    shipped = sorted(p.relative_to(SAMPLE) for p in SAMPLE.rglob("*") if p.is_file() and p.name != "README.md")
+    assert shipped == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    for rel in shipped:
+        assert (SAMPLE / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel

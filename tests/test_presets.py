@@ -15,6 +15,7 @@ nothing written.
 
 import dataclasses
 import json
+import math
 import shlex
 
 import pytest
@@ -149,7 +150,7 @@ def tiny_preset_env(name: str, data) -> dict:
                             TTT_LORA_RANK=4, TTT_CHUNK_SIZE=128)
     env = {k.upper(): str(int(v) if isinstance(v, bool) else v) for k, v in tg.PRESETS["tiny"].items()
            if k not in TINY_KEEP_PRESET}
-    env.update(PRESET=name, DATA_PATH=str(data), TOKENIZER_PATH=str(data / "tokenizer.model"), RUN_ID=name,
+    env.update(PRESET=name, DATA_PATH=str(data), TOKENIZER_PATH=str(data / "tokenizer.model"), VOCAB_SIZE="512", RUN_ID=name,
                ITERATIONS="4", WARMUP_STEPS="1", TRAIN_BATCH_TOKENS="2048", EVAL_STRIDE="128",
                TTT_CHUNK_TOKENS="8192", TTT_EPOCHS="1", GPTQ_RESERVE_SECONDS="0")
     env.update({k: str(v) for k, v in TINY_EXTRA.get(name, {}).items()})
@@ -272,3 +273,19 @@ def test_ttt_optimizer_keeps_both_meanings():
     assert tg.Hyperparameters.from_env({"PRESET": "pr639"}).ttt_optimizer == "adamw"
     # NCCL's own variable on the line passes through untouched, as on the record's machine.
     assert tg.env_aliases({"NCCL_NET": "Socket"}) == ({"NCCL_NET": "Socket"}, [])
+
+
+def test_tiny_preset_runs_on_the_shipped_sample_by_default(tmp_path):
+    """The README's main job in a fresh clone: `PRESET=tiny python3 train_gpt.py`, nothing else set,
+    from any folder, trains and scores on tests/data (the real sp1024 sample) and beats uniform."""
+    from conftest import SAMPLE_SHARDS, SAMPLE_TOKENIZER, run_script
+    proc = run_script({"PRESET": "tiny", "RUN_ID": "tiny_default"}, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "logs" / "tiny_default.txt").read_text()
+    assert f"hparam:data_path={str(SAMPLE_SHARDS[1024])!r}\n" in log
+    assert f"hparam:tokenizer_path={str(SAMPLE_TOKENIZER[1024])!r}\n" in log
+    summary = json.loads((tmp_path / "logs" / "tiny_default.json").read_text())
+    val = tg.read_shard(str(SAMPLE_SHARDS[1024] / "fineweb_val_000000.bin"))
+    ttt = summary["eval"]["ttt"]
+    assert ttt["tokens"] == (len(val) - 1) // 128 * 128  # the whole sample val stream, in 128-token windows
+    assert ttt["val_loss"] < math.log(1024) - 1.0  # learned the real text: well below uniform over 1024

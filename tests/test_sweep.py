@@ -65,7 +65,7 @@ def test_bad_assignment_is_one_error():
 
 
 def base_string(tiny_data) -> str:
-    return (f"PRESET=tiny DATA_PATH={tiny_data} TOKENIZER_PATH={tiny_data / 'tokenizer.model'} "
+    return (f"PRESET=tiny DATA_PATH={tiny_data} TOKENIZER_PATH={tiny_data / 'tokenizer.model'} VOCAB_SIZE=512 "
             "ITERATIONS=6 TTT_ENABLED=0")
 
 
