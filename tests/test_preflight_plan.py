@@ -65,6 +65,13 @@ def todays_lora_schedule(spans, h, world_size):
     return tg.LoraSchedule(queue, mine, work, [order[:b] for _, b in bounds], cuts)
 
 
+def pin_todays_ttt_rows(monkeypatch):
+    """Before F1b, LoRA and global TTT rows went through the document-masked (varlen) forward: the
+    plan measures them with doc_mask=False now, so today's behaviour is pinned by ignoring it."""
+    real = tg.GPT.forward_hidden
+    monkeypatch.setattr(tg.GPT, "forward_hidden", lambda self, ids, doc_mask=True: real(self, ids, True))
+
+
 def spans_of(lengths):
     n = np.asarray(lengths, dtype=np.int64)
     return np.stack((np.cumsum(n) - n, n), axis=1)
@@ -162,6 +169,7 @@ def test_varlen_bound_today_and_with_a_bounded_capacity(monkeypatch):
     spans = spans_of([4096] * 64 + [300] * 70)
     plan = tg.lora_schedule(spans, h, 8)
     monkeypatch.setattr(tg, "document_segments", todays_document_segments)
+    pin_todays_ttt_rows(monkeypatch)
     phases = {p["name"]: p for p in tg.plan_phase_memory(h, spans, plan)}
     assert [c["seqs"] for c in phases["train micro-batch"]["calls"]] == [48 * 2048]
     assert phases["LoRA TTT chunk"]["shape"] == (64, 2048)
@@ -217,6 +225,7 @@ def test_frontier_plan_is_no_go_on_todays_behaviour(monkeypatch):
     over 79.6 GiB, and an eval projected far over 600 s (eager, rank 0 holding the longest docs)."""
     monkeypatch.setattr(tg, "document_segments", todays_document_segments)
     monkeypatch.setattr(tg, "lora_schedule", todays_lora_schedule)
+    pin_todays_ttt_rows(monkeypatch)
     monkeypatch.setattr(tg, "lora_ttt_compiled", lambda h: False)
     monkeypatch.setattr(tg, "eval_phases_run", lambda h: ["prequant", "roundtrip", "doc", "ttt"])
     h = frontier()
