@@ -44,7 +44,6 @@ import subprocess
 import sys
 import time
 import typing
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,7 +136,7 @@ class Hyperparameters:
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece .model
     caseops_enabled: bool = False  # val bytes from the fineweb_val_bytes_*.bin sidecar (CaseOps tokenizer)
-    run_id: str = ""  # log/summary name; empty = random uuid
+    run_id: str = ""  # log/summary name; empty = <YYYYMMDD>_<preset>_seed<SEED> (then _2, _3.. if logs/ has it)
     seed: int = 1337  # init, data order (coprime loader), TTT and calibration sampling
     preset: str = ""  # a name of PRESETS ("" = the defaults, #1060's stack = pr1060); applied before env overrides
     device: str = "auto"  # auto | cuda | cpu
@@ -3957,6 +3956,17 @@ def process_start() -> float:
         return time.perf_counter()
 
 
+def default_run_id(h: Hyperparameters, now: float | None = None) -> str:
+    """<YYYYMMDD>_<preset>_seed<SEED> (preset pr1060 for the defaults), with _2, _3, .. appended
+    while logs/<id>.txt exists, so a rerun on the same day never overwrites a log."""
+    base = f"{time.strftime('%Y%m%d', time.localtime(now))}_{h.preset or 'pr1060'}_seed{h.seed}"
+    rid, n = base, 1
+    while os.path.exists(os.path.join("logs", f"{rid}.txt")):
+        n += 1
+        rid = f"{base}_{n}"
+    return rid
+
+
 def main(env: typing.Mapping[str, str] = os.environ, started: float | None = None) -> int:
     """`started`: where an EVAL_ARTIFACT run's eval clock starts (the script passes its process
     start; an in-process call starts it here)."""
@@ -3964,7 +3974,7 @@ def main(env: typing.Mapping[str, str] = os.environ, started: float | None = Non
     try:
         h = Hyperparameters.from_env(env)
         if not h.run_id:
-            h = dataclasses.replace(h, run_id=str(uuid.uuid4()))
+            h = dataclasses.replace(h, run_id=default_run_id(h))
         rt = setup_runtime(h.device, env)
         typo_lines = [f"warning: {var}: unknown variable, ignored; did you mean {close}?"
                       for var, close in env_typos(env)]

@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import os
 import sys
+import time
 
 import pytest
 
@@ -239,3 +240,30 @@ def test_model_config_holds_every_shape_field(monkeypatch):
     assert tuple(model.tok_emb.weight.shape) == (300, 48)
     assert len(model.blocks) == 3
     assert tuple(model.blocks[0].mlp.fc.weight.shape) == (120, 48)  # int(2.5 * 48)
+
+
+def test_default_run_id_names_date_preset_and_seed_and_never_overwrites_a_log(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    now = time.mktime((2026, 12, 4, 12, 0, 0, 0, 0, -1))
+    h = tg.Hyperparameters.from_env({"PRESET": "frontier", "SEED": "42"})
+    assert tg.default_run_id(h, now) == "20261204_frontier_seed42"
+    assert tg.default_run_id(tg.Hyperparameters.from_env({}), now) == "20261204_pr1060_seed1337"
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "20261204_frontier_seed42.txt").write_text("")
+    assert tg.default_run_id(h, now) == "20261204_frontier_seed42_2"
+    (tmp_path / "logs" / "20261204_frontier_seed42_2.txt").write_text("")
+    assert tg.default_run_id(h, now) == "20261204_frontier_seed42_3"
+
+
+def test_readme_knob_table_is_generated_from_the_code():
+    """README's knob table equals tests/knobs_table.py's output (regenerate with --write), and
+    lists every field once under its env name, with the defaults and preset values of the code."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import knobs_table
+    readme = open(knobs_table.README).read()
+    block = knobs_table.readme_block(readme)
+    assert block == knobs_table.table(), "README knob table is stale: python3 tests/knobs_table.py --write"
+    names = [line.split("|")[1].strip().strip("`") for line in block.splitlines()[2:] if line.startswith("| `")]
+    assert names == [f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)]
+    row = next(line for line in block.splitlines() if line.startswith("| `MLP_MULT` |"))
+    assert f"`{tg.Hyperparameters.mlp_mult}`" in row and f"frontier `{tg.PRESETS['frontier']['mlp_mult']}`" in row
