@@ -784,13 +784,24 @@ def setup_logging(h: Hyperparameters, rt: Runtime) -> str:
     return _LOG["path"]
 
 
+def run_versions() -> dict[str, str | None]:
+    """What the run ran with, for the log and the summary JSON (submission.json's version fields)."""
+    import importlib.metadata as md
+    flash = None
+    for dist_name in ("flash_attn_3", "flash-attn-3", "flash_attn", "flash-attn"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            flash = f"{dist_name} {md.version(dist_name)}"
+            break
+    return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+                cuda=torch.version.cuda, flash_attn=flash, attn_backend=_ATTENTION["name"])
+
+
 def log_run_header(h: Hyperparameters, rt: Runtime):
     """Every hyperparameter in force, sorted, then where and with what the run happens."""
     for name in sorted(f.name for f in dataclasses.fields(h)):
         log(f"hparam:{name}={getattr(h, name)!r}")
     log(f"world_size:{rt.world_size} device:{rt.device_name()} compute_dtype:{str(rt.compute_dtype).split('.')[-1]}")
-    log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-        f"cuda:{torch.version.cuda} attn_backend:{_ATTENTION['name']}")
+    log("versions: " + " ".join(f"{k}:{v}" for k, v in run_versions().items()))
     with open(os.path.abspath(__file__), "rb") as f:
         code = f.read()
     log(f"code: bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()} (full source below, in the log file)")
@@ -1878,8 +1889,13 @@ def score_windows(nll_fn, val: ValidationData, wins: np.ndarray, batch: int, rt:
     L = int((wins[:, 2] - wins[:, 0]).max())  # doc windows can be shorter: masked, clamped at the stream end
     ar = torch.arange(L, device=rt.device)
     table = torch.from_numpy(mine).to(rt.device)  # (n, 3) int64
+    n_batches, t0 = -(-len(mine) // batch), time.perf_counter()
+    every = max(1, -(-n_batches // 10))  # progress about every 10% (host clock: no sync is added)
     with torch.inference_mode():
         for b in range(0, len(mine), batch):
+            if rt.is_main and b and (b // batch) % every == 0:
+                log(f"eval_progress: batch:{b // batch}/{n_batches} ({100 * b // batch // n_batches}%) "
+                    f"windows:{b}/{len(mine)} time:{time.perf_counter() - t0:.1f}s")
             rows = table[b:b + batch]
             real = len(rows)
             rows = torch.cat((rows, rows[-1:].expand(batch - real, 3))) if real < batch else rows
@@ -2074,7 +2090,7 @@ def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt
                 log(f"ttt:plan chunk:{c + 1}/{n_chunks} epochs:{epochs}->{planned} score_s:{score_s:.3f} "
                     f"epoch_s:{epoch_s or 0.0:.3f} time_left:{deadline - now:.1f}s")
                 epochs, plan_changes = planned, plan_changes + 1
-        if rt.is_main and (c % 100 == 0 or c == n_chunks - 2):
+        if rt.is_main and (c % max(1, n_chunks // 10) == 0 or c == n_chunks - 2):  # about every 10%
             s = sums.tolist()
             log(f"ttt_chunk:{c + 1}/{n_chunks} rank0_bpb:{EvalResult(s[0], int(s[1]), int(s[2])).val_bpb:.6f} "
                 f"time:{clock() - t0:.1f}s")
@@ -3390,16 +3406,19 @@ def write_summary(h: Hyperparameters, rt: Runtime, train: TrainResult | None, si
 
 def _write_summary_json(h: Hyperparameters, rt: Runtime, train: TrainResult | None, sizes: dict,
                         results: dict[str, EvalResult], eval_ms: float, report: dict):
+    headline = [k for k in results if k != "slot"][-1]
     summary = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, device=rt.device_name(),
+                   date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(), versions=run_versions(),
                    config=dataclasses.asdict(h),
                    train=None if train is None else dict(steps=train.steps, train_time_ms=round(train.train_time_ms, 1),
                                                          calib_time_ms=round(train.calib_time_ms, 1),
                                                          selfgen_time_ms=round(train.selfgen_time_ms, 1),
                                                          quant_time_ms=round(train.quant_time_ms, 1),
-                                                         tokens=train.tokens, stop=train.stop),
+                                                         tokens=train.tokens, stop=train.stop,
+                                                         step_avg_ms=round(train.train_time_ms / max(train.steps, 1), 2)),
                    artifact=sizes, eval={k: r.as_dict() for k, r in results.items()},
-                   eval_time_ms=round(eval_ms, 1), compliance=report,
-                   val_bpb=[r for k, r in results.items() if k != "slot"][-1].val_bpb)
+                   eval_time_ms=round(eval_ms, 1), compliance=report, headline_phase=headline,
+                   val_bpb=results[headline].val_bpb)
     path = os.path.join("logs", f"{h.run_id}.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)

@@ -1,11 +1,14 @@
 """Multi-seed summary and significance for a submission (rule F1), from the runs' own files.
 
     python3 tests/summarize.py logs/seed1.json logs/seed2.json logs/seed3.json \
-        --baseline-bpb 1.11922988 1.12002032 1.11888882 --name "my record" --out submission.json
+        --baseline-bpb 1.11922988 1.12002032 1.11888882 --name "my record" --author "Ada" --github-id ada \
+        --blurb "what changed" --out submission.json
     python3 tests/summarize.py logs/*.json --baseline-json base/*.json
     python3 tests/summarize.py --paired new/ttt.npy base/ttt.npy --val-shard data/fineweb_val_000000.bin
 
-Reads each run's summary JSON (logs/<RUN_ID>.json) and writes submission.json: per-seed results,
+Reads each run's summary JSON (logs/<RUN_ID>.json) and writes submission.json in the records' format
+(author, github_id, name, blurb, date, track, hardware, versions, per-seed results with steps,
+step_avg_ms and eval_time_s, artifact_bytes_max, bytes_total; each seed once): per-seed results,
 mean and sample std of val_loss (nats) and val_bpb, and a one-sided Welch t-test of "new < baseline"
 in both units against the baseline (numbers or summary JSONs), stating whether the challenge's bar
 (at least 0.005 nats better, p < 0.01) is met. Baseline nats, when only bpb is given, are derived
@@ -25,8 +28,14 @@ BAR_NATS = 0.005
 BAR_P = 0.01
 
 
+try:  # a well-kept implementation where installed (scipy is a test dependency, requirements.txt)
+    from scipy import stats as _stats
+except ImportError:  # the script must still run on a bare GPU image; the continued fraction below is exact to ~1e-13
+    _stats = None
+
+
 def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    """Continued fraction of the incomplete beta function (modified Lentz), for when scipy is absent."""
     tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
     c, d = 1.0, 1.0 - qab * x / qap
     d = 1.0 / (d if abs(d) > tiny else tiny)
@@ -45,7 +54,7 @@ def _betacf(a: float, b: float, x: float) -> float:
 
 
 def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b)."""
+    """Regularized incomplete beta I_x(a, b) (the fallback's)."""
     if x <= 0.0:
         return 0.0
     if x >= 1.0:
@@ -56,8 +65,10 @@ def betainc(a: float, b: float, x: float) -> float:
     return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
 
 
-def t_cdf(t: float, df: float) -> float:
-    """Student t CDF."""
+def t_cdf(t: float, df: float, use_scipy: bool = True) -> float:
+    """Student t CDF: scipy's when installed, else the continued fraction."""
+    if use_scipy and _stats is not None:
+        return float(_stats.t.cdf(t, df))
     tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
     return 1.0 - tail if t > 0 else tail
 
@@ -100,24 +111,55 @@ def load_runs(paths: list[str]) -> list[dict]:
 
 
 def headline(run: dict) -> tuple[float, float]:
-    """(val_loss, val_bpb) of the run's headline phase (the last phase that ran)."""
-    phase = [k for k in ("prequant", "roundtrip", "sliding", "ttt") if k in run["eval"]][-1]
+    """(val_loss, val_bpb) of the run's headline phase: `headline_phase` where the summary names it,
+    else the last phase in the summary's order other than the non-record slot."""
+    phase = run.get("headline_phase") or [k for k in run["eval"] if k != "slot"][-1]
     return run["eval"][phase]["val_loss"], run["eval"][phase]["val_bpb"]
 
 
+def check_seeds(runs: list[dict], paths: list[str]):
+    """Each seed once: a repeated seed is the same sample twice, not two (rule F1)."""
+    seen: dict = {}
+    for r, p in zip(runs, paths):
+        if r["seed"] in seen:
+            raise SystemExit(f"error: seed {r['seed']} appears twice ({seen[r['seed']]}, {p}): "
+                             "give each seed's run once (rule F1 counts independent seeds)")
+        seen[r["seed"]] = p
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
 def summarize(runs: list[dict], base_bpb: list[float] | None = None, base_nats: list[float] | None = None,
-              name: str = "") -> dict:
+              name: str = "", author: str = "", github_id: str = "", date: str = "", track: str = "10min_16mb",
+              blurb: str = "", paths: list[str] | None = None) -> dict:
+    """The record's submission.json (stack spec 10.3, #1019's fields) from the runs' summary JSONs."""
+    check_seeds(runs, paths or [str(i) for i in range(len(runs))])
     losses, bpbs = zip(*(headline(r) for r in runs))
     ratio = float(np.mean(np.asarray(losses) / np.asarray(bpbs)))  # nats per bpb on this val set
-    out = dict(name=name, val_loss=float(np.mean(losses)), val_bpb=float(np.mean(bpbs)),
+    versions = [r.get("versions") or {} for r in runs]
+    one = lambda key: sorted({str(v.get(key)) for v in versions}) if versions else []  # noqa: E731
+    nbytes = [r["artifact"]["total_bytes"] for r in runs]
+    steps = [(r.get("train") or {}).get("steps") for r in runs]
+    step_ms = [(r.get("train") or {}).get("step_avg_ms") for r in runs]
+    eval_s = [r["eval_time_ms"] / 1000 if r.get("eval_time_ms") is not None else None for r in runs]
+    out = dict(author=author, github_id=github_id, name=name, blurb=blurb,
+               date=date or max((r.get("date") or "" for r in runs), default=""), track=track,
+               val_loss=float(np.mean(losses)), val_bpb=float(np.mean(bpbs)),
                val_loss_std=float(np.std(losses, ddof=1)) if len(runs) > 1 else 0.0,
                val_bpb_std=float(np.std(bpbs, ddof=1)) if len(runs) > 1 else 0.0,
                seeds=[r["seed"] for r in runs],
-               seed_results={str(r["seed"]): dict(val_loss=l, val_bpb=b, artifact_bytes=r["artifact"]["total_bytes"],
-                                                  steps=(r.get("train") or {}).get("steps"),
-                                                  hardware=f"{r['world_size']}x {r['device']}")
-                             for r, l, b in zip(runs, losses, bpbs)},
-               bytes_total=max(r["artifact"]["total_bytes"] for r in runs))
+               seed_results={str(r["seed"]): dict(val_loss=l, val_bpb=b, artifact_bytes=n, steps=st,
+                                                  step_avg_ms=ms, eval_time_s=e)
+                             for r, l, b, n, st, ms, e in zip(runs, losses, bpbs, nbytes, steps, step_ms, eval_s)},
+               artifact_bytes_mean=float(np.mean(nbytes)), artifact_bytes_max=max(nbytes), bytes_total=max(nbytes),
+               train_steps_mean=_mean(steps), step_avg_ms_mean=_mean(step_ms), eval_time_s=_mean(eval_s),
+               eval_time_s_max=max((e for e in eval_s if e is not None), default=None),
+               hardware=", ".join(sorted({f"{r['world_size']}x {r['device']}" for r in runs})),
+               pytorch_version=", ".join(one("torch")), cuda_version=", ".join(one("cuda")),
+               flash_attn_version=", ".join(one("flash_attn")))
     if base_bpb:
         base_nats = base_nats or [b * ratio for b in base_bpb]
         out["vs_baseline"] = dict(bpb=welch(list(bpbs), base_bpb), nats=welch(list(losses), base_nats),
@@ -137,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paired", nargs=2, metavar=("NEW_NPY", "BASE_NPY"))
     ap.add_argument("--val-shard", nargs="+", help="val shards (sorted) for --paired document boundaries")
     ap.add_argument("--name", default="")
+    ap.add_argument("--author", default="")
+    ap.add_argument("--github-id", default="")
+    ap.add_argument("--date", default="", help="ISO date (default: the runs' latest)")
+    ap.add_argument("--track", default="10min_16mb")
+    ap.add_argument("--blurb", default="")
     ap.add_argument("--out", default="submission.json")
     a = ap.parse_args(argv)
     if a.paired:
@@ -150,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     base_bpb, base_nats = a.baseline_bpb, a.baseline_nats
     if a.baseline_json:
         base_nats, base_bpb = map(list, zip(*(headline(r) for r in load_runs(a.baseline_json))))
-    out = summarize(load_runs(a.runs), base_bpb, base_nats, a.name)
+    out = summarize(load_runs(a.runs), base_bpb, base_nats, a.name, a.author, a.github_id, a.date, a.track,
+                    a.blurb, a.runs)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps({k: out[k] for k in ("val_bpb", "val_bpb_std", "seeds")} | (

@@ -148,12 +148,42 @@ def test_welch_matches_scipy():
     assert ours["p_one_sided"] == pytest.approx(ref.pvalue, rel=1e-9)
     for df in (1.0, 2.7, 30.0):
         for t in (-8.0, -1.2, 0.0, 2.5):
-            assert summarize.t_cdf(t, df) == pytest.approx(stats.t.cdf(t, df), abs=1e-13)
+            assert summarize.t_cdf(t, df, use_scipy=False) == pytest.approx(stats.t.cdf(t, df), abs=1e-13)
 
 
 def _run_json(seed: float, loss: float, bpb: float) -> dict:
-    return dict(seed=seed, world_size=8, device="H100", train={"steps": 7000},
-                artifact={"total_bytes": 15_900_000 + seed}, eval={"sliding": {"val_loss": loss, "val_bpb": bpb}})
+    return dict(seed=seed, world_size=8, device="H100", train={"steps": 7000, "step_avg_ms": 85.0 + seed},
+                artifact={"total_bytes": 15_900_000 + seed}, eval={"sliding": {"val_loss": loss, "val_bpb": bpb}},
+                eval_time_ms=500_000.0 + 1000 * seed, date=f"2026-12-0{seed}",
+                versions={"torch": "2.9.1+cu128", "cuda": "12.8", "flash_attn": "flash_attn_3 3.0.0"})
+
+
+# #1019's submission.json (stack spec 10.3) less its free-text PR and technique fields
+RECORD_KEYS = {"author", "github_id", "name", "blurb", "date", "track", "val_loss", "val_bpb", "val_loss_std",
+               "val_bpb_std", "seeds", "seed_results", "artifact_bytes_mean", "artifact_bytes_max", "bytes_total",
+               "train_steps_mean", "step_avg_ms_mean", "hardware", "pytorch_version", "cuda_version",
+               "flash_attn_version"}
+
+
+def test_summarize_has_the_records_fields_and_refuses_a_repeated_seed(tmp_path):
+    runs = [_run_json(s, 1.89, b) for s, b in ((1, 1.0611), (2, 1.0620), (3, 1.0605))]
+    runs[2]["eval"] = {"doc": {"val_loss": 9.0, "val_bpb": 9.0}, "ttt": {"val_loss": 1.79, "val_bpb": 1.0605}}
+    runs[2]["headline_phase"] = "ttt"
+    sub = summarize.summarize(runs, name="n", author="Ada", github_id="ada")
+    assert RECORD_KEYS <= set(sub) and sub["author"] == "Ada" and sub["github_id"] == "ada"
+    assert sub["val_bpb"] == pytest.approx((1.0611 + 1.0620 + 1.0605) / 3)  # the ttt headline, not doc's 9.0
+    assert set(sub["seed_results"]["2"]) >= {"val_loss", "val_bpb", "artifact_bytes", "steps", "step_avg_ms"}
+    assert sub["step_avg_ms_mean"] == pytest.approx(87.0) and sub["artifact_bytes_max"] == 15_900_003
+    assert sub["eval_time_s_max"] == pytest.approx(503.0) and sub["date"] == "2026-12-03"
+    assert (sub["hardware"], sub["pytorch_version"], sub["cuda_version"], sub["flash_attn_version"]) == (
+        "8x H100", "2.9.1+cu128", "12.8", "flash_attn_3 3.0.0")
+    paths = []
+    for i, seed in enumerate((1, 2, 1)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(_run_json(seed, 1.89, 1.06)))
+    with pytest.raises(SystemExit, match=r"seed 1 appears twice .*r0.json.*r2.json"):
+        summarize.main([str(p) for p in paths] + ["--out", str(tmp_path / "s.json")])
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_summarize_writes_submission(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import train_gpt as tg
 from conftest import assert_one_error_line, ROOT, run_script, tiny_env
@@ -126,6 +127,9 @@ def test_summary_json_has_the_interface_keys_and_consistent_numbers(train_run, t
     assert s["train"]["steps"] == h.iterations and s["train"]["stop"] == "iterations"
     assert s["train"]["tokens"] == h.iterations * h.train_batch_tokens
     assert s["train"]["train_time_ms"] > 0 and s["train"]["calib_time_ms"] > 0
+    assert s["train"]["step_avg_ms"] == pytest.approx(s["train"]["train_time_ms"] / h.iterations, abs=0.01)
+    assert s["versions"]["torch"] == torch.__version__ and s["versions"]["cuda"] == torch.version.cuda
+    assert s["headline_phase"] == "ttt" and len(s["date"]) == 10 and s["date"][:2] == "20"
 
     art = s["artifact"]
     size = train_run.artifact.stat().st_size
