@@ -222,6 +222,7 @@ class Hyperparameters:
     gptq_selfgen_temp: float = 0.8  # sampling temperature of self-generated calibration text
     gptq_reserve_seconds: float = 14.0  # taken out of MAX_WALLCLOCK_SECONDS for calibration (#1060: 14 s)
     gptq_block_size: int = 128
+    gptq_split: bool = True  # with WORLD_SIZE > 1 each rank GPTQs a cost-balanced share (0: rank 0 alone); same bytes
     quant_compressor: str = "zstd"  # zstd (level 22) | lzma (preset 9 extreme) | brotli (11) | auto (smallest)
     int6_scale_floor: float = 1 / 31  # least int6 step per row (records: 1/31; lower = finer, bigger)
     quant_embed: str = "int8"  # tied embedding: int8 rows | gptq (int6 with the output head's Hessian)
@@ -726,6 +727,14 @@ class Runtime:
             return local, None
         out = torch.empty((self.world_size * local.size(0), *local.shape[1:]), dtype=local.dtype, device=local.device)
         return out, dist.all_gather_into_tensor(out, local, async_op=True)
+
+    def all_gather_object(self, obj: typing.Any) -> list:
+        """Every rank's picklable `obj`, by rank; single process: [obj]."""
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self):
         if self.distributed:
@@ -2742,24 +2751,95 @@ def apply_lqer(state: dict[str, Tensor], qstate: dict, spec: QuantSpec) -> dict:
     return qstate
 
 
-def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: QuantSpec = QuantSpec()) -> dict:
+def quant_kind(name: str, t: Tensor, spec: QuantSpec) -> str:
+    """Where quantize_state puts a tensor: gate, gptq, int8 or fp16."""
+    if spec.quant_gate and is_gate_param(name, t, spec.gate_patterns):  # first: a gate may look like a matrix
+        return "gate"
+    if is_int6_matrix(name, t) or (spec.embed_gptq and name == "tok_emb.weight"):
+        return "gptq"
+    return "int8" if t.numel() > PASSTHROUGH_MAX_NUMEL and t.ndim == 2 else "fp16"
+
+
+def gptq_tensor(name: str, t: Tensor, hessians: dict[str, Tensor], spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    k = spec.sigmas(name) if spec.clip == "sdclip" else 0.0
+    return gptq_quantize(t, hessians.get(name), spec.block_size, scale_floor=spec.scale_floor,
+                         bits=spec.bits(name), sdclip_k=k, name=name)
+
+
+def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: QuantSpec = QuantSpec(),
+                   gptq: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict:
     """Block matrices -> GPTQ (identity Hessian when none was collected); with embed_gptq the tied
     embedding too, with the output head's Hessian; with quant_gate the gate weights -> int8 rows;
     other tensors with more than PASSTHROUGH_MAX_NUMEL entries (embedding tables) -> int8 rows; the
-    rest -> fp16. Then LQER corrections of the worst GPTQ'd tensors, if on."""
+    rest -> fp16. Then LQER corrections of the worst GPTQ'd tensors, if on. `gptq`: the GPTQ'd
+    matrices already computed (split_gptq), by name; the result is the same either way."""
     out: dict[str, dict] = {"gptq": {}, "int8": {}, "gate": {}, "fp16": {}, "lqer": {}}
     for name, t in state.items():
-        if spec.quant_gate and is_gate_param(name, t, spec.gate_patterns):  # first: a gate may look like a matrix
+        kind = quant_kind(name, t, spec)
+        if kind == "gate":
             out["gate"][name] = quantize_gate_rows(t)
-        elif is_int6_matrix(name, t) or (spec.embed_gptq and name == "tok_emb.weight"):
-            k = spec.sigmas(name) if spec.clip == "sdclip" else 0.0
-            out["gptq"][name] = gptq_quantize(t, hessians.get(name), spec.block_size, scale_floor=spec.scale_floor,
-                                              bits=spec.bits(name), sdclip_k=k, name=name)
-        elif t.numel() > PASSTHROUGH_MAX_NUMEL and t.ndim == 2:
+        elif kind == "gptq":
+            out["gptq"][name] = gptq[name] if gptq is not None else gptq_tensor(name, t, hessians, spec)
+        elif kind == "int8":
             out["int8"][name] = quantize_int8_rows(t)
         else:
             out["fp16"][name] = t.detach().half()
     return apply_lqer(state, out, spec) if spec.lqer_top_k else out
+
+
+def gptq_cost(rows: int, cols: int) -> int:
+    """Relative GPTQ work of a (rows, cols) matrix: the error feedback and the candidates' output
+    error are rows x cols^2 multiply-adds, the Cholesky factorizations and inverse of the
+    (cols, cols) Hessian ~cols^3."""
+    return cols * cols * (rows + cols)
+
+
+def gptq_assignment(shapes: dict[str, tuple[int, int]], world_size: int) -> dict[str, int]:
+    """Rank of each GPTQ'd matrix: largest gptq_cost first (ties by name), each to the rank with the
+    least cost so far (ties: the lowest rank). Deterministic from the shapes alone, so every rank
+    computes the same assignment without a collective."""
+    loads, owner = [0] * world_size, {}
+    for name in sorted(shapes, key=lambda n: (-gptq_cost(*shapes[n]), n)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owner[name] = rank
+        loads[rank] += gptq_cost(*shapes[name])
+    return owner
+
+
+def gptq_rank_loads(shapes: dict[str, tuple[int, int]], owner: dict[str, int], world_size: int) -> list[int]:
+    """The gptq_cost each rank carries under the assignment `owner`."""
+    return [sum(gptq_cost(*shapes[n]) for n in shapes if owner[n] == r) for r in range(world_size)]
+
+
+def split_gptq(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: QuantSpec,
+               rt: Runtime) -> dict[str, tuple[Tensor, Tensor]]:
+    """GPTQ_SPLIT: every rank GPTQs its share (gptq_assignment) of the matrices quantize_state would
+    GPTQ, and the shares are gathered on every rank (as CPU tensors, back on each matrix's device).
+    Each matrix's GPTQ depends only on it, its Hessian and spec, all the same on every rank (the
+    weights are replicated, the Hessians all-reduced), so the result is what one process computes.
+    A rank that fails still joins the gather: every rank then raises with its message."""
+    t0 = time.perf_counter()
+    names = [n for n, t in state.items() if quant_kind(n, t, spec) == "gptq"]
+    shapes = {n: tuple(state[n].shape) for n in names}
+    owner = gptq_assignment(shapes, rt.world_size)
+    mine, error = {}, ""
+    try:
+        for name in names:
+            if owner[name] == rt.rank:
+                mine[name] = tuple(x.cpu() for x in gptq_tensor(name, state[name], hessians, spec))
+        rt.sync()
+    except Exception as e:  # noqa: BLE001 -- the other ranks are about to wait for this one's share
+        error = f"rank {rt.rank}: {type(e).__name__}: {e}"
+    shares = rt.all_gather_object((mine, error, time.perf_counter() - t0))
+    errors = [e for _, e, _ in shares if e]
+    if errors:
+        raise RuntimeError("GPTQ_SPLIT: " + "; ".join(errors))
+    merged = {n: qs for share, _, _ in shares for n, qs in share.items()}
+    loads, secs = gptq_rank_loads(shapes, owner, rt.world_size), [sec for _, _, sec in shares]
+    log(f"quant:gptq_split ranks:{rt.world_size} matrices:{len(names)} "
+        f"cost_max/mean:{max(loads) * rt.world_size / max(sum(loads), 1):.3f} "
+        f"rank_seconds:{','.join(f'{x:.1f}' for x in secs)} time:{time.perf_counter() - t0:.1f}s")
+    return {n: tuple(x.to(state[n].device) for x in merged[n]) for n in names}
 
 
 def dequantize_state(qstate: dict) -> dict[str, Tensor]:
@@ -2925,11 +3005,12 @@ class ArtifactBuild:
 
 
 def build_artifact(state: dict[str, Tensor], hessians: dict[str, Tensor], h: Hyperparameters,
-                   budget_bytes: int | None = None) -> ArtifactBuild:
-    """Quantized state -> artifact blob: quantize (QuantSpec from h), serialize, compress once
-    with QUANT_COMPRESSOR (auto: once with each, the smallest kept), then prune to fit
-    budget_bytes (None: no pruning)."""
-    qstate = quantize_state(state, hessians, QuantSpec.from_hparams(h))
+                   budget_bytes: int | None = None,
+                   gptq: dict[str, tuple[Tensor, Tensor]] | None = None) -> ArtifactBuild:
+    """Quantized state -> artifact blob: quantize (QuantSpec from h; `gptq`: the GPTQ'd matrices
+    already computed, see split_gptq), serialize, compress once with QUANT_COMPRESSOR (auto: once
+    with each, the smallest kept), then prune to fit budget_bytes (None: no pruning)."""
+    qstate = quantize_state(state, hessians, QuantSpec.from_hparams(h), gptq)
     cfg = model_config(h)
     raw = artifact_payload(qstate, cfg)
     blobs, compressed = {}, {}
@@ -3220,15 +3301,19 @@ def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, result: 
 
 def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, rt: Runtime,
               result: TrainResult | None = None) -> dict:
-    """Quantize (data-free after calibration), compress, check the cap, write: all on rank 0,
-    while the other ranks wait in the all-reduce below (the process group's timeout covers it)."""
+    """Quantize (data-free after calibration), compress, check the cap, write. With GPTQ_SPLIT and
+    several ranks, every rank GPTQs its share of the matrices first (split_gptq; the same bytes as
+    one process); the rest (LQER, the other tensors, compression, pruning) is on rank 0, while the
+    other ranks wait in the all-reduce below (the process group's timeout covers it)."""
     t0 = time.perf_counter()
-    error, sizes = "", {}
+    error, sizes, gptq = "", {}, None
+    state = {n: p.detach() for n, p in base_model.state_dict().items()}
+    if h.gptq_split and rt.distributed:
+        gptq = split_gptq(state, hessians, QuantSpec.from_hparams(h), rt)
     if rt.is_main:
         try:
-            state = {n: p.detach() for n, p in base_model.state_dict().items()}
             budget = SIZE_LIMIT_BYTES - PRUNE_MARGIN_BYTES - code_bytes()
-            built = build_artifact(state, hessians, h, budget)
+            built = build_artifact(state, hessians, h, budget, gptq)
             log(f"quant:payload:{built.payload_bytes} " + " ".join(
                 f"{m}:{n}bytes/{sec:.1f}s" for m, (n, sec) in built.compressed.items()) + f" chosen:{built.compressor}")
             if built.pruned:
@@ -3646,7 +3731,13 @@ RECORD_FORWARD_TOKENS_PER_S = 47.85e6 / 6.7 / 8  # forward-only diagnostic, toke
 RECORD_TTT_COMPILE_S = 137.6  # compile warm-up of the LoRA path, seed 42 (84-138 s over the 3 seeds)
 # The review's estimates (Part 3; not logged rates) for work the record did not time or did otherwise:
 EAGER_TTT_FACTOR = 1.8  # eager LoRA TTT against compiled: 1.3-1.8x (~9k op dispatches per chunk step); the upper end
-QUANTIZE_COMPRESS_S = 70.0  # GPTQ + LQER + brotli-11 on rank 0, ours: 50-70 s
+# Quantize + compress, ours 50-70 s on rank 0 (review Part 3), in two parts. GPTQ_S: the GPTQ of the 66 block
+# matrices and the int7 embedding (act-order column loops, latency-bound on a GPU; est.), which GPTQ_SPLIT
+# divides over the ranks (the slowest rank's share, gptq_split_share). RANK0_COMPRESS_S: what stays on rank 0,
+# LQER's SVDs, the int8/fp16 tensors, the payload and one brotli-11 pass over its ~36 MB at ~1 MB/s (brotli-11
+# measured 1.03 MB/s on 4 MB of int6 codes on a loaded CPU); prune_to_fit's extra passes are not in it.
+GPTQ_S = 30.0
+RANK0_COMPRESS_S = 40.0
 DECOMPRESS_S = 1.0  # brotli: ~16 MB at ~186 MB/s (review probe 4), rounded up
 EVAL_COMPILE_S = 65.0  # one compile of the eval forward: the prequant diagnostic's 40-70 s less its 5.7 s of forward
 FA3_BWD_BLOCK_M = 128  # kBlockM of FA3's hdim-64 causal backward (hopper/flash_bwd_launch_template.h)
@@ -3792,6 +3883,19 @@ def phase_tokens_run(spans: np.ndarray, plan: LoraSchedule, h: Hyperparameters) 
                                      if not schedule_done_after(plan, p))
 
 
+def gptq_split_share(h: Hyperparameters, world_size: int) -> float:
+    """The slowest rank's fraction of the GPTQ work (gptq_cost) under GPTQ_SPLIT: gptq_assignment
+    on the full-size model's GPTQ'd shapes, built on the meta device; 1 without it or on one rank."""
+    if not h.gptq_split or world_size <= 1:
+        return 1.0
+    spec = QuantSpec.from_hparams(h)
+    with torch.device("meta"):
+        state = GPT(model_config(h), torch.bfloat16).state_dict()
+    shapes = {n: tuple(t.shape) for n, t in state.items() if quant_kind(n, t, spec) == "gptq"}
+    loads = gptq_rank_loads(shapes, gptq_assignment(shapes, world_size), world_size)
+    return max(loads) / sum(loads)
+
+
 def plan_eval_seconds(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, world_size: int) -> dict[str, float]:
     """Projected eval seconds by part on `world_size` H100s from the plan's real work and the
     record's logged rates: forward phases at RECORD_FORWARD_TOKENS_PER_S; LoRA TTT on the critical
@@ -3801,7 +3905,7 @@ def plan_eval_seconds(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule,
     (rows of 2048 tokens: bound by the GPU, not by op dispatch, so no eager factor)."""
     fwd, L, total = RECORD_FORWARD_TOKENS_PER_S * world_size, h.eval_seq_len, int(spans[:, 1].sum())
     phases = eval_phases_run(h)
-    parts = {"quantize+compress": QUANTIZE_COMPRESS_S, "decompress": DECOMPRESS_S,
+    parts = {"quantize+compress": RANK0_COMPRESS_S + GPTQ_S * gptq_split_share(h, world_size), "decompress": DECOMPRESS_S,
              "eval compiles": EVAL_COMPILE_S * len({"prequant", "roundtrip"} & set(phases)) * (h.compile != 0)}
     for name in ("prequant", "roundtrip"):
         if name in phases:

@@ -313,6 +313,7 @@ def test_two_process_training_matches_one_process(train_run, tmp_path):
     d_bpb = abs(exact_line(two.log, "prequant_ema")["val_bpb"] - exact_line(train_run.log, "prequant_ema")["val_bpb"])
     print(f"1 vs 2 processes: step-1 loss diff {d_loss:.2e}, prequant val_bpb diff {d_bpb:.2e}")
     assert "world_size:2 " in two.log
+    assert "quant:gptq_split ranks:2 " in two.log  # GPTQ_SPLIT's default: the two ranks share the GPTQ
     # Same micro-batches (16 sequences) on both sides, so training is bitwise the same arithmetic:
     # loss/2 backpropagates exactly half of every gradient, g1/2 + g2/2 == (g1 + g2)/2 in floats,
     # and the gloo sum of two is commutative. With unequal micro-batches (32 in one forward vs 2 x 16)
