@@ -283,7 +283,7 @@ class Hyperparameters:
     global_ttt_chunk_tokens: int = 32_768  # tokens per SGD step (all ranks)
     global_ttt_batch_seqs: int = 32  # rows per forward per rank (one document piece of <= EVAL_SEQ_LEN each)
     global_ttt_grad_clip: float = 1.0
-    eval_budget_seconds: float = 600.0  # all work after training; TTT epochs, grad steps, phases shrink to fit
+    eval_budget_seconds: float = 600.0  # all work after training; TTT epochs, grad steps, phases shrink to fit (0 = no budget)
     record: bool = False  # record attempt: exit 3 (after writing logs) if the compliance audit fails
     # preflight (issue 8): time every phase on the real machine, print go/no-go, write no artifact
     preflight: str = "0"  # 1: only the preflight run (exit 0 GO, 4 NO-GO); plan: model the run on any CPU; reads no val token
@@ -3394,7 +3394,8 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
     phase. Val is opened only here."""
     rt.sync()
     t0 = time.perf_counter() if started is None else started
-    deadline = t0 + (1 - EVAL_MARGIN) * h.eval_budget_seconds - spent_s
+    # EVAL_BUDGET_SECONDS=0: no budget, nothing is cut (a CPU reproduction gives the same numbers anywhere)
+    deadline = t0 + (1 - EVAL_MARGIN) * h.eval_budget_seconds - spent_s if h.eval_budget_seconds > 0 else None
     val = load_validation(h, sp, rt, max(h.train_seq_len, h.eval_seq_len)).to(rt.device)
     log(f"val_tokens:{len(val.tokens) - 1} val_stream_tokens:{val.stream_len}")
     results: dict[str, EvalResult] = {}
@@ -3480,6 +3481,19 @@ def compliance_report(h: Hyperparameters, rt: Runtime, train: TrainResult | None
     return c
 
 
+def budget_cuts(results: dict[str, EvalResult]) -> list[str]:
+    """What the eval budget took away from the requested work (the TTT planners' cuts), for the
+    final summary line: a reproduction on a slower machine shows there why its numbers differ."""
+    cuts = []
+    for name, r in results.items():
+        n = r.notes or {}
+        if n.get("epochs_min", n.get("epochs_requested", 0)) < n.get("epochs_requested", 0):
+            cuts.append(f"{name}_epochs:{n['epochs_requested']}->{n['epochs_min']}")
+        if n.get("grad_steps_min", n.get("grad_steps_requested", 0)) < n.get("grad_steps_requested", 0):
+            cuts.append(f"{name}_grad_steps:{n['grad_steps_requested']}->{n['grad_steps_min']}")
+    return cuts
+
+
 def write_summary(h: Hyperparameters, rt: Runtime, train: TrainResult | None, sizes: dict,
                   results: dict[str, EvalResult], eval_ms: float):
     report = compliance_report(h, rt, train, sizes, results, eval_ms)
@@ -3503,11 +3517,12 @@ def _write_summary_json(h: Hyperparameters, rt: Runtime, train: TrainResult | No
                                                          step_avg_ms=round(train.train_time_ms / max(train.steps, 1), 2)),
                    artifact=sizes, eval={k: r.as_dict() for k, r in results.items()},
                    eval_time_ms=round(eval_ms, 1), compliance=report, headline_phase=headline,
+                   budget_cuts=budget_cuts(results),
                    val_bpb=results[headline].val_bpb)
     path = os.path.join("logs", f"{h.run_id}.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
-    log(f"summary:{path} val_bpb:{summary['val_bpb']:.8f}")
+    log(f"summary:{path} val_bpb:{summary['val_bpb']:.8f} budget_cuts:{','.join(summary['budget_cuts']) or 'none'}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -250,3 +250,31 @@ def test_wallclock_cap_stops_training_with_the_calibration_reserve(tiny_data, ru
     assert "stopping_early: wallclock_cap train_time:" in out and f"step:{result.steps}/100000" in out
     last_scale = float(re.findall(r"lr_scale:(\S+)", out)[-1])
     assert last_scale < 0.5  # warmdown of ~5 steps before the cap
+
+
+def test_budget_cuts_name_every_cut_of_the_planners_and_nothing_else():
+    R = lambda **notes: tg.EvalResult(1.0, 1, 1, notes=notes)  # noqa: E731
+    results = {"prequant": R(), "sliding": R(),
+               "ttt": R(chunks=24, epochs_requested=3, epochs_min=1, epochs_total=40, plan_changes=2)}
+    assert tg.budget_cuts(results) == ["ttt_epochs:3->1"]
+    results["ttt"] = R(mode="lora", grad_steps_requested=2, grad_steps_min=0, plan_changes=1)
+    assert tg.budget_cuts(results) == ["ttt_grad_steps:2->0"]
+    results["ttt"] = R(chunks=24, epochs_requested=3, epochs_min=3)
+    assert tg.budget_cuts(results) == []
+
+
+def test_a_small_eval_budget_shows_in_the_summary_line(tiny_data, tmp_path, monkeypatch, capsys):
+    """A reproduction on a slow machine: the TTT planner cuts epochs, and the last line says so."""
+    monkeypatch.chdir(tmp_path)
+    env = tiny_env(tiny_data, RUN_ID="cut", ITERATIONS=4, TTT_EPOCHS=3, EVAL_BUDGET_SECONDS=0.5)
+    assert tg.main(env) == 0
+    summary = json.load(open("logs/cut.json"))
+    last = open("logs/cut.txt").read().splitlines()[-1]
+    assert summary["budget_cuts"] == [f"ttt_epochs:3->{summary['eval']['ttt']['epochs_min']}"]
+    assert summary["eval"]["ttt"]["epochs_min"] < 3
+    assert last.startswith("summary:logs/cut.json") and last.endswith(f"budget_cuts:{summary['budget_cuts'][0]}")
+    env.update(EVAL_BUDGET_SECONDS="0", RUN_ID="nocut")  # no budget: nothing is cut, whatever the machine
+    assert tg.main(env) == 0
+    summary = json.load(open("logs/nocut.json"))
+    assert summary["budget_cuts"] == [] and summary["eval"]["ttt"]["epochs_min"] == 3
+    assert open("logs/nocut.txt").read().splitlines()[-1].endswith("budget_cuts:none")
