@@ -101,7 +101,7 @@ def load_runs(paths: list[str]) -> list[dict]:
 
 def headline(run: dict) -> tuple[float, float]:
     """(val_loss, val_bpb) of the run's headline phase (the last phase that ran)."""
-    phase = [k for k in ("prequant", "roundtrip", "sliding", "ttt") if k in run["eval"]][-1]
+    phase = [k for k in ("prequant", "roundtrip", "doc", "sliding", "ttt") if run["eval"].get(k)][-1]  # None: skipped
     return run["eval"][phase]["val_loss"], run["eval"][phase]["val_bpb"]
 
 

@@ -165,7 +165,8 @@ def test_varlen_bound_today_and_with_a_bounded_capacity(monkeypatch):
     a one-layer model: today's cu_seqlens make FA3's batch B*T (98,304 > 65,535: NO-GO) and LoRA /
     global TTT rows go through varlen; a capacity of 2048 segments is under the bound."""
     h = tg.dataclasses.replace(tg.Hyperparameters.from_env({"PRESET": "frontier"}), bos_id=1, num_layers=1,
-                               num_loops=0, parallel_start_layer=0, xsa_last_n=1)
+                               num_loops=0, parallel_start_layer=0, xsa_last_n=1,
+                               ttt_split_batches=False)  # whole 64-document batches, as before the split
     spans = spans_of([4096] * 64 + [300] * 70)
     plan = tg.lora_schedule(spans, h, 8)
     monkeypatch.setattr(tg, "document_segments", todays_document_segments)
