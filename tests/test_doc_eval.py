@@ -10,6 +10,7 @@ in the log, summary and per-token files, the eval clock, a stream without BOS, a
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -245,7 +246,12 @@ def test_eval_phases_ttt_runs_only_ttt_and_the_audit_still_works(tiny_data, arti
     run still exits 3 when a rule breaks)."""
     monkeypatch.chdir(tmp_path)
     env = e2e_env(tiny_data, artifact, "only", EVAL_PHASES="ttt", RECORD=1)
+    left, real = [], tg.lora_ttt_evaluate
+    monkeypatch.setattr(tg, "lora_ttt_evaluate", lambda *a, deadline, **k: left.append(deadline - time.perf_counter())
+                        or real(*a, deadline=deadline, **k))
     assert tg.main(env) == 0
+    # the planner's deadline is eval_deadline_seconds after the eval clock's start (here the process start)
+    assert tg.eval_deadline_seconds(tg.Hyperparameters.from_env(env)) == 582.0 and 582.0 - 120 < left[0] < 582.0
     out = capsys.readouterr().out
     scores = re.findall(r"^(\w+)_exact val_loss", out, re.M)
     assert scores == ["legal_ttt"], scores
