@@ -120,6 +120,7 @@ RECORD_ENV_ALIASES: dict[str, typing.Callable[[str, typing.Mapping[str, str]], d
 RECORD_LINE_NAMES = ("DATA_DIR", "FUSED_CE_ENABLED", "PHASED_TTT_ENABLED", "LQER_ASYM_ENABLED", "COMPRESSOR",
                      "GATED_ATTN_ENABLED", "ATTN_OUT_GATE_ENABLED")
 FRONTIER_PRESETS = ("frontier", "pr1855")
+EVAL_PHASE_ORDER = ("prequant", "roundtrip", "doc", "sliding", "slot", "ttt")  # evaluate_final's order (EVAL_PHASES)
 
 
 class ConfigError(ValueError):
@@ -284,6 +285,7 @@ class Hyperparameters:
     global_ttt_batch_seqs: int = 32  # rows per forward per rank (one document piece of <= EVAL_SEQ_LEN each)
     global_ttt_grad_clip: float = 1.0
     eval_budget_seconds: float = 600.0  # all work after training; TTT epochs, grad steps, phases shrink to fit (0 = no budget)
+    eval_phases: str = "auto"  # auto (prequant, roundtrip, doc|sliding, slot, ttt as enabled) | a comma list of EVAL_PHASE_ORDER
     record: bool = False  # record attempt: exit 3 (after writing logs) if the compliance audit fails
     # preflight (issue 8): time every phase on the real machine, print go/no-go, write no artifact
     preflight: str = "0"  # 1: only the preflight run (exit 0 GO, 4 NO-GO); plan: model the run on any CPU; reads no val token
@@ -370,6 +372,17 @@ class Hyperparameters:
                              ("PHASED_TTT_SELECT", ("shortest", "prefix")), ("TTT_BALANCE", ("lpt", "round_robin")),
                              ("PREFLIGHT", ("0", "1", "plan"))):
             need(getattr(self, var.lower()) in allowed, var, f"must be one of {allowed}")
+        need(self.eval_phases == "auto" or (bool(self.eval_phase_list) and set(self.eval_phase_list) <= set(EVAL_PHASE_ORDER)
+                                            and len(set(self.eval_phase_list)) == len(self.eval_phase_list)),
+             "EVAL_PHASES", f"must be auto or a comma list of distinct phases of {','.join(EVAL_PHASE_ORDER)}")
+        for phase, ok, why in (("ttt", self.ttt_enabled, "needs TTT_ENABLED=1"),
+                               ("slot", self.slot_enabled, "needs SLOT_ENABLED=1"),
+                               ("doc", self.eval_mode == "doc", "needs EVAL_MODE=doc"),
+                               ("prequant", not self.eval_artifact, "needs the trained weights: EVAL_ARTIFACT loads "
+                                                                    "only the artifact")):
+            need(phase not in self.eval_phase_list or ok, "EVAL_PHASES", f"{phase} {why}")
+        need(self.eval_phases == "auto" or set(self.eval_phase_list) - {"slot"}, "EVAL_PHASES",
+             "needs a phase besides slot: causal SLOT is never the headline (rule A7)")
         need(self.ttt_optimizer != "adam" or self.eval_mode == "doc", "TTT_OPTIMIZER",
              "adam is the 1.06 records' name for the LoRA TTT optimizer (EVAL_MODE=doc); EVAL_MODE=sliding's "
              "full-model TTT takes sgd|adamw")
@@ -377,6 +390,11 @@ class Hyperparameters:
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    @property
+    def eval_phase_list(self) -> tuple[str, ...]:
+        """EVAL_PHASES as given (empty for auto; eval_phases_run says what runs)."""
+        return () if self.eval_phases == "auto" else tuple(s.strip() for s in self.eval_phases.split(",") if s.strip())
 
     @property
     def gate_patterns(self) -> tuple[str, ...]:
@@ -609,7 +627,9 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                      ttt_beta2=0.99, ttt_weight_decay=0.5, ttt_warm_start_a=True, ttt_k_lora=True, ttt_o_lora=True,
                      ttt_mlp_lora=True, ttt_optimizer="adam", phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, global_ttt_lr=0.001,
                      global_ttt_momentum=0.9, global_ttt_epochs=1, global_ttt_chunk_tokens=32_768,
-                     global_ttt_batch_seqs=32, global_ttt_grad_clip=1.0),
+                     global_ttt_batch_seqs=32, global_ttt_grad_clip=1.0,
+                     # the record run needs only the TTT score; heavy batches split over ranks (issue 19)
+                     eval_phases="ttt", ttt_split_batches=True),
     # The founding systems (issue 14; stack.md 3.13 and 13). Everything not named is the defaults' (#1060's).
     # #691: #414's stack (relu^2, XSA on the last 4, BigramHash 2048x128, GPTQ-lite int6, zstd-22, the
     # sequential stream, fixed-decay EMA; its tight SWA was never used) + #549's legal TTT (the defaults).
@@ -2354,15 +2374,18 @@ def lpt_assign(batches: list[int], work: list[int], world_size: int) -> list[lis
     return [sorted(o) for o in out]
 
 
+SPLIT_BATCHES_PER_RANK = 8  # split_heavy_batches' granularity: 4 left a phase segment of the sp8192 plan 1.10x its mean
+
+
 def split_heavy_batches(queue: list[np.ndarray], cuts: list[int], work, world_size: int
                         ) -> tuple[list[np.ndarray], list[int]]:
     """Halve (in queue order) every batch of a segment whose work exceeds the segment's work over
-    4 x world_size, until it fits or holds one document, so the longest documents spread over
-    ranks. The documents' queue order is unchanged; returns the new queue and segment cuts."""
+    SPLIT_BATCHES_PER_RANK x world_size, until it fits or holds one document, so the longest
+    documents spread over ranks. The documents' queue order is unchanged; returns the new queue and segment cuts."""
     out, new_cuts = [], [0]
     for s in range(len(cuts) - 1):
         seg = queue[cuts[s]:cuts[s + 1]]
-        cap = sum(work(q) for q in seg) / (4 * world_size)
+        cap = sum(work(q) for q in seg) / (SPLIT_BATCHES_PER_RANK * world_size)
         stack = list(reversed(seg))
         while stack:
             q = stack.pop()
@@ -2453,8 +2476,8 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
     plan (deterministic, no side channel); at a pause every rank has scored every batch of the
     segments so far, then all ranks train the base on the phase's documents (all scored).
     Adapters: B and the AdamW state reset per batch, A too unless TTT_WARM_START_A (then A is new
-    per segment). With a deadline, the grad steps per chunk are re-planned after every batch from
-    the robust pace, and a phase that would not fit is skipped; both can come back later."""
+    per segment). With a deadline, the grad steps per chunk are first chosen before any batch from
+    the record's pace (lora_prior_steps), then re-planned after every batch from the measured robust pace, and a phase that would not fit is skipped; both can come back later."""
     rt.sync()
     t0 = clock()
     C, L = h.ttt_chunk_size, h.eval_seq_len
@@ -2469,6 +2492,11 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
         f"protocol:score_first")
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     steps, paces, token_s, plan_changes, phases_run, steps_used = h.ttt_grad_steps, [], None, 0, 0, []
+    if deadline is not None:  # before any batch: the whole schedule at the prior (record) pace
+        steps, projected = lora_prior_steps(h, spans, plan, rt.world_size, deadline - clock())
+        log(f"ttt:plan prior grad_steps:{h.ttt_grad_steps}->{steps} projected:{projected:.1f}s "
+            f"time_left:{deadline - clock():.1f}s (record rates, {'compiled' if lora_ttt_compiled(h) else 'eager'})")
+        plan_changes += steps != h.ttt_grad_steps
     pace = None
     model.requires_grad_(False)
     try:
@@ -3386,19 +3414,25 @@ def compile_warm_up(nll_fn, h: Hyperparameters, rt: Runtime, vocab: int):
 
 def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, prequant_model: GPT | None = None,
                    spent_s: float = 0.0, started: float | None = None,
-                   artifact: tuple[dict, dict] | None = None) -> tuple[dict[str, EvalResult], float]:
+                   artifact: tuple[dict, dict] | None = None) -> tuple[dict[str, EvalResult | None], float, int]:
     """Everything after training, timed as the eval budget: from `started` (the evaluation
     process's start for EVAL_ARTIFACT; here otherwise) to the last score, less `spent_s` of
     post-training work already done (rule B4). It covers artifact read and decompression (here, or
     `artifact` = read_artifact's result since `started`), dequantization, compile warm-ups and every
-    phase. Val is opened only here."""
+    phase. Val is opened only here. Runs exactly eval_phases_run(h); returns the results by phase
+    (a skipped one None), the eval seconds in ms and the validation stream's target count."""
     rt.sync()
     t0 = time.perf_counter() if started is None else started
     # EVAL_BUDGET_SECONDS=0: no budget, nothing is cut (a CPU reproduction gives the same numbers anywhere)
-    deadline = t0 + (1 - EVAL_MARGIN) * h.eval_budget_seconds - spent_s if h.eval_budget_seconds > 0 else None
+    deadline = t0 + eval_deadline_seconds(h) - spent_s if h.eval_budget_seconds > 0 else None
+    run_phases, skipped = eval_phases_run(h), eval_phases_skipped(h)
+    if "prequant" in run_phases and prequant_model is None:
+        raise ConfigError(f"EVAL_PHASES={h.eval_phases}: prequant needs the trained weights (not with EVAL_ARTIFACT)")
     val = load_validation(h, sp, rt, max(h.train_seq_len, h.eval_seq_len)).to(rt.device)
     log(f"val_tokens:{len(val.tokens) - 1} val_stream_tokens:{val.stream_len}")
-    results: dict[str, EvalResult] = {}
+    log(f"eval:phases run:{','.join(run_phases)} skipped:{','.join(skipped) or 'none'} (EVAL_PHASES={h.eval_phases})")
+    results: dict[str, EvalResult | None] = {}
+    forwards = eval_compiled_forwards(h, run_phases)
 
     def phase(name: str, score: typing.Callable, extra: str = "", per_token: bool = True):
         losses = TokenLosses(val.stream_len, rt.device) if per_token and h.token_losses_dir else None
@@ -3406,45 +3440,88 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
         log_phase(name, results[name], extra)
         if losses is not None:
             losses.save(os.path.join(h.token_losses_dir, f"{name}.npy"), rt)
-    if prequant_model is not None:
+    if "prequant" in run_phases:
         pre_fn = maybe_compile(nll_function(prequant_model), h, rt)
         compile_warm_up(pre_fn, h, rt, h.vocab_size)
         phase("prequant", lambda _: evaluate(pre_fn, val, h, rt, h.eval_seq_len), per_token=False)
     cfg, state = artifact or read_artifact(artifact_path, h)
     model = build_model(cfg, rt)
     model.load_state_dict(state, strict=True)
-    nll_fn = maybe_compile(nll_function(model), h, rt)
-    compile_warm_up(nll_fn, h, rt, cfg["vocab_size"])
+    nll_fn = nll_function(model)
+    if "artifact" in forwards:  # compiled (and warmed up) only when a phase runs it
+        nll_fn = maybe_compile(nll_fn, h, rt)
+        compile_warm_up(nll_fn, h, rt, cfg["vocab_size"])
     log(f"eval:model_ready clock:{time.perf_counter() - t0:.1f}s "
         f"(since {'process start' if started is not None else 'end of serialization'})")
-    phase("roundtrip", lambda _: evaluate(nll_fn, val, h, rt, h.eval_seq_len), per_token=False)
-    if h.eval_mode == "doc":
-        spans = validation_documents(val, sp.bos_id())
+    if "roundtrip" in run_phases:
+        phase("roundtrip", lambda _: evaluate(nll_fn, val, h, rt, h.eval_seq_len), per_token=False)
+    spans = validation_documents(val, sp.bos_id()) if h.eval_mode == "doc" and {"doc", "ttt"} & set(run_phases) else None
+    if "doc" in run_phases:
         doc_fn = nll_fn  # doc windows hold one document each: plain causal attention, never varlen (F1b)
-        if cfg["doc_masking"]:
+        if "doc" in forwards:
             doc_fn = maybe_compile(nll_function(model, doc_mask=False), h, rt)
             compile_warm_up(doc_fn, h, rt, cfg["vocab_size"])
         phase("doc", lambda tl: evaluate_docs(doc_fn, val, spans, h, rt, tl), f" chunk:{h.ttt_chunk_size}")
-    else:
+    if "sliding" in run_phases:
         phase("sliding", lambda tl: evaluate(nll_fn, val, h, rt, h.eval_stride, tl), f" stride:{h.eval_stride}")
-    if h.slot_enabled:
+    if "slot" in run_phases:
         log("slot: causal SLOT is a non-record technique (no organizer ruling, rule A7); not the headline")
         slot_fn = slot_nll_function(model, h.slot_steps, h.slot_lr)
         phase("slot", lambda tl: evaluate(slot_fn, val, h, rt, h.eval_stride, tl),
               f" stride:{h.eval_stride} steps:{h.slot_steps} lr:{h.slot_lr}")
-    if h.ttt_enabled and h.eval_mode == "doc":
+    if "ttt" in run_phases and h.eval_mode == "doc":
         phase("ttt", lambda tl: lora_ttt_evaluate(model, val, spans, h, rt, tl, deadline=deadline))
-    elif h.ttt_enabled:
+    elif "ttt" in run_phases:
         phase("ttt", lambda tl: ttt_evaluate(model, nll_fn, val, h, rt, tl, deadline=deadline))
+    for name in skipped:
+        results[name] = None
+        log(f"{PHASE_LABELS[name]} skipped (EVAL_PHASES={h.eval_phases})")
     rt.sync()
     eval_ms = 1000 * (time.perf_counter() - t0)
-    log(f"eval:done phases:{','.join(results)} eval_time:{eval_ms:.0f}ms")
-    return results, eval_ms
+    log(f"eval:done phases:{','.join(run_phases)} eval_time:{eval_ms:.0f}ms")
+    return results, eval_ms, len(val.tokens) - 1
+
+
+def eval_phases_run(h: Hyperparameters) -> list[str]:
+    """The phases evaluate_final runs, in EVAL_PHASE_ORDER: EVAL_PHASES's list, or (auto) prequant
+    after a training run, roundtrip, doc (EVAL_MODE=doc) or sliding, slot if SLOT_ENABLED, ttt if
+    TTT_ENABLED."""
+    if h.eval_phases != "auto":
+        return [p for p in EVAL_PHASE_ORDER if p in h.eval_phase_list]
+    return (["prequant"] * (not h.eval_artifact) + ["roundtrip", "doc" if h.eval_mode == "doc" else "sliding"]
+            + ["slot"] * h.slot_enabled + ["ttt"] * h.ttt_enabled)
+
+
+def eval_phases_skipped(h: Hyperparameters) -> list[str]:
+    """The phases auto would run that EVAL_PHASES leaves out: logged and summarized as skipped (null)."""
+    run = eval_phases_run(h)
+    return [p for p in eval_phases_run(dataclasses.replace(h, eval_phases="auto")) if p not in run]
+
+
+def eval_compiled_forwards(h: Hyperparameters, phases: typing.Sequence[str]) -> list[str]:
+    """The eval forwards evaluate_final compiles and warms up (each costs a compile when COMPILE is
+    on) for these phases: the trained weights' (prequant), the artifact model's plain forward
+    (roundtrip, sliding, sliding-mode TTT, doc without DOC_MASKING) and with DOC_MASKING the doc
+    phase's unmasked one. LoRA TTT's own compile is apart (lora_ttt_compiled)."""
+    ph = set(phases)
+    doc_own = "doc" in ph and h.doc_masking
+    artifact = bool({"roundtrip", "sliding"} & ph) or ("ttt" in ph and h.eval_mode != "doc") or ("doc" in ph and not doc_own)
+    return ["prequant"] * ("prequant" in ph) + ["artifact"] * artifact + ["doc"] * doc_own
+
+
+def eval_deadline_seconds(h: Hyperparameters) -> float:
+    """Seconds after training by which the last score must be in: the TTT planner's deadline (from
+    the eval clock's start, less post-training work already spent) and PREFLIGHT=plan's limit, one
+    definition. EVAL_BUDGET_SECONDS (default EVAL_LIMIT_MS / 1000, rule B3) less the named reserve
+    EVAL_MARGIN of it, for what the planner does not model (the last collectives, logs, summary)."""
+    return h.eval_budget_seconds * (1 - EVAL_MARGIN)
 
 
 def compliance_report(h: Hyperparameters, rt: Runtime, train: TrainResult | None, sizes: dict,
-                      results: dict[str, EvalResult], eval_ms: float) -> dict:
-    """The rules a reviewer checks, from this run's own numbers; `broken` lists what fails."""
+                      results: dict[str, EvalResult | None], eval_ms: float, val_positions: int | None = None) -> dict:
+    """The rules a reviewer checks, from this run's own numbers; `broken` lists what fails. Every
+    phase run must score all `val_positions` (the validation stream's targets; None: the roundtrip
+    phase's count); a skipped phase (None) is listed as such."""
     broken, c = [], dict(record_attempt=h.record, hardware=f"{rt.world_size}x {rt.device_name()}")
     if train is not None:
         total = train.train_time_ms + train.calib_time_ms
@@ -3462,13 +3539,15 @@ def compliance_report(h: Hyperparameters, rt: Runtime, train: TrainResult | None
         broken.append(f"B3/B4 eval + post-training work {post_ms:.0f}ms > {EVAL_LIMIT_MS}ms")
     if sizes["total_bytes"] >= SIZE_LIMIT_BYTES:
         broken.append(f"D1 artifact {sizes['total_bytes']} bytes >= {SIZE_LIMIT_BYTES}")
-    c["val_positions"] = results["roundtrip"].tokens
-    c["val_scored"] = {k: r.tokens for k, r in results.items()}
+    ran = {k: r for k, r in results.items() if r is not None}
+    c["val_positions"] = results["roundtrip"].tokens if val_positions is None else val_positions
+    c["val_scored"] = {k: r.tokens for k, r in ran.items()}
+    c["phases_skipped"] = [k for k, r in results.items() if r is None]
     broken += [f"A3/C4 {k} scored {r.tokens} of {c['val_positions']} positions"
-               for k, r in results.items() if r.tokens != c["val_positions"]]
-    if "ttt" in results:
+               for k, r in ran.items() if r.tokens != c["val_positions"]]
+    if "ttt" in ran:
         c["ttt"] = results["ttt"].notes
-    if "slot" in results:
+    if "slot" in ran:
         c["slot"] = "non-record technique: causal SLOT has no organizer ruling (rule A7)"
         if h.record:
             broken.append("A7 causal SLOT in a record attempt")
@@ -3481,12 +3560,12 @@ def compliance_report(h: Hyperparameters, rt: Runtime, train: TrainResult | None
     return c
 
 
-def budget_cuts(results: dict[str, EvalResult]) -> list[str]:
+def budget_cuts(results: dict[str, EvalResult | None]) -> list[str]:
     """What the eval budget took away from the requested work (the TTT planners' cuts), for the
     final summary line: a reproduction on a slower machine shows there why its numbers differ."""
     cuts = []
     for name, r in results.items():
-        n = r.notes or {}
+        n = (r.notes or {}) if r is not None else {}
         if n.get("epochs_min", n.get("epochs_requested", 0)) < n.get("epochs_requested", 0):
             cuts.append(f"{name}_epochs:{n['epochs_requested']}->{n['epochs_min']}")
         if n.get("grad_steps_min", n.get("grad_steps_requested", 0)) < n.get("grad_steps_requested", 0):
@@ -3495,8 +3574,8 @@ def budget_cuts(results: dict[str, EvalResult]) -> list[str]:
 
 
 def write_summary(h: Hyperparameters, rt: Runtime, train: TrainResult | None, sizes: dict,
-                  results: dict[str, EvalResult], eval_ms: float):
-    report = compliance_report(h, rt, train, sizes, results, eval_ms)
+                  results: dict[str, EvalResult | None], eval_ms: float, val_positions: int | None = None):
+    report = compliance_report(h, rt, train, sizes, results, eval_ms, val_positions)
     if rt.is_main:
         _write_summary_json(h, rt, train, sizes, results, eval_ms, report)
     if h.record and not report["ok"]:
@@ -3504,8 +3583,8 @@ def write_summary(h: Hyperparameters, rt: Runtime, train: TrainResult | None, si
 
 
 def _write_summary_json(h: Hyperparameters, rt: Runtime, train: TrainResult | None, sizes: dict,
-                        results: dict[str, EvalResult], eval_ms: float, report: dict):
-    headline = [k for k in results if k != "slot"][-1]
+                        results: dict[str, EvalResult | None], eval_ms: float, report: dict):
+    headline = [k for k, r in results.items() if k != "slot" and r is not None][-1]  # the last scoring phase run
     summary = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, device=rt.device_name(),
                    date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(), versions=run_versions(),
                    config=dataclasses.asdict(h),
@@ -3515,7 +3594,7 @@ def _write_summary_json(h: Hyperparameters, rt: Runtime, train: TrainResult | No
                                                          quant_time_ms=round(train.quant_time_ms, 1),
                                                          tokens=train.tokens, stop=train.stop,
                                                          step_avg_ms=round(train.train_time_ms / max(train.steps, 1), 2)),
-                   artifact=sizes, eval={k: r.as_dict() for k, r in results.items()},
+                   artifact=sizes, eval={k: None if r is None else r.as_dict() for k, r in results.items()},
                    eval_time_ms=round(eval_ms, 1), compliance=report, headline_phase=headline,
                    budget_cuts=budget_cuts(results),
                    val_bpb=results[headline].val_bpb)
@@ -3886,12 +3965,6 @@ def lora_ttt_compiled(h: Hyperparameters) -> bool:
     return False
 
 
-def eval_phases_run(h: Hyperparameters) -> list[str]:
-    """The phases evaluate_final runs after a training run, in order: as evaluate_final decides."""
-    return (["prequant", "roundtrip", "doc" if h.eval_mode == "doc" else "sliding"]
-            + ["slot"] * h.slot_enabled + ["ttt"] * h.ttt_enabled)
-
-
 def phase_tokens_run(spans: np.ndarray, plan: LoraSchedule, h: Hyperparameters) -> int:
     """Tokens the global phases train on, every epoch, counting only phases with batches after them."""
     return h.global_ttt_epochs * sum(int(spans[d, 1].sum()) for p, d in enumerate(plan.phase_docs)
@@ -3909,6 +3982,28 @@ def gptq_split_share(h: Hyperparameters, world_size: int) -> float:
     shapes = {n: tuple(t.shape) for n, t in state.items() if quant_kind(n, t, spec) == "gptq"}
     loads = gptq_rank_loads(shapes, gptq_assignment(shapes, world_size), world_size)
     return max(loads) / sum(loads)
+def lora_prior_pace(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule) -> list[float]:
+    """Each queue batch's seconds per token-position of work at zero grad steps on an H100, from the
+    record's logged rates (RECORD_LORA_LONG/SHORT_TOKENS_PER_S, measured at RECORD_LORA_GRAD_STEPS;
+    the planner's STEP_COST model), times EAGER_TTT_FACTOR unless the LoRA path is compiled: the
+    pace of plan_eval_seconds and of the LoRA planner's choice before its first batch."""
+    eager = 1.0 if lora_ttt_compiled(h) else EAGER_TTT_FACTOR
+    per_step = eager / (1 + STEP_COST * RECORD_LORA_GRAD_STEPS)
+    return [per_step / (RECORD_LORA_LONG_TOKENS_PER_S if spans[q, 1].max() >= h.eval_seq_len
+                        else RECORD_LORA_SHORT_TOKENS_PER_S) for q in plan.queue]
+
+
+def lora_prior_steps(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, world_size: int,
+                     time_left_s: float) -> tuple[int, float]:
+    """(grad steps, projected seconds at them) chosen before the first batch: the most (<=
+    TTT_GRAD_STEPS) with which the whole schedule fits the time left at the prior pace
+    (lora_prior_pace on the critical path, the LoRA compile when compiled, the global phases at
+    RECORD_GLOBAL_TOKENS_PER_S), so that the deadline is never at risk before a pace is measured."""
+    base = schedule_critical_seconds(plan, [w * p for w, p in zip(plan.work, lora_prior_pace(h, spans, plan))])
+    fixed = (base + RECORD_TTT_COMPILE_S * lora_ttt_compiled(h)
+             + phase_tokens_run(spans, plan, h) / (RECORD_GLOBAL_TOKENS_PER_S * world_size))
+    steps = most_that_fits(h.ttt_grad_steps, fixed, base * STEP_COST, time_left_s)
+    return steps, fixed + steps * base * STEP_COST
 
 
 def plan_eval_seconds(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, world_size: int) -> dict[str, float]:
@@ -3921,7 +4016,7 @@ def plan_eval_seconds(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule,
     fwd, L, total = RECORD_FORWARD_TOKENS_PER_S * world_size, h.eval_seq_len, int(spans[:, 1].sum())
     phases = eval_phases_run(h)
     parts = {"quantize+compress": RANK0_COMPRESS_S + GPTQ_S * gptq_split_share(h, world_size), "decompress": DECOMPRESS_S,
-             "eval compiles": EVAL_COMPILE_S * len({"prequant", "roundtrip"} & set(phases)) * (h.compile != 0)}
+             "eval compiles": EVAL_COMPILE_S * len(eval_compiled_forwards(h, phases)) * (h.compile != 0)}
     for name in ("prequant", "roundtrip"):
         if name in phases:
             parts[name] = len(sliding_windows(total, L, L)) * L / fwd
@@ -3930,12 +4025,9 @@ def plan_eval_seconds(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule,
     if "sliding" in phases:
         parts["sliding"] = len(sliding_windows(total, L, h.eval_stride)) * L / fwd
     if "ttt" in phases and h.eval_mode == "doc":
-        eager = 1.0 if lora_ttt_compiled(h) else EAGER_TTT_FACTOR
         if lora_ttt_compiled(h):
             parts["ttt compile"] = RECORD_TTT_COMPILE_S
-        steps = (1 + STEP_COST * h.ttt_grad_steps) / (1 + STEP_COST * RECORD_LORA_GRAD_STEPS)
-        sec = [w / (RECORD_LORA_LONG_TOKENS_PER_S if spans[q, 1].max() >= L else RECORD_LORA_SHORT_TOKENS_PER_S)
-               * steps * eager for q, w in zip(plan.queue, plan.work)]
+        sec = [w * pace * (1 + STEP_COST * h.ttt_grad_steps) for w, pace in zip(plan.work, lora_prior_pace(h, spans, plan))]
         parts["lora ttt"] = schedule_critical_seconds(plan, sec)
         parts["global phases"] = phase_tokens_run(spans, plan, h) / (RECORD_GLOBAL_TOKENS_PER_S * world_size)
     return parts
@@ -4013,9 +4105,11 @@ def preflight_plan_rows(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedul
                  "LoRA and global TTT rows hold one document each: plain causal attention suffices"))
     parts = plan_eval_seconds(h, spans, plan, h.preflight_world_size)
     total = sum(parts.values())
-    limit = EVAL_LIMIT_MS / 1000
+    limit = round(eval_deadline_seconds(h), 1)  # the TTT planner's deadline: EVAL_BUDGET_SECONDS less EVAL_MARGIN
     rows.append(("eval seconds (projected)", round(total, 1), limit, "ok" if total <= limit else "NO-GO",
-                 ", ".join(f"{k} {v:.1f}" for k, v in parts.items()) + f" s; {len(spans)} docs, "
+                 ", ".join(f"{k} {v:.1f}" for k, v in parts.items()) + f" s; limit {h.eval_budget_seconds:g} s "
+                 f"(EVAL_BUDGET_SECONDS; rule B3: {EVAL_LIMIT_MS / 1000:g}) less EVAL_MARGIN {EVAL_MARGIN:g}; "
+                 f"phases {','.join(eval_phases_run(h))}; {len(spans)} docs, "
                  f"{int(spans[:, 1].sum())} tokens; TTT {'compiled' if lora_ttt_compiled(h) else 'eager'}; "
                  "rates from the record's logs (RECORD_*), estimates named in the code"))
     return rows
@@ -4064,8 +4158,8 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
     if h.preflight == "1":
         return preflight(h, rt)
     if h.eval_artifact:
-        results, eval_ms = evaluate_final(h, rt, sp, h.eval_artifact, started=started, artifact=artifact)
-        return write_summary(h, rt, None, artifact_sizes(h.eval_artifact), results, eval_ms)
+        results, eval_ms, positions = evaluate_final(h, rt, sp, h.eval_artifact, started=started, artifact=artifact)
+        return write_summary(h, rt, None, artifact_sizes(h.eval_artifact), results, eval_ms, positions)
     base_model = build_model(model_config(h), rt)
     model = maybe_compile(base_model, h, rt)
     result, averager, loader = train(model, base_model, h, rt)
@@ -4073,12 +4167,12 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
     hessians = calibrate(base_model, loader, h, rt, result)
     sizes = serialize(base_model, hessians, h, rt, result)
     try:
-        results, eval_ms = evaluate_final(h, rt, sp, ARTIFACT_NAME, base_model,
-                                          (result.selfgen_time_ms + result.quant_time_ms) / 1000)
+        results, eval_ms, positions = evaluate_final(h, rt, sp, ARTIFACT_NAME, base_model,
+                                                     (result.selfgen_time_ms + result.quant_time_ms) / 1000)
     except ConfigError as e:  # e.g. a bad val shard: its contents are first read here (rule C1)
         raise ConfigError(f"{e}; the artifact {ARTIFACT_NAME} is complete: score it with "
                           f"EVAL_ARTIFACT={ARTIFACT_NAME} once the data is fixed") from None
-    write_summary(h, rt, result, sizes, results, eval_ms)
+    write_summary(h, rt, result, sizes, results, eval_ms, positions)
 
 
 def process_start() -> float:

@@ -112,8 +112,8 @@ def load_runs(paths: list[str]) -> list[dict]:
 
 def headline(run: dict) -> tuple[float, float]:
     """(val_loss, val_bpb) of the run's headline phase: `headline_phase` where the summary names it,
-    else the last phase in the summary's order other than the non-record slot."""
-    phase = run.get("headline_phase") or [k for k in run["eval"] if k != "slot"][-1]
+    else the last phase that ran (a skipped one is null) other than the non-record slot."""
+    phase = run.get("headline_phase") or [k for k, v in run["eval"].items() if v and k != "slot"][-1]
     return run["eval"][phase]["val_loss"], run["eval"][phase]["val_bpb"]
 
 

@@ -167,7 +167,7 @@ def row(p: Point, keys: list[str], ref: Point | None, tokens: np.ndarray | None)
     r.update(val_bpb=s.get("val_bpb"), steps=steps, bytes=(s.get("artifact") or {}).get("total_bytes"),
              ms_per_step=round(train["train_time_ms"] / steps, 2) if steps else None)
     for phase, e in (s.get("eval") or {}).items():
-        r[f"bpb_{phase}"] = e.get("val_bpb")
+        r[f"bpb_{phase}"] = None if e is None else e.get("val_bpb")  # None: skipped (EVAL_PHASES)
     if ref is not None and ref.summary and p is not ref:
         c = compare(p, ref, tokens)
         r.update(delta_bpb=round(c["delta_bpb"], 6), p_paired=c["p_one_sided"], docs=c["documents"],

@@ -10,6 +10,7 @@ in the log, summary and per-token files, the eval clock, a stream without BOS, a
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -232,3 +233,72 @@ def test_compile_warm_up_uses_random_tokens_and_the_eval_graph(h, monkeypatch):
     assert x.shape == y.shape == real[0].shape == (h.eval_batch_seqs, L) and x.dtype == real[0].dtype
     assert not torch.equal(x, real[0])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# EVAL_PHASES: exactly the phases asked for; the others skipped (null), never a fake number
+
+
+def test_eval_phases_ttt_runs_only_ttt_and_the_audit_still_works(tiny_data, artifact, tmp_path, monkeypatch, capsys):
+    """EVAL_PHASES=ttt (PRESET=frontier's) on an artifact, RECORD=1: only the LoRA TTT phase runs (one
+    score line), roundtrip and doc are logged and summarized as skipped (null), the headline is the
+    TTT score, and the audit checks it against the validation stream's own target count (a RECORD=1
+    run still exits 3 when a rule breaks)."""
+    monkeypatch.chdir(tmp_path)
+    env = e2e_env(tiny_data, artifact, "only", EVAL_PHASES="ttt", RECORD=1)
+    left, real = [], tg.lora_ttt_evaluate
+    monkeypatch.setattr(tg, "lora_ttt_evaluate", lambda *a, deadline, **k: left.append(deadline - time.perf_counter())
+                        or real(*a, deadline=deadline, **k))
+    assert tg.main(env) == 0
+    # the planner's deadline is eval_deadline_seconds after the eval clock's start (here the process start)
+    assert tg.eval_deadline_seconds(tg.Hyperparameters.from_env(env)) == 582.0 and 582.0 - 120 < left[0] < 582.0
+    out = capsys.readouterr().out
+    scores = re.findall(r"^(\w+)_exact val_loss", out, re.M)
+    assert scores == ["legal_ttt"], scores
+    assert "eval:phases run:ttt skipped:roundtrip,doc (EVAL_PHASES=ttt)" in out
+    assert "final_int6_roundtrip skipped (EVAL_PHASES=ttt)" in out and "final_int6_doc_isolated skipped" in out
+    assert "eval:compile_warmup" not in out and "ttt:start mode:lora " in out
+    s = json.loads((tmp_path / "logs" / "only.json").read_text())
+    assert s["eval"]["roundtrip"] is None and s["eval"]["doc"] is None and list(s["eval"]) == ["ttt", "roundtrip", "doc"]
+    assert s["val_bpb"] == s["eval"]["ttt"]["val_bpb"]
+    tokens = tg.read_shard(str(artifact.parent / "data" / "fineweb_val_000000.bin"))
+    he = tg.Hyperparameters.from_env(env)
+    seq = max(he.train_seq_len, he.eval_seq_len)  # load_validation keeps whole sequences of targets
+    assert s["compliance"]["val_positions"] == (len(tokens) - 1) // seq * seq == s["eval"]["ttt"]["tokens"]
+    assert s["compliance"]["ok"] and s["compliance"]["phases_skipped"] == ["roundtrip", "doc"]
+    assert np.load(tmp_path / "tl" / "ttt.npy").shape and not (tmp_path / "tl" / "doc.npy").exists()
+    monkeypatch.setattr(tg, "EVAL_LIMIT_MS", 0)  # any eval overruns: B3 broken, the record attempt fails
+    assert tg.main({**env, "RUN_ID": "only2"}) == 3
+    assert json.loads((tmp_path / "logs" / "only2.json").read_text())["compliance"]["broken"][0].startswith("B3")
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"EVAL_PHASES": "ttt,rountrip"}, "EVAL_PHASES=ttt,rountrip: must be auto or a comma list of distinct phases of "
+                                      "prequant,roundtrip,doc,sliding,slot,ttt"),
+    ({"EVAL_PHASES": "ttt,ttt"}, "EVAL_PHASES=ttt,ttt: must be auto or a comma list of distinct phases"),
+    ({"EVAL_PHASES": ""}, "EVAL_PHASES=: must be auto or a comma list"),
+    ({"EVAL_PHASES": "ttt", "TTT_ENABLED": "0"}, "EVAL_PHASES=ttt: ttt needs TTT_ENABLED=1"),
+    ({"EVAL_PHASES": "doc"}, "EVAL_PHASES=doc: doc needs EVAL_MODE=doc"),
+    ({"EVAL_PHASES": "roundtrip,slot"}, "EVAL_PHASES=roundtrip,slot: slot needs SLOT_ENABLED=1"),
+    ({"EVAL_PHASES": "slot", "SLOT_ENABLED": "1"}, "EVAL_PHASES=slot: needs a phase besides slot"),
+    ({"EVAL_PHASES": "prequant", "EVAL_ARTIFACT": "x.ptz"}, "EVAL_PHASES=prequant: prequant needs the trained weights"),
+    ({"PRESET": "frontier", "TTT_ENABLED": "0"}, "EVAL_PHASES=ttt: ttt needs TTT_ENABLED=1"),
+])
+def test_eval_phases_validated(env, message):
+    with pytest.raises(tg.ConfigError) as e:
+        tg.Hyperparameters.from_env(env)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_eval_phases_run_auto_is_todays_and_a_list_runs_in_order():
+    h = tg.Hyperparameters()
+    assert tg.eval_phases_run(h) == ["prequant", "roundtrip", "sliding", "ttt"] and tg.eval_phases_skipped(h) == []
+    doc = tg.dataclasses.replace(h, eval_mode="doc", slot_enabled=True)
+    assert tg.eval_phases_run(doc) == ["prequant", "roundtrip", "doc", "slot", "ttt"]
+    assert tg.eval_phases_run(tg.dataclasses.replace(doc, eval_artifact="a.ptz"))[0] == "roundtrip"
+    picked = tg.dataclasses.replace(doc, eval_phases="ttt, sliding,roundtrip")
+    assert tg.eval_phases_run(picked) == ["roundtrip", "sliding", "ttt"]
+    assert tg.eval_phases_skipped(picked) == ["prequant", "doc", "slot"]
+    for preset in ("frontier", "pr1855"):
+        f = tg.Hyperparameters.from_env({"PRESET": preset})
+        assert tg.eval_phases_run(f) == ["ttt"] and f.ttt_split_batches

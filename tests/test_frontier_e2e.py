@@ -29,7 +29,8 @@ def frontier_env(data, **overrides) -> dict:
                MICRO_BATCH_SEQS="8", TRAIN_LOADER="sequential",
                WARMUP_STEPS="1", MAX_WALLCLOCK_SECONDS="0", TRAIN_LOG_EVERY="4", GPTQ_CALIB_BATCHES="2",
                GPTQ_RESERVE_SECONDS="0", TTT_CHUNK_TOKENS="8192", TTT_BATCH_SEQS="16", TTT_EPOCHS="1", COMPILE="0",
-               DEVICE="cpu", RUN_ID="frontier")
+               DEVICE="cpu", RUN_ID="frontier",
+               EVAL_PHASES="auto")  # every phase, the diagnostics too (the preset's record run: ttt only)
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 

@@ -218,6 +218,35 @@ def test_lora_planner_ignores_a_slow_first_batch_cuts_and_raises_again(h, monkey
     assert r.tokens == len(val.tokens) - 1
 
 
+def test_lora_planner_cuts_steps_before_the_first_batch_from_the_record_pace(h, monkeypatch, capsys):
+    """A deadline that the whole schedule misses at 2 grad steps but meets at 1 on the record's
+    pace (eager: EAGER_TTT_FACTOR x the RECORD_LORA_* rates, computed here from the document
+    lengths): the first batch already runs 1 step; batches that then cost nothing (a frozen
+    virtual clock) let the measured re-plan raise it back to 2."""
+    h = dataclasses.replace(h, ttt_batch_size=2, ttt_grad_steps=2, phased_ttt_num_phases=0)
+    val = make_val(doc_stream(h.vocab_size), h.vocab_size)
+    spans = tg.document_spans(val.tokens.numpy(), BOS)
+    monkeypatch.setattr(tg, "clock", lambda: 0.0)
+    monkeypatch.setattr(tg, "lora_ttt_compiled", lambda h, *a: False)
+    zero_steps = 0.0  # seconds at 0 grad steps: each batch's work at the long or short rate, eager
+    for q in tg.ttt_queue(spans, 2):
+        rate = 0.38e6 if spans[q, 1].max() >= h.eval_seq_len else 0.5e6
+        zero_steps += tg.lora_batch_work(spans[q], C, L) / rate * 1.8 / (1 + tg.STEP_COST)
+    at = lambda steps: zero_steps * (1 + tg.STEP_COST * steps)  # noqa: E731
+    calls, real = [], tg.lora_ttt_batch
+    monkeypatch.setattr(tg, "lora_ttt_batch", lambda m, v, sb, ad, steps, *rest: calls.append(steps)
+                        or real(m, v, sb, ad, steps, *rest))
+    capsys.readouterr()
+    r = tg.lora_ttt_evaluate(noisy_model(h), val, spans, h, RT, deadline=(at(1) + at(2)) / 2)
+    out = capsys.readouterr().out
+    assert f"ttt:plan prior grad_steps:2->1 projected:{at(1):.1f}s" in out
+    assert calls[:2] == [1, 1] and calls[-1] == 2 and len(calls) > 3, calls
+    assert r.notes["plan_changes"] == 2 and r.notes["grad_steps_min"] == 1
+    steps, projected = tg.lora_prior_steps(h, spans, tg.lora_schedule(spans, h, 1), 1, at(2) * (1 + 1e-9))
+    assert (steps, projected) == (2, pytest.approx(at(2)))  # exactly enough time: all steps
+    assert tg.lora_prior_steps(h, spans, tg.lora_schedule(spans, h, 1), 1, 0.99 * at(0))[0] == 0
+
+
 def test_sliding_planner_ignores_a_slow_first_chunk(hparams, runtime, tiny_model, tiny_data, monkeypatch):
     """Full-model chunk TTT (sliding mode), 8 chunks: a first chunk 10x slow per epoch no longer
     cuts the epochs of the whole run (issue 8); a slow stretch later cuts them, and they come back

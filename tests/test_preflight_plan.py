@@ -6,7 +6,8 @@ bound on today's and on a capacity-bounded `document_segments`, the eval project
 computation, the JSON table, NO-GO when a phase does not fit, and no validation file opened. The
 full-size frontier plan: NO-GO on today's behaviour (pinned by copies of today's
 `document_segments` and round-robin schedule, so it stays a test of the model after the fixes), and
-GO once the fixes land (xfail here until h19a's and h19b's changes are merged).
+GO with the fixes (compiled LoRA TTT modelled by a monkeypatch until that path lands), and the
+split LPT schedule's per-rank balance on the same documents.
 
     python3 -m pytest -q tests/test_preflight_plan.py
 """
@@ -170,7 +171,8 @@ def test_varlen_bound_today_and_with_a_bounded_capacity(monkeypatch):
     a one-layer model: today's cu_seqlens make FA3's batch B*T (98,304 > 65,535: NO-GO) and LoRA /
     global TTT rows go through varlen; a capacity of 2048 segments is under the bound."""
     h = tg.dataclasses.replace(tg.Hyperparameters.from_env({"PRESET": "frontier"}), bos_id=1, num_layers=1,
-                               num_loops=0, parallel_start_layer=0, xsa_last_n=1)
+                               num_loops=0, parallel_start_layer=0, xsa_last_n=1,
+                               ttt_split_batches=False)  # whole 64-document batches, as before the split
     spans = spans_of([4096] * 64 + [300] * 70)
     plan = tg.lora_schedule(spans, h, 8)
     monkeypatch.setattr(tg, "document_segments", todays_document_segments)
@@ -231,9 +233,9 @@ def test_frontier_plan_is_no_go_on_todays_behaviour(monkeypatch):
     monkeypatch.setattr(tg, "document_segments", todays_document_segments)
     monkeypatch.setattr(tg, "lora_schedule", todays_lora_schedule)
     pin_todays_ttt_rows(monkeypatch)
-    monkeypatch.setattr(tg, "lora_ttt_compiled", lambda h: False)
+    monkeypatch.setattr(tg, "lora_ttt_compiled", lambda h, *a: False)
     monkeypatch.setattr(tg, "eval_phases_run", lambda h: ["prequant", "roundtrip", "doc", "ttt"])
-    h = frontier()
+    h = frontier(TTT_SPLIT_BATCHES=0)  # today's whole 64-document batches (todays_lora_schedule ignores it too)
     spans = tg.plan_documents(h)
     assert len(spans) == 50_000 and abs(int(spans[:, 1].sum()) - 40_540_000) < 40_540
     rows = {r[0]: r for r in tg.preflight_plan_rows(h, spans, tg.lora_schedule(spans, h, 8))}
@@ -246,17 +248,53 @@ def test_frontier_plan_is_no_go_on_todays_behaviour(monkeypatch):
 
 @needs_sp8192
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="GO needs issue 19's fixes: h19a's bounded document_segments and plain "
-                   "attention on single-document rows, h19b's balanced compiled LoRA schedule and skippable "
-                   "diagnostics (lora_ttt_compiled / eval_phases_run must then report them); fails on h19c alone")
-def test_frontier_plan_is_go_after_the_fixes():
+def test_frontier_plan_is_go_after_the_fixes(monkeypatch):
+    """Bounded varlen, plain attention on single-document rows, EVAL_PHASES=ttt, the split LPT
+    schedule and compiled LoRA TTT: GO, the eval projected under the planner's deadline (600 s
+    less EVAL_MARGIN), each part as the phases run: no eval-forward compile, no diagnostic."""
+    monkeypatch.setattr(tg, "lora_ttt_compiled", lambda h, *a: h.compile != 0)  # until the compiled LoRA path lands
     h = frontier()
     spans = tg.plan_documents(h)
-    rows = {r[0]: r for r in tg.preflight_plan_rows(h, spans, tg.lora_schedule(spans, h, 8))}
+    plan = tg.lora_schedule(spans, h, 8)
+    rows = {r[0]: r for r in tg.preflight_plan_rows(h, spans, plan)}
     assert rows["varlen sequences per call"][1] <= 4096  # well under 65,535
     assert rows["varlen calls on single-document rows"][1] == 0
-    assert rows["eval seconds (projected)"][1] < 600
+    parts = tg.plan_eval_seconds(h, spans, plan, 8)
+    assert set(parts) == {"quantize+compress", "decompress", "eval compiles", "ttt compile", "lora ttt", "global phases"}
+    assert parts["eval compiles"] == 0 and parts["ttt compile"] == tg.RECORD_TTT_COMPILE_S
+    assert rows["eval seconds (projected)"][1] == pytest.approx(sum(parts.values()), abs=0.05)
+    assert rows["eval seconds (projected)"][2] == 582.0 == 600 * (1 - tg.EVAL_MARGIN)
+    assert rows["eval seconds (projected)"][1] < 582.0
     assert all(r[3] != "NO-GO" for r in rows.values())
+
+
+def independent_batch_work(n: np.ndarray, chunk: int, seq_len: int) -> int:
+    """Token positions of one LoRA batch of documents of lengths n: chunk ci holds the documents
+    longer than ci x chunk, each padded to the longest one's (ci + 1) x chunk, at most seq_len."""
+    ci = np.arange(-(-int(n.max()) // chunk))
+    rows = (n[None, :] > ci[:, None] * chunk).sum(1)
+    return int((rows * np.minimum(np.minimum((ci + 1) * chunk, n.max()), seq_len)).sum())
+
+
+@needs_sp8192
+@pytest.mark.slow
+def test_frontier_schedule_balances_every_phase_segment_on_the_plan_documents():
+    """PRESET=frontier (LPT, TTT_SPLIT_BATCHES=1) on plan_documents' 50,000 documents over 8 ranks:
+    in every phase segment the most loaded rank's work (token positions, summed independently from
+    the document lengths) is within 1.05x of the mean; each document runs exactly once."""
+    h = frontier()
+    spans = tg.plan_documents(h)
+    plan = tg.lora_schedule(spans, h, 8)
+    assert sorted(np.concatenate(plan.queue).tolist()) == list(range(len(spans)))
+    assert len(plan.mine[0]) == h.phased_ttt_num_phases + 1
+    for s in range(len(plan.mine[0])):
+        loads = [sum(independent_batch_work(spans[plan.queue[b], 1], h.ttt_chunk_size, h.eval_seq_len)
+                     for b in rank[s]) for rank in plan.mine]
+        assert all(plan.cuts[s] <= b < plan.cuts[s + 1] for rank in plan.mine for b in rank[s])
+        assert max(loads) <= 1.05 * np.mean(loads), (s, max(loads) / np.mean(loads))
+    unsplit = tg.lora_schedule(spans, tg.dataclasses.replace(h, ttt_split_batches=False), 8)
+    first = [sum(unsplit.work[b] for b in rank[0]) for rank in unsplit.mine]
+    assert max(first) > 1.5 * np.mean(first)  # without the split, the longest documents' batches dominate
 
 
 def test_preflight_doc_mode_runs_the_real_eval_phases_on_training_tokens(tiny_data, tmp_path, monkeypatch, capsys):
