@@ -3596,6 +3596,8 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
     built, t = timed(rt, lambda: build_artifact(state, hessians, h))  # as serialize(), without pruning
     m["compress_s"] = sum(sec for _, sec in built.compressed.values())
     m["quantize_s"], m["model_bytes"], m["payload_bytes"] = t - m["compress_s"], len(built.blob), built.payload_bytes
+    m["projected_bytes"] = project_model_bytes(built.qstate, built.compressor) if h.quant_clip == "sdclip" else \
+        built.payload_bytes * TRAINED_COMPRESSED_PER_PAYLOAD_BYTE  # SDClip: code entropy is set by k, not by training
     C, L = h.ttt_chunk_tokens, h.eval_seq_len
     stream = stand_in_stream(h, max(2 * C, L + h.preflight_eval_windows * h.eval_stride) + 1).to(rt.device)
     wins = sliding_windows(len(stream.tokens) - 1, L, h.eval_stride)[:h.preflight_eval_windows]
@@ -3692,10 +3694,11 @@ def preflight_table(h: Hyperparameters, rt: Runtime, m: dict) -> list[tuple[str,
                  f"roundtrip {2 * plain_s:.1f}, {what}, selfgen "
                  f"{m['selfgen_s']:.1f}, quantize {m['quantize_s']:.1f}, compress {m['compress_s']:.1f}",
                  f"{limit_s:.0f} s" + (" (TTT epochs shrink to fit)" if status == "warn" else ""), status))
-    trained = int(m["payload_bytes"] * TRAINED_COMPRESSED_PER_PAYLOAD_BYTE)
+    trained = int(m.get("projected_bytes", m["payload_bytes"] * TRAINED_COMPRESSED_PER_PAYLOAD_BYTE))
     total_bytes = code_bytes() + max(trained, int(m["model_bytes"]))
-    rows.append(("artifact bytes", f"{total_bytes}: code {code_bytes()} + model {trained} if trained (payload "
-                 f"{int(m['payload_bytes'])} x {TRAINED_COMPRESSED_PER_PAYLOAD_BYTE}); {int(m['model_bytes'])} "
+    rows.append(("artifact bytes", f"{total_bytes}: code {code_bytes()} + model {trained} if trained (SDClip: "
+                 f"code entropy x {h.quant_compressor}'s measured ratio; else payload {int(m['payload_bytes'])} x "
+                 f"{TRAINED_COMPRESSED_PER_PAYLOAD_BYTE}); {int(m['model_bytes'])} "
                  f"now, after {h.preflight_steps + 1} steps", f"< {SIZE_LIMIT_BYTES}",
                  "ok" if total_bytes < SIZE_LIMIT_BYTES - PRUNE_MARGIN_BYTES else "warn"))
     fast = not rt.is_cuda or (_ATTENTION["name"] == "fa3" and compile_enabled(h, rt))
