@@ -604,7 +604,7 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                      quant_gate_patterns="attn_gate",  # the record keeps skip_gates fp16
                      lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_factor_bits=4, lqer_asym_group=64,
                      # #1851's clips with #1855's per-group layout: the record's 11.5/14.0 are over the cap
-                     # here (tests/bench_compress.py, README: 15.99 MB + code); these project ~15.84 MB in all
+                     # here (tests/bench_compress.py, README: 15.99 MB + code); these measure 15.76 MB + 80 KB packed code
                      quant_compressor="pergroup",
                      eval_mode="doc", eval_seq_len=2048, ttt_enabled=True, ttt_chunk_size=48, ttt_batch_size=64,
                      ttt_grad_steps=1, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_lora_lr=1e-4, ttt_beta1=0.0,
@@ -2504,7 +2504,7 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
 
 
 # ----------------------------------------------------------------------------------------------
-# Quantization and serialization: full-Hessian GPTQ (int6, or SDClip/int7/LQER), int8 rows, brotli/zstd/lzma
+# Quantization and serialization: full-Hessian GPTQ (int6, or SDClip/int7/LQER), int8 rows, brotli/zstd/lzma/pergroup
 
 INT6_MAX = 31  # symmetric levels -31..31 in an int8 container (the compressor removes the slack)
 INT8_MAX = 127
@@ -2875,7 +2875,7 @@ def artifact_payload(qstate: dict, cfg: dict) -> bytes:
     table), then the raw bytes: every int8 code tensor in name order, then every fp16 tensor
     byte-shuffled (all first bytes, then all second bytes; #1218), since the high bytes of fp16
     values repeat and compress well on their own. Grouping the codes by role (#1855) lost on our
-    measurement (README), so name order it is."""
+    measurement (README), so name order it is (QUANT_COMPRESSOR=pergroup groups them: pergroup_pack)."""
     entries = sorted(((kind, name, i, t.detach().cpu().contiguous())
                       for kind, group in qstate.items() for name, ts in group.items()
                       for i, t in enumerate(ts if isinstance(ts, tuple) else (ts,))), key=_payload_order)
