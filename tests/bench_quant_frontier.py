@@ -52,7 +52,7 @@ def train_or_load(h, rt, path: str) -> tuple[dict, dict]:
     return state, hessians
 
 
-ROLES = ("tok_emb.", ".attn.c_k.", ".attn.c_q.", ".attn.c_v.", ".attn.proj.", ".mlp.fc.", ".mlp.proj.")  # #1855's groups
+ROLES = tg.PERGROUP_ROLES  # #1855's groups
 
 
 def role_order(entry: tuple) -> tuple:

@@ -82,15 +82,23 @@ def test_preflight_projection_arithmetic(hparams, runtime, tiny_data):
     (dict(window_s=1.0), "eval + post-train", "NO-GO"),  # scoring alone is over 600 s
     (dict(payload_bytes=30_000_000.0), "artifact bytes", "warn"),  # a trained model over the cap: pruned
     (dict(model_bytes=16_000_000.0), "artifact bytes", "warn"),  # even now over the cap
+    (dict(projected_bytes=15_990_000.0), "artifact bytes", "warn"),  # the entropy projection (SDClip) over the cap
     (dict(step_s=1.0), "train steps", "warn"),  # 590 steps < WARMDOWN_ITERS: never at full LR
 ], ids=["calib-over-reserve", "nan-loss", "ttt-too-slow", "scoring-too-slow", "trained-bytes-over", "bytes-over",
-      "few-steps"])
+      "projected-bytes-over", "few-steps"])
 def test_preflight_statuses(hparams, runtime, change, row, status):
     h = tg.dataclasses.replace(hparams, max_wallclock_seconds=600.0, gptq_reserve_seconds=10.0,
                                iterations=20_000, warmdown_iters=3500)
     rows = {r[0]: r for r in tg.preflight_table(h, runtime, {**MEASURED, **change})}
     assert rows[row][3] == status
     assert all(r[3] == "ok" for name, r in rows.items() if name != row)
+
+
+def test_preflight_artifact_row_takes_the_entropy_projection(hparams, runtime):
+    """With projected_bytes (preflight_measure's project_model_bytes for SDClip) the row uses it,
+    not the payload x #1060 rate (which would say 1,166,000 here)."""
+    rows = {r[0]: r for r in tg.preflight_table(hparams, runtime, {**MEASURED, "projected_bytes": 1_500_000.0})}
+    assert rows["artifact bytes"][1].startswith(f"{tg.code_bytes() + 1_500_000}: ")
 
 
 def test_preflight_no_go_exits_4(garbage_val_data, tmp_path, monkeypatch, capsys):

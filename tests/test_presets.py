@@ -5,9 +5,8 @@ Each preset builds the model of that system with the parameter count of its logs
 against a formula written from that table), carries its distinctive settings, logs
 `preset:<name>` and runs end to end at tiny dims on CPU (env overrides on top of the preset).
 The record's launch line (frontier.md section 7, copied below) gives, after PRESET=pr1855, exactly
-the preset plus its seed, data paths and reserve; what cannot run here (COMPRESSOR=pergroup,
-CASEOPS_ENABLED=1, the line without a frontier preset) is one error naming each variable, exit 2,
-nothing written.
+the preset plus its seed, data paths and reserve (COMPRESSOR=pergroup is QUANT_COMPRESSOR=pergroup);
+the line without a frontier preset is one error naming each variable, exit 2, nothing written.
 
     python3 -m pytest -q tests/test_presets.py                # about 1 min on one busy core
     python3 -m pytest -q tests/test_presets.py -m "not slow"  # without pr1855's run (= frontier's)
@@ -128,7 +127,9 @@ def test_pr1060_is_the_defaults_and_pr1855_is_frontier_on_caseops_data():
         return {k: v for k, v in dataclasses.asdict(h).items() if k != "preset"}
     assert fields(tg.Hyperparameters.from_env({"PRESET": "pr1060"})) == fields(tg.Hyperparameters())
     pr1855, frontier = (fields(tg.Hyperparameters.from_env({"PRESET": n})) for n in ("pr1855", "frontier"))
-    assert {k for k in pr1855 if pr1855[k] != frontier[k]} == {"caseops_enabled", "data_path", "tokenizer_path"}
+    assert {k for k in pr1855 if pr1855[k] != frontier[k]} == {"caseops_enabled", "data_path", "tokenizer_path",
+                                                               "mlp_clip_sigmas", "embed_clip_sigmas"}
+    assert (pr1855["mlp_clip_sigmas"], pr1855["embed_clip_sigmas"], pr1855["quant_compressor"]) == (11.5, 14.0, "pergroup")
     assert pr1855["caseops_enabled"] and not frontier["caseops_enabled"]
     assert pr1855["tokenizer_path"].endswith("fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
     pr1855 = tg.Hyperparameters.from_env({"PRESET": "pr1855"})
@@ -198,29 +199,18 @@ def test_bare_launch_line_is_one_error_naming_each_variable_and_writes_nothing(t
     monkeypatch.chdir(tmp_path)
     assert tg.main(parse_line(RECORD_LINE)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: 3 problems"), err
-    for name in ("COMPRESSOR=pergroup", "PHASED_TTT_ENABLED=1", "lrzip",
+    assert len(err) == 1 and err[0].startswith("error: 2 problems"), err
+    for name in ("PHASED_TTT_ENABLED=1",
                  "DATA_DIR, FUSED_CE_ENABLED, PHASED_TTT_ENABLED, LQER_ASYM_ENABLED, COMPRESSOR",
                  "run the line as PRESET=pr1855"):
         assert name in err[0], name
     assert list(tmp_path.iterdir()) == []
 
 
-def test_launch_line_after_pr1855_names_only_what_cannot_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert tg.main({"PRESET": "pr1855", **parse_line(RECORD_LINE)}) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    # CASEOPS_ENABLED is a field (the sidecar byte path), so only the compressor cannot run
-    assert len(err) == 1 and err[0].startswith("error: COMPRESSOR=pergroup: "), err
-    assert "QUANT_COMPRESSOR=" in err[0] and "CASEOPS_ENABLED" not in err[0]
-    assert "PHASED_TTT_ENABLED" not in err[0] and "DATA_DIR" not in err[0]
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_launch_line_means_the_preset_plus_its_seed_data_and_reserve():
-    """With what is not available replaced, the line changes nothing of PRESET=pr1855 but SEED and
+    """The whole line (COMPRESSOR=pergroup included) changes nothing of PRESET=pr1855 but SEED and
     GPTQ_RESERVE_SECONDS: the preset is the record's configuration, data paths and CaseOps included."""
-    line = dict(parse_line(RECORD_LINE), PRESET="pr1855", COMPRESSOR="brotli")
+    line = dict(parse_line(RECORD_LINE), PRESET="pr1855")
     h, preset = tg.Hyperparameters.from_env(line), tg.Hyperparameters.from_env({"PRESET": "pr1855"})
     changed = {k for k, v in dataclasses.asdict(h).items() if getattr(preset, k) != v}
     assert changed == {"seed", "gptq_reserve_seconds"}
@@ -228,11 +218,11 @@ def test_launch_line_means_the_preset_plus_its_seed_data_and_reserve():
     for var, raw in line.items():
         if var.lower() in hints:
             assert getattr(h, var.lower()) == tg._parse_env(var, raw, hints[var.lower()]), var
-    assert (h.quant_compressor, h.gptq_calib_batches, h.seed) == ("brotli", 16, 42)
+    assert (h.quant_compressor, h.gptq_calib_batches, h.seed) == ("pergroup", 16, 42)
     lines = tg.env_aliases(line)[1]
     for alias in ("DATA_DIR=./data", "FUSED_CE_ENABLED=1", "PHASED_TTT_ENABLED=1", "LQER_ASYM_ENABLED=1"):
         assert f"env_alias:{alias} -> (no effect here)" in lines
-    assert "env_alias:COMPRESSOR=brotli -> QUANT_COMPRESSOR=brotli" in lines
+    assert "env_alias:COMPRESSOR=pergroup -> QUANT_COMPRESSOR=pergroup" in lines
 
 
 def test_the_records_hyperparameters_in_force_are_pr1855():
