@@ -206,7 +206,7 @@ class Hyperparameters:
     # frontier optimizer options (frontier.md section 3); off in the seed presets
     muon_row_normalize: bool = False  # MuonEq-R: each row of the Nesterov update to unit L2 norm before NS
     muon_ns_coeffs: str = "classic"  # classic (one quintic for every step) | polar_express (one per step, 5 steps)
-    muon_sharded: bool = False  # WORLD_SIZE > 1: Muon gradients bf16 reduce-scattered, NS on each rank's share (0: fp32 all-reduce)
+    muon_sharded: bool = False  # W > 1: Muon grads bf16 reduce-scattered, NS on each rank's share (0: fp32 all-reduce)
     warmdown_frac: float = 0.0  # warmdown as a fraction of the training budget (0 = WARMDOWN_ITERS decides)
     min_lr: float = 0.0  # floor of the LR multiplier once the warmdown starts (frontier: 0.1)
     embed_wd: float = -1.0  # AdamW weight decay of the embedding tables (-1 = ADAM_WD's value)
@@ -1674,7 +1674,8 @@ def ns_cost(rows: int, cols: int) -> int:
     return 2 * a * a * b + a ** 3
 
 
-def muon_shard_plan(shapes: list[tuple[int, ...]], world_size: int) -> list[tuple[tuple[int, ...], int, list[list[int]]]]:
+def muon_shard_plan(shapes: list[tuple[int, ...]],
+                    world_size: int) -> list[tuple[tuple[int, ...], int, list[list[int]]]]:
     """MUON_SHARDED: which rank orthogonalizes which matrix. One entry per bank (same-shaped
     matrices), largest ns_cost first (ties by shape): (shape, k, owned), owned[r] = the indices into
     `shapes` of rank r's matrices, at most k = ceil(n/W) of them (the least padding of a per-bank
