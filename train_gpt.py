@@ -205,6 +205,7 @@ class Hyperparameters:
     # frontier optimizer options (frontier.md section 3); off in the seed presets
     muon_row_normalize: bool = False  # MuonEq-R: each row of the Nesterov update to unit L2 norm before NS
     muon_ns_coeffs: str = "classic"  # classic (one quintic for every step) | polar_express (one per step, 5 steps)
+    muon_sharded: bool = False  # W > 1: Muon grads bf16 reduce-scattered, NS on each rank's share (0: fp32 all-reduce)
     warmdown_frac: float = 0.0  # warmdown as a fraction of the training budget (0 = WARMDOWN_ITERS decides)
     min_lr: float = 0.0  # floor of the LR multiplier once the warmdown starts (frontier: 0.1)
     embed_wd: float = -1.0  # AdamW weight decay of the embedding tables (-1 = ADAM_WD's value)
@@ -751,6 +752,15 @@ class Runtime:
             return local, None
         out = torch.empty((self.world_size * local.size(0), *local.shape[1:]), dtype=local.dtype, device=local.device)
         return out, dist.all_gather_into_tensor(out, local, async_op=True)
+
+    def reduce_scatter_async(self, full: Tensor) -> tuple[Tensor, typing.Any]:
+        """(this rank's 1/W slice along dim 0 of the sum over ranks of `full`, handle to wait on);
+        single process: (full, None). Gloo has it for bf16 too (torch 2.13); the sum, not AVG,
+        which gloo lacks: the caller divides."""
+        if not self.distributed:
+            return full, None
+        out = torch.empty((full.size(0) // self.world_size, *full.shape[1:]), dtype=full.dtype, device=full.device)
+        return out, dist.reduce_scatter_tensor(out, full, async_op=True)
 
     def all_gather_object(self, obj: typing.Any) -> list:
         """Every rank's picklable `obj`, by rank; single process: [obj]."""
@@ -1681,6 +1691,37 @@ def row_normalize(U: Tensor, eps: float = 1e-7) -> Tensor:
     return U / U.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
+def ns_cost(rows: int, cols: int) -> int:
+    """Relative Newton-Schulz work of a (rows, cols) matrix: per step X X^T and A X are a^2 b
+    multiply-adds each, A A is a^3 (a = min, b = max of the two sides)."""
+    a, b = min(rows, cols), max(rows, cols)
+    return 2 * a * a * b + a ** 3
+
+
+def muon_shard_plan(shapes: list[tuple[int, ...]],
+                    world_size: int) -> list[tuple[tuple[int, ...], int, list[list[int]]]]:
+    """MUON_SHARDED: which rank orthogonalizes which matrix. One entry per bank (same-shaped
+    matrices), largest ns_cost first (ties by shape): (shape, k, owned), owned[r] = the indices into
+    `shapes` of rank r's matrices, at most k = ceil(n/W) of them (the least padding of a per-bank
+    reduce-scatter: slot r*k + j of the bank's (W*k, ...) stack holds owned[r][j], the rest is zeros).
+    Each matrix, in order, goes to the rank with the least ns_cost so far that has room (ties: the
+    lowest rank), so the short chunks move between ranks from bank to bank. Deterministic from the
+    shapes alone: every rank computes the same plan without a collective."""
+    banks: dict[tuple[int, ...], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        banks.setdefault(tuple(shape), []).append(i)
+    loads, plan = [0] * world_size, []
+    for shape in sorted(banks, key=lambda s: (-ns_cost(s[-2], s[-1]), s)):
+        k = -(-len(banks[shape]) // world_size)
+        owned: list[list[int]] = [[] for _ in range(world_size)]
+        for i in banks[shape]:
+            r = min((r for r in range(world_size) if len(owned[r]) < k), key=lambda r: (loads[r], r))
+            owned[r].append(i)
+            loads[r] += ns_cost(shape[-2], shape[-1])
+        plan.append((shape, k, owned))
+    return plan
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum + Newton-Schulz orthogonalized updates, scaled by sqrt(max(1, rows/cols)),
     with decoupled weight decay times the scheduled LR. Expects gradients averaged over ranks.
@@ -1688,32 +1729,74 @@ class Muon(torch.optim.Optimizer):
     (_foreach / stacked) ops, not one matrix at a time. On W ranks each rank orthogonalizes a
     contiguous 1/W of every bank (padded) and keeps only those momentum buffers (made once, at the
     first step); the bf16 results (exact: the iteration runs in bf16) meet in one async all-gather
-    per bank, so the next bank's Newton-Schulz overlaps the previous bank's communication."""
+    per bank, so the next bank's Newton-Schulz overlaps the previous bank's communication.
+    sharded=True (MUON_SHARDED=1, W > 1; the record's, frontier.md 3.6): the gradients are not
+    averaged beforehand; reduce_scatter_grads sums each bank's bf16 stack over ranks, each rank
+    receiving only its matrices' (muon_shard_plan: balanced by Newton-Schulz cost), and `ns` (the
+    compiled newton_schulz under COMPILE) runs on those. The update is all-gathered as before."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, rt: Runtime,
-                 row_normalize: bool = False, ns_coeffs: str = "classic"):
+                 row_normalize: bool = False, ns_coeffs: str = "classic", sharded: bool = False,
+                 ns: typing.Callable = newton_schulz):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                             weight_decay=weight_decay))
         self.rt = rt
         self.row_normalize = row_normalize
         self.ns_coeffs = ns_coeffs
+        self.sharded = sharded and rt.distributed
+        self.ns = ns
+        self.shards: list[Tensor] | None = None  # sharded: this rank's averaged gradients, per plan bank
+        if self.sharded:
+            assert len(self.param_groups) == 1, "MUON_SHARDED: one parameter group"
+            self.plan = muon_shard_plan([tuple(p.shape) for p in self.param_groups[0]["params"]], rt.world_size)
 
-    def _bank_update(self, mine: list[Tensor], group: dict) -> Tensor:
+    def _bank_update(self, mine: list[Tensor], group: dict, grads: list[Tensor] | None = None) -> Tensor:
         """Nesterov momentum of this rank's matrices of one bank, then their orthogonalized update."""
         for p in mine:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        grads = [p.grad for p in mine]
+        grads = [p.grad for p in mine] if grads is None else grads
         bufs = [self.state[p]["momentum_buffer"] for p in mine]
         torch._foreach_mul_(bufs, group["momentum"])
         torch._foreach_add_(bufs, grads)
         U = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
         if self.row_normalize:
             U = row_normalize(U)
-        return newton_schulz(U, group["backend_steps"], coeffs=self.ns_coeffs)
+        return self.ns(U, group["backend_steps"], coeffs=self.ns_coeffs)
+
+    def unsharded(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The parameters whose gradients the caller averages: all of `params` unless sharded."""
+        if not self.sharded:
+            return params
+        mine = {id(p) for p in self.param_groups[0]["params"]}
+        return [p for p in params if id(p) not in mine]
+
+    @torch.no_grad()
+    def reduce_scatter_grads(self):
+        """Sharded only (else a no-op): every bank's local gradients, stacked in the plan's slots in
+        bf16, reduce-scattered (sum, one async collective per bank); self.shards[b] = this rank's
+        matrices' sum / W in the gradients' dtype (len(owned[rank]) of them), the averaged gradient in bf16 rounding."""
+        if not self.sharded:
+            return
+        ps, W, rank = self.param_groups[0]["params"], self.rt.world_size, self.rt.rank
+        if any(p.grad is None for p in ps):
+            raise RuntimeError("MUON_SHARDED: every Muon matrix needs a gradient on every rank")
+        pending = []
+        for shape, k, owned in self.plan:
+            full = torch.zeros(W * k, *shape, dtype=torch.bfloat16, device=ps[0].device)
+            slots = full.unbind(0)
+            torch._foreach_copy_([slots[r * k + j] for r in range(W) for j in range(len(owned[r]))],
+                                 [ps[i].grad for o in owned for i in o])
+            pending.append(self.rt.reduce_scatter_async(full))
+        self.shards = []
+        for (shape, k, owned), (out, handle) in zip(self.plan, pending):
+            handle.wait()
+            self.shards.append(out[:len(owned[rank])].to(ps[0].grad.dtype).div_(W))
 
     @torch.no_grad()
     def step(self):
+        if self.sharded:
+            return self._sharded_step()
         W, r = self.rt.world_size, self.rt.rank
         for group in self.param_groups:
             banks: dict[tuple, list[Tensor]] = {}
@@ -1735,6 +1818,26 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
                 torch._foreach_add_(ps, list(updates[:len(ps)].to(ps[0].dtype).unbind(0)),
                                     alpha=-group["lr"] * scale)
+
+    def _sharded_step(self):
+        if self.shards is None:
+            self.reduce_scatter_grads()
+        group, W, rank = self.param_groups[0], self.rt.world_size, self.rt.rank
+        ps = group["params"]
+        pending = []
+        for (shape, k, owned), grads in zip(self.plan, self.shards):
+            local = torch.zeros(k, *shape, dtype=torch.bfloat16, device=ps[0].device)
+            if owned[rank]:
+                local[:len(owned[rank])] = self._bank_update([ps[i] for i in owned[rank]], group, list(grads.unbind(0)))
+            pending.append((shape, k, owned, *self.rt.all_gather_async(local)))
+        for shape, k, owned, updates, handle in pending:
+            handle.wait()
+            bank = [ps[i] for o in owned for i in o]
+            scale = max(1.0, shape[0] / shape[1]) ** 0.5
+            torch._foreach_mul_(bank, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(bank, [updates[r * k + j].to(bank[0].dtype) for r in range(W) for j in range(len(owned[r]))],
+                                alpha=-group["lr"] * scale)
+        self.shards = None
 
 
 def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
@@ -1758,6 +1861,14 @@ def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
+def compiled_newton_schulz(h: Hyperparameters, rt: Runtime) -> typing.Callable:
+    """newton_schulz, compiled (one graph per bank shape) when MUON_SHARDED is active under COMPILE;
+    otherwise the eager function itself, so MUON_SHARDED=0 runs today's code."""
+    if h.muon_sharded and rt.distributed and compile_enabled(h, rt):
+        return torch.compile(newton_schulz, dynamic=False, fullgraph=True)
+    return newton_schulz
+
+
 def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
     g = param_groups(model)
     adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=rt.is_cuda)
@@ -1766,7 +1877,7 @@ def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.
                                     weight_decay=embed_wd),
                                dict(params=g["scalar"], lr=h.scalar_lr, base_lr=h.scalar_lr)], **adam),
             Muon(g["matrix"], h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, rt,
-                 h.muon_row_normalize, h.muon_ns_coeffs)]
+                 h.muon_row_normalize, h.muon_ns_coeffs, h.muon_sharded, compiled_newton_schulz(h, rt))]
     for group in opts[1].param_groups:
         group["base_lr"] = h.matrix_lr
     return opts
@@ -1792,6 +1903,22 @@ def lr_scale(step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameters) ->
 def muon_momentum(step: int, h: Hyperparameters) -> float:
     f = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - f) * h.muon_momentum_warmup_start + f * h.muon_momentum
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, muon: Muon, rt: Runtime) -> Tensor:
+    """torch's clip_grad_norm_ of the averaged gradients (returns the norm before clipping). MUON_SHARDED: the Muon matrices' averaged
+    gradients are muon.shards, each on its owner rank, so their squared norms are summed over ranks
+    (one scalar all-reduce) and joined to the other (all-reduced, replicated) gradients' norm: every
+    rank computes the same global norm and scales its shards and the replicated gradients by the
+    same factor, min(1, max_norm / (norm + 1e-6)) as torch."""
+    if not muon.sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in muon.unsharded(params) if p.grad is not None]
+    shard_sq = sum((g.float().square().sum() for g in muon.shards), torch.zeros((), device=rt.device))
+    replicated_sq = sum((g.float().square().sum() for g in grads), torch.zeros((), device=rt.device))
+    norm = (rt.all_reduce_(shard_sq.reshape(1))[0] + replicated_sq).sqrt()
+    torch._foreach_mul_(grads + muon.shards, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
 
 
 def all_reduce_grads(params: list[nn.Parameter], rt: Runtime, op: str = "mean"):
@@ -3296,13 +3423,14 @@ def train_step(model, opts: list, loader, h: Hyperparameters, rt: Runtime, geome
         loss = model(x, y)
         (loss / accum).backward()
         total += loss.detach()
-    all_reduce_grads(params, rt)
+    all_reduce_grads(opts[-1].unsharded(params), rt)
+    opts[-1].reduce_scatter_grads()  # MUON_SHARDED: the Muon matrices' gradients, bf16, each rank its share
     for opt in opts:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
     opts[-1].param_groups[0]["momentum"] = muon_momentum(step, h)
     if h.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
+        clip_grad_norm(params, h.grad_clip_norm, opts[-1], rt)
     for opt in opts:
         opt.step()
         opt.zero_grad(set_to_none=True)
