@@ -203,7 +203,8 @@ class Hyperparameters:
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.3  # global L2 norm of the averaged gradient (0 = off)
+    grad_clip_norm: float = 0.3  # global L2 norm of the gradient (0 = off); which gradient: GRAD_CLIP_MODE
+    grad_clip_mode: str = "averaged"  # averaged (after the cross-rank mean; #414's DDP) | local (each rank's, before it; #549 -> #1855)
     # frontier optimizer options (frontier.md section 3); off in the seed presets
     muon_row_normalize: bool = False  # MuonEq-R: each row of the Nesterov update to unit L2 norm before NS
     muon_ns_coeffs: str = "classic"  # classic (one quintic for every step) | polar_express (one per step, 5 steps)
@@ -360,6 +361,7 @@ class Hyperparameters:
         need(self.phased_ttt_num_phases <= self.phased_ttt_prefix_docs, "PHASED_TTT_NUM_PHASES",
              f"must be <= PHASED_TTT_PREFIX_DOCS={self.phased_ttt_prefix_docs}: each phase needs a document")
         for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", tuple(TRAIN_LOADERS)),
+                             ("GRAD_CLIP_MODE", ("averaged", "local")),
                              ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")), ("PRESET", ("", *PRESETS)),
                              ("PARALLEL_FINAL_LANE", ("mean",)),
                              ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
@@ -596,6 +598,7 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                      matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.97, beta2=0.99,
                      muon_wd=0.095, adam_wd=0.02, ema_decay=0.9965, ema_warmup=False,  # the record has no EMA warm-up
                      muon_row_normalize=True, muon_ns_coeffs="polar_express", warmdown_frac=0.85, min_lr=0.1,
+                     grad_clip_mode="local",  # the record clips each rank's gradient before averaging (issue 19 F7)
                      embed_wd=0.085, gptq_calib_batches=16, gptq_reserve_seconds=8.0,
                      gptq_calib_attention="dense",  # the record's: a tie on CPU (README), better in the review
                      train_loader="packed",  # the record's DocumentPackingLoader: shards in order, one row a step
@@ -3051,12 +3054,14 @@ def train_step(model, opts: list, loader, h: Hyperparameters, rt: Runtime, geome
         loss = model(x, y)
         (loss / accum).backward()
         total += loss.detach()
+    if h.grad_clip_norm > 0 and h.grad_clip_mode == "local":  # each rank's own gradient, then the mean
+        torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
     all_reduce_grads(params, rt)
     for opt in opts:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
     opts[-1].param_groups[0]["momentum"] = muon_momentum(step, h)
-    if h.grad_clip_norm > 0:
+    if h.grad_clip_norm > 0 and h.grad_clip_mode == "averaged":
         torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
     for opt in opts:
         opt.step()
