@@ -57,3 +57,18 @@ def test_knob_is_validated():
     with pytest.raises(tg.ConfigError, match="^LOADER_PREFETCH=-1: must be >= 0"):
         tg.Hyperparameters.from_env({"LOADER_PREFETCH": "-1"})
     assert tg.Hyperparameters().loader_prefetch == 0
+
+
+def test_train_closes_the_thread_and_keeps_the_stream(hparams, runtime):
+    """train() with LOADER_PREFETCH=2: the same losses as without, no thread left after it, and the
+    loader it hands to calibration continues the synchronous stream."""
+    runs = {}
+    for depth in (0, 2):
+        h = tg.dataclasses.replace(hparams, loader_prefetch=depth, iterations=3, warmup_steps=0)
+        torch.manual_seed(0)
+        base = tg.build_model(tg.model_config(h), runtime)
+        result, _, loader = tg.train(base, base, h, runtime)
+        assert prefetch_threads() == []
+        x, y = loader.next_batch(tg.batch_geometry(h, runtime)[0], h.train_seq_len)
+        runs[depth] = (torch.cat([p.detach().reshape(-1) for p in base.parameters()]), x, y, result.steps)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][:3], runs[2][:3])) and runs[0][3] == runs[2][3] == 3
