@@ -26,6 +26,7 @@ Outputs: logs/<RUN_ID>.txt, logs/<RUN_ID>.json, final_model.int6.ptz.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -40,8 +41,10 @@ import lzma
 import math
 import os
 import platform
+import queue
 import subprocess
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass
@@ -63,7 +66,7 @@ OWNED_ENV_PREFIXES = ("TTT_", "GPTQ_", "EVAL_", "TRAIN_", "MUON_", "ADAM_", "EMA
                       "BIGRAM_", "XSA_", "ROPE_", "MODEL_", "MLP_", "QK_", "LOGIT_", "TIED_",
                       "WARMUP_", "WARMDOWN_", "VAL_", "QUANT_", "ATTN_", "NUM_", "GRAD_", "SLOT_", "INT6_",
                       "SKIP_", "LOOP_", "PARALLEL_", "DOC_", "SMEAR_", "GATE_", "SPARSE_", "LQER_",
-                      "PHASED_", "GLOBAL_",
+                      "PHASED_", "GLOBAL_", "LOADER_",
                       # the 1.06 records' launch-line names without one of those prefixes (whole names)
                       "CASEOPS_", "FUSED_", "GATED_ATTN_", "DATA_DIR", "COMPRESSOR", "TIE_EMBEDDINGS")
 RUNTIME_ENV = {"NUM_NODES"}  # launcher variables that share an owned prefix
@@ -140,6 +143,7 @@ class Hyperparameters:
     preset: str = ""  # a name of PRESETS ("" = the defaults, #1060's stack = pr1060); applied before env overrides
     device: str = "auto"  # auto | cuda | cpu
     train_loader: str = "coprime"  # coprime (multi-shard, SEED-dependent order; #1060) | sequential | packed (#1855's)
+    loader_prefetch: int = 0  # training batches a background thread prepares ahead (host side, pinned on CUDA); 0 = none
     eval_artifact: str = ""  # skip training: score this artifact on DATA_PATH's val shards
     token_losses_dir: str = ""  # write <dir>/{sliding,ttt}.npy per-token NLL arrays
     # model
@@ -201,7 +205,8 @@ class Hyperparameters:
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.3  # global L2 norm of the averaged gradient (0 = off)
+    grad_clip_norm: float = 0.3  # global L2 norm of the gradient (0 = off); which gradient: GRAD_CLIP_MODE
+    grad_clip_mode: str = "averaged"  # averaged (after the cross-rank mean; #414's DDP) | local (each rank's, before it; #549 -> #1855)
     # frontier optimizer options (frontier.md section 3); off in the seed presets
     muon_row_normalize: bool = False  # MuonEq-R: each row of the Nesterov update to unit L2 norm before NS
     muon_ns_coeffs: str = "classic"  # classic (one quintic for every step) | polar_express (one per step, 5 steps)
@@ -345,6 +350,7 @@ class Hyperparameters:
              "(one coefficient triple per step)")
         need(0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC", "must be in [0, 1]")
         need(0.0 <= self.min_lr < 1.0, "MIN_LR", "must be in [0, 1)")
+        need(self.loader_prefetch >= 0, "LOADER_PREFETCH", "must be >= 0")
         need(self.embed_wd >= 0 or self.embed_wd == -1.0, "EMBED_WD", "must be >= 0, or -1 for ADAM_WD's value")
         need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
              f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
@@ -361,6 +367,7 @@ class Hyperparameters:
         need(self.phased_ttt_num_phases <= self.phased_ttt_prefix_docs, "PHASED_TTT_NUM_PHASES",
              f"must be <= PHASED_TTT_PREFIX_DOCS={self.phased_ttt_prefix_docs}: each phase needs a document")
         for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", tuple(TRAIN_LOADERS)),
+                             ("GRAD_CLIP_MODE", ("averaged", "local")),
                              ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")), ("PRESET", ("", *PRESETS)),
                              ("PARALLEL_FINAL_LANE", ("mean",)),
                              ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
@@ -615,6 +622,7 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                      matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.97, beta2=0.99,
                      muon_wd=0.095, adam_wd=0.02, ema_decay=0.9965, ema_warmup=False,  # the record has no EMA warm-up
                      muon_row_normalize=True, muon_ns_coeffs="polar_express", warmdown_frac=0.85, min_lr=0.1,
+                     grad_clip_mode="local",  # the record clips each rank's gradient before averaging (issue 19 F7)
                      embed_wd=0.085, gptq_calib_batches=16, gptq_reserve_seconds=8.0,
                      gptq_calib_attention="dense",  # the record's: a tie on CPU (README), better in the review
                      train_loader="packed",  # the record's DocumentPackingLoader: shards in order, one row a step
@@ -735,10 +743,15 @@ class Runtime:
     def to_device(self, tokens: np.ndarray) -> Tensor:
         """uint16 tokens -> int64 on the device. On CUDA the copy goes as int32 from pinned memory,
         so it is asynchronous: a copy from pageable memory would wait for the GPU's queue to drain."""
+        return self.host_to_device(self.pin_host(tokens))
+
+    def pin_host(self, tokens: np.ndarray) -> Tensor:
+        """The host half of to_device (safe on a loader thread): int32, pinned on CUDA."""
         t = torch.from_numpy(tokens.astype(np.int32))
-        if self.is_cuda:
-            t = t.pin_memory().to(self.device, non_blocking=True)
-        return t.long()
+        return t.pin_memory() if self.is_cuda else t
+
+    def host_to_device(self, t: Tensor) -> Tensor:
+        return (t.to(self.device, non_blocking=True) if self.is_cuda else t).long()
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if it is true on any; single process: no collective, no device sync."""
@@ -935,7 +948,27 @@ def val_bytes_paths(h: "Hyperparameters") -> list[str]:
     return side
 
 
-class SequentialLoader:
+def split_batch(t: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) of a loader's tokens: a 1-D span of rows x n + 1 tokens, or 2-D rows of n + 1."""
+    if t.dim() == 1:
+        return t[:-1].view(rows, -1), t[1:].view(rows, -1)
+    return t[:, :-1], t[:, 1:]
+
+
+class HostBatches:
+    """next_batch from host_batch (numpy tokens and a row count, no torch device): the split lets
+    PrefetchLoader run the host half on a thread."""
+    rt: Runtime
+
+    def host_batch(self, seqs: int, seq_len: int) -> tuple[np.ndarray, int]:
+        raise NotImplementedError
+
+    def next_batch(self, seqs: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        tokens, rows = self.host_batch(seqs, seq_len)
+        return split_batch(self.rt.to_device(tokens), rows)
+
+
+class SequentialLoader(HostBatches):
     """One global token stream over the sorted train shards, wrapping at the end.
 
     Per micro-step the ranks consume the next world*n tokens (plus one peeked target) and rank r
@@ -961,15 +994,14 @@ class SequentialLoader:
             self.pos, n = self.pos + k, n - k
         return np.concatenate(parts)
 
-    def next_batch(self, seqs: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    def host_batch(self, seqs: int, seq_len: int) -> tuple[np.ndarray, int]:
         span = seqs * seq_len
         chunk = self._take(self.rt.world_size * span + 1)
         self.pos -= 1  # the last target is the next micro-step's first input
         local = chunk[self.rt.rank * span:(self.rt.rank + 1) * span + 1]
         if self.varlen_check:
             check_varlen_rows(local[:-1].reshape(seqs, seq_len), *self.varlen_check)
-        local = self.rt.to_device(local)
-        return local[:-1].view(seqs, seq_len), local[1:].view(seqs, seq_len)
+        return local, seqs
 
 
 def _name_hash(paths: list[str]) -> int:
@@ -980,7 +1012,7 @@ def _name_hash(paths: list[str]) -> int:
     return h
 
 
-class CoprimeLoader:
+class CoprimeLoader(HostBatches):
     """Multi-shard sampler (#0329): each shard is walked block by block in a coprime-stride
     permutation from a random phase; each batch mixes 8 -> 64 shards over the first 1800 calls,
     weighted by blocks left. The order depends on SEED and the shard names; all ranks draw the
@@ -1015,7 +1047,7 @@ class CoprimeLoader:
         c["k"] += 1
         return c["phase"] + block * seq_len
 
-    def next_batch(self, seqs: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    def host_batch(self, seqs: int, seq_len: int) -> tuple[np.ndarray, int]:
         W = self.rt.world_size
         total = seqs * W
         eligible = [i for i, s in enumerate(self.shards) if (len(s) - 1) // seq_len >= 1]
@@ -1041,11 +1073,10 @@ class CoprimeLoader:
         rows = np.stack([self.shards[i][o:o + seq_len + 1] for i, o in mine])
         if self.varlen_check:
             check_varlen_rows(rows[:, :-1], *self.varlen_check)
-        rows = self.rt.to_device(rows)
-        return rows[:, :-1], rows[:, 1:]
+        return rows, len(rows)
 
 
-class PackedLoader:
+class PackedLoader(HostBatches):
     """The record's DocumentPackingLoader (#1530 -> #1855; frontier.md 1.3): the sorted train shards
     streamed in file order, no shuffling and no seed. Each micro-step the ranks consume world x
     (n + 1) contiguous tokens, n = seqs x seq_len; rank r's slice r is one packed row: inputs
@@ -1059,15 +1090,69 @@ class PackedLoader:
     def __init__(self, paths: list[str], rt: Runtime, seed: int = 0):
         self.rt, self.stream = rt, SequentialLoader(paths, rt)  # its _take: the shards end to end, wrapping
 
-    def next_batch(self, seqs: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    def host_batch(self, seqs: int, seq_len: int) -> tuple[np.ndarray, int]:
         n = seqs * seq_len
         chunk = self.stream._take(self.rt.world_size * (n + 1))
         local = chunk[self.rt.rank * (n + 1):(self.rt.rank + 1) * (n + 1)]
         rows = 1 if self.one_row else seqs
         if self.varlen_check:
             check_varlen_rows(local[:-1].reshape(rows, -1), *self.varlen_check)
-        local = self.rt.to_device(local)
-        return local[:-1].view(rows, -1), local[1:].view(rows, -1)
+        return local, rows
+
+
+class PrefetchLoader:
+    """LOADER_PREFETCH=N (issue 16 item 1): a daemon thread runs the loader's host half (slicing,
+    stacking, pinning on CUDA) up to N batches ahead of the training step, which only issues the
+    host-to-device copy. Same batches, in the same order, as the loader itself: one thread, one
+    shape. An exception on the thread is re-raised by the next_batch that reaches it. close() stops
+    the thread and keeps the batches it had prepared, served before the loader's next ones."""
+
+    def __init__(self, loader: HostBatches, rt: Runtime, depth: int, seqs: int, seq_len: int):
+        self.loader, self.rt, self.shape = loader, rt, (seqs, seq_len)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop, self.pending = threading.Event(), collections.deque()
+        self.thread = threading.Thread(target=self._fill, name="loader-prefetch", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        self.pending.append(item)  # stopped while full: close() serves it after the queue's
+        return False
+
+    def _fill(self):
+        while not self.stop.is_set():
+            try:
+                tokens, rows = self.loader.host_batch(*self.shape)
+                item = (self.rt.pin_host(tokens), rows)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                self._put(e)
+                return
+            if not self._put(item):
+                return
+
+    def next_batch(self, seqs: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        if not self.thread.is_alive() and self.queue.empty() and not self.pending:
+            return self.loader.next_batch(seqs, seq_len)  # closed and drained: the loader itself
+        if (seqs, seq_len) != self.shape:
+            raise ValueError(f"PrefetchLoader prepares {self.shape} batches, asked for {(seqs, seq_len)}")
+        item = self.pending.popleft() if self.pending else self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return split_batch(self.rt.host_to_device(item[0]), item[1])
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        held = list(self.pending)
+        self.pending.clear()
+        while not self.queue.empty():
+            self.pending.append(self.queue.get_nowait())
+        self.pending.extend(held)
 
 
 TRAIN_LOADERS = {"sequential": SequentialLoader, "coprime": CoprimeLoader, "packed": PackedLoader}
@@ -1906,13 +1991,13 @@ def muon_momentum(step: int, h: Hyperparameters) -> float:
     return (1 - f) * h.muon_momentum_warmup_start + f * h.muon_momentum
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, muon: Muon, rt: Runtime) -> Tensor:
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, muon: Muon | None, rt: Runtime) -> Tensor:
     """torch's clip_grad_norm_ of the averaged gradients (returns the norm before clipping). MUON_SHARDED: the Muon matrices' averaged
     gradients are muon.shards, each on its owner rank, so their squared norms are summed over ranks
     (one scalar all-reduce) and joined to the other (all-reduced, replicated) gradients' norm: every
     rank computes the same global norm and scales its shards and the replicated gradients by the
     same factor, min(1, max_norm / (norm + 1e-6)) as torch."""
-    if not muon.sharded:
+    if muon is None or not muon.sharded:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     grads = [p.grad for p in muon.unsharded(params) if p.grad is not None]
     shard_sq = sum((g.float().square().sum() for g in muon.shards), torch.zeros((), device=rt.device))
@@ -3424,14 +3509,18 @@ def train_step(model, opts: list, loader, h: Hyperparameters, rt: Runtime, geome
         loss = model(x, y)
         (loss / accum).backward()
         total += loss.detach()
-    all_reduce_grads(opts[-1].unsharded(params), rt)
-    opts[-1].reduce_scatter_grads()  # MUON_SHARDED: the Muon matrices' gradients, bf16, each rank its share
+    if h.grad_clip_norm > 0 and h.grad_clip_mode == "local":  # each rank's own gradient, then the mean
+        torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
+    muon = opts[-1] if isinstance(opts[-1], Muon) else None  # a test may step plain torch optimizers
+    all_reduce_grads(muon.unsharded(params) if muon else params, rt)
+    if muon:
+        muon.reduce_scatter_grads()  # MUON_SHARDED: the Muon matrices' gradients, bf16, each rank its share
     for opt in opts:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
     opts[-1].param_groups[0]["momentum"] = muon_momentum(step, h)
-    if h.grad_clip_norm > 0:
-        clip_grad_norm(params, h.grad_clip_norm, opts[-1], rt)
+    if h.grad_clip_norm > 0 and h.grad_clip_mode == "averaged":
+        clip_grad_norm(params, h.grad_clip_norm, muon, rt)
     for opt in opts:
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -3465,6 +3554,16 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
     if h.warmup_steps > 0:
         warm_up(model, opts, base_model, h, rt, geometry, params)
     loader = make_train_loader(h, rt)
+    if h.loader_prefetch:
+        loader = PrefetchLoader(loader, rt, h.loader_prefetch, geometry[0], h.train_seq_len)
+    try:
+        return _train_loop(model, base_model, h, rt, params, opts, geometry, loader)
+    finally:
+        if h.loader_prefetch:
+            loader.close()  # the thread ends; batches it prepared are served first to calibration
+
+
+def _train_loop(model, base_model: GPT, h: Hyperparameters, rt: Runtime, params, opts, geometry, loader):
     averager = WeightAverager(base_model, h.ema_decay, h.ema_warmup)
     reserve_ms = 1000 * h.gptq_reserve_seconds if h.gptq_calib == "train" else 0.0
     cap_ms = max(1000 * h.max_wallclock_seconds - reserve_ms, 1.0) if h.max_wallclock_seconds > 0 else 0.0
