@@ -1,9 +1,10 @@
 """Compiled LoRA TTT (issue 19 What must work 2): adapters allocated once and re-initialised in
 place give today's eager results exactly (pinned against a fresh-allocation reference of the
 pre-change code below); the compiled forward (CPU) equals eager to float rounding and does not
-recompile across batches and chunks of different shapes.
+recompile across batches and chunks of different shapes (measured max |nll| difference 9.5e-7
+with aot_eager, 5.3e-6 with inductor; graphs 5 and 6, bound LORA_TTT_MAX_GRAPHS = 8).
 
-    python3 -m pytest -q tests/test_lora_compiled.py
+    python3 -m pytest -q tests/test_lora_compiled.py   # cold, 2 loaded cores: aot_eager 34-40 s, inductor 164 s
 """
 
 import copy
@@ -84,7 +85,7 @@ def test_compiled_equals_eager_without_recompiles(backend, h, monkeypatch):
     torch._dynamo.reset()
     print(f"{backend}: graphs {counter.frame_count} eager bpb {eager.val_bpb} compiled {comp.val_bpb} "
           f"max |dnll| {(lc.nll - le.nll).abs().max().item():.2e}")
-    assert 2 <= counter.frame_count <= tg.LORA_TTT_MAX_GRAPHS  # grad on/off x dynamo size specialisations (5 here)
+    assert 2 <= counter.frame_count <= tg.LORA_TTT_MAX_GRAPHS  # grad on/off x dynamo size specialisations (measured: aot_eager 5, inductor 6)
     assert (comp.tokens, comp.bytes) == (eager.tokens, eager.bytes) and torch.equal(lc.count, le.count)
     assert torch.allclose(lc.nll, le.nll, rtol=1e-4, atol=1e-4)  # fp32, reordered sums over 13 chunks of TTT
     assert comp.val_bpb == pytest.approx(eager.val_bpb, rel=1e-5)
