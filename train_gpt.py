@@ -277,6 +277,7 @@ class Hyperparameters:
     ttt_k_lora: bool = True  # adapters on Q, V and the LM head always; K, O (attention out), MLP by these
     ttt_o_lora: bool = True
     ttt_mlp_lora: bool = True
+    ttt_compile_dynamic: bool = True  # compiled LoRA TTT forward with dynamic shapes (rows, length); 0: static
     phased_ttt_prefix_docs: int = 2500  # global SGD phases cover the first this many documents of the queue
     phased_ttt_num_phases: int = 0  # 0 = plain LoRA TTT; N = global SGD at N boundaries over the prefix
     phased_ttt_select: str = "shortest"  # phase p trains on the b shortest scored docs (the record) | prefix (queue's b longest)
@@ -2399,12 +2400,20 @@ class BatchedLoRA:
     first b documents. Not an nn.Module, so attaching one adds nothing to a state_dict."""
 
     def __init__(self, n: int, d_in: int, d_out: int, h: Hyperparameters, gen: torch.Generator, device):
-        bound = 1 / math.sqrt(d_in)
-        self.A = torch.empty(n, h.ttt_lora_rank, d_in, device=device).uniform_(-bound, bound, generator=gen)
+        self.bound = 1 / math.sqrt(d_in)
+        self.A = torch.empty(n, h.ttt_lora_rank, d_in, device=device).uniform_(-self.bound, self.bound, generator=gen)
         self.B = torch.zeros(n, d_out, h.ttt_lora_rank, device=device)
         self.A.requires_grad_(True)
         self.B.requires_grad_(True)
         self.scale = h.ttt_lora_alpha / h.ttt_lora_rank
+
+    @torch.no_grad()
+    def reset_(self, gen: torch.Generator | None):
+        """In place, so a compiled forward keeps its guards: B = 0, and A redrawn from `gen` (the
+        same draws as a fresh adapter made with it) unless gen is None."""
+        if gen is not None:
+            self.A.uniform_(-self.bound, self.bound, generator=gen)
+        self.B.zero_()
 
     def __call__(self, x: Tensor) -> Tensor:
         b = x.size(0)
@@ -2430,6 +2439,51 @@ def attach_lora(model: GPT, h: Hyperparameters, gen: torch.Generator, device) ->
         module.lora = BatchedLoRA(h.ttt_batch_size, d_in, d_out, h, gen, device)
         adapters.append(module.lora)
     return adapters
+
+
+def reset_lora(adapters: list[BatchedLoRA], gen: torch.Generator | None):
+    """Every adapter re-initialised in place, in attach_lora's order (so its draws from gen)."""
+    for a in adapters:
+        a.reset_(gen)
+
+
+def zero_optimizer_state(opt: torch.optim.Optimizer):
+    """AdamW state back to a fresh optimizer's (step 0, zero moments), in place: the next step
+    gives exactly what a new AdamW's first step gives."""
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, Tensor):
+                v.zero_()
+
+
+def lora_ttt_compiled(h: Hyperparameters, rt: Runtime | None = None) -> bool:
+    """Whether lora_ttt_evaluate runs its adapted forward compiled: COMPILE as maybe_compile reads
+    it on `rt` (None: on CUDA, the device PREFLIGHT=plan projects for, so h.compile != 0)."""
+    return compile_enabled(h, rt) if rt is not None else h.compile != 0
+
+
+LORA_TTT_MAX_GRAPHS = 8  # grad on/off x (rows 1 or more) x (length 1 or more): dynamo's 0/1 specialisation
+
+
+def lora_forward(model: GPT, h: Hyperparameters, rt: Runtime):
+    """(x, y) -> per-token NLL (rows, T) through the adapted model, one document a row (plain
+    causal attention). Compiled with dynamic shapes (TTT_COMPILE_DYNAMIC=1, as the record) when
+    lora_ttt_compiled: the adapters' tensors keep their identity (reset in place), so graphs are
+    only made for grad on/off and dynamo's size-1 specialisations, at most LORA_TTT_MAX_GRAPHS;
+    TTT_COMPILE_DYNAMIC=0 compiles static shapes (a graph per new shape)."""
+    def fwd(x: Tensor, y: Tensor) -> Tensor:
+        return model(x, y, reduction="none", doc_mask=False)
+    if not lora_ttt_compiled(h, rt):
+        return fwd
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * LORA_TTT_MAX_GRAPHS)
+    return torch.compile(fwd, dynamic=bool(h.ttt_compile_dynamic), fullgraph=True)
+
+
+def host_to_device(a: np.ndarray, rt: Runtime) -> Tensor:
+    """One host array to the device: pinned and non-blocking on CUDA (the caching host allocator
+    keeps the pinned block until the copy is done), a plain view on CPU."""
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(rt.device, non_blocking=True) if rt.is_cuda else t.to(rt.device)
 
 
 def detach_lora(model: GPT):
@@ -2474,26 +2528,39 @@ def score_first(forward, score, adapt, steps: int):
         adapt(nll if i == 0 else forward())
 
 
+def lora_optimizer(adapters: list[BatchedLoRA], h: Hyperparameters) -> torch.optim.Optimizer:
+    params = [t for a in adapters for t in (a.A, a.B)]
+    return torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=LORA_ADAM_EPS,
+                             weight_decay=h.ttt_weight_decay)
+
+
 def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters: list[BatchedLoRA], steps: int,
-                   h: Hyperparameters, rt: Runtime, losses: TokenLosses | None) -> Tensor:
+                   h: Hyperparameters, rt: Runtime, losses: TokenLosses | None, opt=None, forward=None) -> Tensor:
     """Score one batch of documents chunk by chunk, stepping each document's adapters after each
     of its chunks is scored; returns the (nll, tokens, bytes) sums. Rows are padded with token 0
-    after their end: the causal model never looks there for a scored position."""
+    after their end: the causal model never looks there for a scored position. `opt` (its state
+    zeroed by the caller) and `forward` (lora_forward) are reused across batches; None: a fresh
+    AdamW and the eager forward. No host sync per chunk (the chunk's rows are host numpy, one
+    pinned copy each) except TokenLosses' masked record when per-token losses are kept. A
+    compiled forward gets at least 2 rows and 2 positions (padding rows/positions are masked),
+    so dynamo's 0/1 specialisation adds no graph for a last lone row."""
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    params = [t for a in adapters for t in (a.A, a.B)]
-    opt = torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=LORA_ADAM_EPS,
-                            weight_decay=h.ttt_weight_decay)
+    opt = opt if opt is not None else lora_optimizer(adapters, h)
+    least = 2 if forward is not None and lora_ttt_compiled(h, rt) else 1
+    forward = forward or (lambda x, y: model(x, y, reduction="none", doc_mask=False))
     last = len(val.tokens) - 1
     for ci in range(-(-int(spans[:, 1].max()) // h.ttt_chunk_size)):
         start, length, first, weight = chunk_rows(spans, ci, h.ttt_chunk_size, h.eval_seq_len)
-        pos = torch.arange(int(length.max()), device=rt.device)
-        idx = torch.from_numpy(start).to(rt.device)[:, None] + pos
-        valid = pos < torch.from_numpy(length).to(rt.device)[:, None]
+        pad = max(least - len(start), 0)  # padding rows: length 0, nothing valid, weight 0
+        rows = host_to_device(np.stack([np.pad(v.astype(np.float64), (0, pad)) for v in (start, length, first, weight)]), rt)
+        pos = torch.arange(max(int(length.max()), least), device=rt.device)
+        idx = rows[0].long()[:, None] + pos
+        valid = pos < rows[1].long()[:, None]
         x = torch.where(valid, val.tokens[idx.clamp(max=last - 1)], 0)
         y_pos = (idx + 1).clamp(max=last)
         y = val.tokens[y_pos]
-        mask = valid & (pos >= torch.from_numpy(first).to(rt.device)[:, None])
-        w = torch.from_numpy(weight).to(rt.device, torch.float32)
+        mask = valid & (pos >= rows[2].long()[:, None])
+        w = rows[3].float()
 
         def score(nll: Tensor):
             sums[0] += torch.where(mask, nll.double(), 0.0).sum()
@@ -2508,7 +2575,7 @@ def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters:
             opt.step()
         n_steps = steps if weight.any() else 0
         with torch.set_grad_enabled(n_steps > 0):
-            score_first(lambda: model(x, y, reduction="none", doc_mask=False), score, adapt, n_steps)  # 1 doc a row
+            score_first(lambda: forward(x, y), score, adapt, n_steps)  # 1 doc a row
     return sums
 
 
@@ -2716,20 +2783,20 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
         plan_changes += steps != h.ttt_grad_steps
     pace = None
     model.requires_grad_(False)
+    # Allocated once at TTT_BATCH_SIZE rows and re-initialised in place per batch (A from the same
+    # seeded draws a fresh attach_lora would make, B and the AdamW state zero): tensor identities
+    # and shapes never change, so the compiled forward never recompiles for a new batch.
+    adapters = attach_lora(model, h, torch.Generator(rt.device).manual_seed(0), rt.device)
+    opt, forward = lora_optimizer(adapters, h), lora_forward(model, h, rt)
     try:
         for seg, batches in enumerate(mine):
-            adapters = None
             for j, bi in enumerate(batches):
-                if adapters is None or not h.ttt_warm_start_a:
-                    key = len(queue) + seg * rt.world_size + rt.rank if h.ttt_warm_start_a else bi
-                    adapters = attach_lora(model, h, torch.Generator(rt.device).manual_seed(h.seed + 1_000_003 * key),
-                                           rt.device)
-                else:
-                    with torch.no_grad():
-                        for a in adapters:
-                            a.B.zero_()
+                key = len(queue) + seg * rt.world_size + rt.rank if h.ttt_warm_start_a else bi
+                fresh_a = j == 0 or not h.ttt_warm_start_a
+                reset_lora(adapters, torch.Generator(rt.device).manual_seed(h.seed + 1_000_003 * key) if fresh_a else None)
+                zero_optimizer_state(opt)
                 t_batch = clock()
-                sums += lora_ttt_batch(model, val, spans[queue[bi]], adapters, steps, h, rt, losses)
+                sums += lora_ttt_batch(model, val, spans[queue[bi]], adapters, steps, h, rt, losses, opt, forward)
                 rt.sync()
                 paces.append((clock() - t_batch) / work[bi] / (1 + STEP_COST * steps))
                 steps_used.append(steps)
@@ -2741,11 +2808,10 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
                         log(f"ttt:plan rank:{rt.rank} batch:{bi + 1}/{len(queue)} grad_steps:{steps}->{planned} "
                             f"pace:{pace * 1e6:.3f}us/token time_left:{deadline - clock():.1f}s")
                         steps, plan_changes = planned, plan_changes + 1
-                if rt.is_main and len(steps_used) % 50 == 0:
+                if rt.is_main and len(steps_used) % max(1, sum(map(len, mine)) // 10) == 0:  # about every 10%
                     tot = sums.tolist()
                     log(f"ttt_batch:{bi + 1}/{len(queue)} grad_steps:{steps} time:{clock() - t0:.1f}s "
                         f"rank0_bpb:{EvalResult(tot[0], int(tot[1]), int(tot[2])).val_bpb:.6f}")
-            detach_lora(model)
             pace = robust_pace(paces)
             if seg < n_phases:
                 est_s, room_s = None, 0.0
@@ -2753,8 +2819,11 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
                     left = sum(work[b] for s in mine[seg + 1:] for b in s)
                     est_s = phase_tokens[seg] * (token_s or pace * (1 + STEP_COST))
                     room_s = deadline - clock() - left * pace * (1 + STEP_COST * steps)
+                detach_lora(model)  # the global phase trains the base model alone
                 ran = run_global_phase(model, val, spans[plan.phase_docs[seg]], seg, n_phases,
                                        schedule_done_after(plan, seg), h, rt, est_s, room_s)
+                for (module, _, _), a in zip(lora_hosts(model, h), adapters):
+                    module.lora = a  # the same objects back: the compiled forward's guards hold
                 if ran is not None:
                     token_s, phases_run = ran, phases_run + 1
     finally:
@@ -4316,9 +4385,6 @@ def plan_documents(h: Hyperparameters) -> np.ndarray:
     return np.stack((np.cumsum(n) - n, n), axis=1)
 
 
-def lora_ttt_compiled(h: Hyperparameters) -> bool:
-    """Whether lora_ttt_evaluate runs a compiled forward: not yet (issue 19, What must work 2)."""
-    return False
 
 
 def phase_tokens_run(spans: np.ndarray, plan: LoraSchedule, h: Hyperparameters) -> int:

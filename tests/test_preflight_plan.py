@@ -6,7 +6,7 @@ bound on today's and on a capacity-bounded `document_segments`, the eval project
 computation, the JSON table, NO-GO when a phase does not fit, and no validation file opened. The
 full-size frontier plan: NO-GO on today's behaviour (pinned by copies of today's
 `document_segments` and round-robin schedule, so it stays a test of the model after the fixes), and
-GO with the fixes (compiled LoRA TTT modelled by a monkeypatch until that path lands), and the
+GO with the fixes (compiled LoRA TTT, as lora_ttt_compiled reports), and the
 split LPT schedule's per-rank balance on the same documents.
 
     python3 -m pytest -q tests/test_preflight_plan.py
@@ -137,8 +137,9 @@ def test_lora_largest_chunk_and_global_rows_from_chunk_rows():
     assert tg.global_rows_per_forward(spans, plan, h, 2) == min(3, -(-int(np.bincount(step_of).max()) // 2))
 
 
-def test_eval_projection_against_a_hand_computation():
-    """World 2, one document per batch, no phases, round robin: rank 0 runs batches 0 and 2, rank 1 batch 1."""
+def test_eval_projection_against_a_hand_computation(monkeypatch):
+    """World 2, one document per batch, no phases, round robin: rank 0 runs batches 0 and 2, rank 1 batch 1.
+    The hand computation models the eager LoRA path (pinned); the compiled one (the default) at the end."""
     h = tg.dataclasses.replace(tg.Hyperparameters(), eval_mode="doc", ttt_balance="round_robin",
                                ttt_batch_size=1, ttt_chunk_size=48,
                                eval_seq_len=2048, phased_ttt_num_phases=0, ttt_grad_steps=1)
@@ -151,6 +152,7 @@ def test_eval_projection_against_a_hand_computation():
     assert plan.work == [work(5000), work(3000), work(100)]
     lora = 1.8 * max(work(5000) / 0.38e6 + work(100) / 0.5e6, work(3000) / 0.38e6)
     fwd = 47.85e6 / 6.7 / 8 * 2
+    monkeypatch.setattr(tg, "lora_ttt_compiled", lambda h, rt=None: False)
     parts = tg.plan_eval_seconds(h, spans, plan, 2)
     assert parts["lora ttt"] == pytest.approx(lora)
     assert parts["prequant"] == parts["roundtrip"] == pytest.approx(4 * 2048 / fwd)  # 8,100 tokens: 4 windows
@@ -164,6 +166,10 @@ def test_eval_projection_against_a_hand_computation():
     assert alone == tg.RANK0_COMPRESS_S + tg.GPTQ_S
     two = tg.plan_eval_seconds(tg.dataclasses.replace(h, ttt_grad_steps=2), spans, plan, 2)["lora ttt"]
     assert two == pytest.approx(lora * (1 + 2 * tg.STEP_COST) / (1 + tg.STEP_COST))
+    # COMPILE=-1 (the default: compiled on CUDA): the LoRA path runs compiled, no eager factor, its compile counted
+    monkeypatch.undo()
+    comp = tg.plan_eval_seconds(h, spans, plan, 2)
+    assert comp["lora ttt"] == pytest.approx(lora / tg.EAGER_TTT_FACTOR) and comp["ttt compile"] == tg.RECORD_TTT_COMPILE_S
 
 
 def test_varlen_bound_today_and_with_a_bounded_capacity(monkeypatch):
@@ -248,12 +254,12 @@ def test_frontier_plan_is_no_go_on_todays_behaviour(monkeypatch):
 
 @needs_sp8192
 @pytest.mark.slow
-def test_frontier_plan_is_go_after_the_fixes(monkeypatch):
+def test_frontier_plan_is_go_after_the_fixes():
     """Bounded varlen, plain attention on single-document rows, EVAL_PHASES=ttt, the split LPT
     schedule and compiled LoRA TTT: GO, the eval projected under the planner's deadline (600 s
     less EVAL_MARGIN), each part as the phases run: no eval-forward compile, no diagnostic."""
-    monkeypatch.setattr(tg, "lora_ttt_compiled", lambda h, *a: h.compile != 0)  # until the compiled LoRA path lands
     h = frontier()
+    assert tg.lora_ttt_compiled(h)  # the plan models the compiled LoRA path the run takes (COMPILE=-1: on for CUDA)
     spans = tg.plan_documents(h)
     plan = tg.lora_schedule(spans, h, 8)
     rows = {r[0]: r for r in tg.preflight_plan_rows(h, spans, plan)}
