@@ -3876,7 +3876,7 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
     spans = validation_documents(val, sp.bos_id()) if h.eval_mode == "doc" and {"doc", "ttt"} & set(run_phases) else None
     if "doc" in run_phases:
         doc_fn = nll_fn  # doc windows hold one document each: plain causal attention, never varlen (F1b)
-        if "doc" in forwards:
+        if cfg["doc_masking"]:  # the artifact's model (EVAL_ARTIFACT: DOC_MASKING comes with it, not from h)
             doc_fn = maybe_compile(nll_function(model, doc_mask=False), h, rt)
             compile_warm_up(doc_fn, h, rt, cfg["vocab_size"])
         phase("doc", lambda tl: evaluate_docs(doc_fn, val, spans, h, rt, tl), f" chunk:{h.ttt_chunk_size}")

@@ -61,6 +61,8 @@ def worker(out_dir: str):
     os.chdir(cwd)
     tg.serialize(model, hessians, h, rt)
     (cwd / "gptq_names.txt").write_text("\n".join(done))
+    rt.barrier()  # both ranks done before the group is torn down (gloo aborts a rank that exits early)
+    torch.distributed.destroy_process_group()
 
 
 def free_port() -> int:

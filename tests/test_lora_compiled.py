@@ -67,12 +67,14 @@ def test_lora_ttt_compiled_follows_compile(h):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_equals_eager_without_recompiles(backend, h, monkeypatch):
-    """Batches of 3, 3, 3, 3, 1 documents, chunks of 1-3 rows and 1-32 positions, grad on and off."""
+@pytest.mark.parametrize("backend", ["inductor"])  # aot_eager (same assertions, 34-40 s) left out for CI time
+def test_compiled_equals_eager_without_recompiles(backend, tiny_data, monkeypatch):
+    """Batches of 3, 3, 3, 3, 1 documents, chunks of 1-3 rows and 1-32 positions, grad on and off.
+    One layer: inductor's cold C++ builds dominate, and they scale with the layers."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
-    h = dataclasses.replace(h, ttt_warm_start_a=True)
+    h = tg.Hyperparameters.from_env(doc_env(tiny_data, NUM_LAYERS="1", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1",
+                                            XSA_LAST_N="1", VE_LAYERS="0", TTT_WARM_START_A="1"))
     val = make_val(doc_stream(h.vocab_size, LENGTHS), h.vocab_size)
     spans = tg.document_spans(val.tokens.numpy(), BOS)
     model = noisy_model(h)
