@@ -189,3 +189,21 @@ def test_preflight_eval_phases_auto_projects_the_diagnostics_again(hparams, runt
                 + n_doc * 0.001 + lora + glob)
     assert sum(parts.values()) == pytest.approx(expected)
     assert {r[0]: r for r in tg.preflight_table(h, runtime, m)}["eval + post-train"][1].startswith(f"{expected:.1f} s: ")
+
+
+def test_preflight_doc_measure_times_the_lora_compile_apart(hparams, runtime, monkeypatch):
+    """Compiled LoRA path: the long batch runs twice (cold 5 s, warm 1 s here), the compile is the
+    difference and the long pace the warm run's; eager: two lora_ttt_evaluate calls, no compile."""
+    for compiled, times in ((True, [5000.0, 1000.0, 500.0]), (False, [1000.0, 500.0])):
+        calls = []
+        monkeypatch.setattr(tg, "lora_ttt_compiled", lambda h, rt=None, c=compiled: c)
+        monkeypatch.setattr(tg, "lora_ttt_evaluate", lambda model, val, spans, h, rt, t=iter(times):
+                            calls.append(spans) or tg.EvalResult(0.0, 1, 1, next(t)))
+        monkeypatch.setattr(tg, "global_ttt", lambda *a, **k: None)
+        h = doc_hparams(hparams, global_ttt_chunk_tokens=1024)
+        m = tg.preflight_doc_measure(None, h, runtime)
+        one = tg.dataclasses.replace(h, phased_ttt_num_phases=0)
+        long_work = sum(tg.lora_schedule(calls[-2], one, 1).work)
+        assert len(calls) == len(times) and (not compiled or tg.np.array_equal(calls[0], calls[1]))  # long twice first
+        assert m["lora_long_s_per_pos"] == pytest.approx(1.0 / long_work)
+        assert m.get("ttt_compile_s") == (4.0 if compiled else None)
