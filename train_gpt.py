@@ -4065,8 +4065,10 @@ def val_positions(h: Hyperparameters) -> int:
 
 
 def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
-    """Compile and time training steps, calibration, quantization + compression of the current
-    weights, a slice of sliding eval and a two-chunk TTT on training tokens. Seconds, max over ranks."""
+    """Compile and time training steps, calibration, GPTQ (apart), quantization + compression and
+    decompression of the current weights, a slice of sliding eval and the TTT the run runs
+    (sliding mode: a two-chunk TTT; EVAL_MODE=doc: preflight_doc_measure) on training tokens.
+    Seconds, max over ranks."""
     base_model = build_model(model_config(h), rt)
     base_model.segment_len = packed_segment_len(h)
     model = maybe_compile(base_model, h, rt)
@@ -4086,10 +4088,13 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
     result = TrainResult(h.preflight_steps + 1, 0.0, 0, "preflight", 0.0)
     hessians = calibrate(base_model, loader, h, rt, result)
     m["calib_s"], m["selfgen_s"] = result.calib_time_ms / 1000, result.selfgen_time_ms / 1000
-    state = {n: p.detach() for n, p in base_model.state_dict().items()}
-    built, t = timed(rt, lambda: build_artifact(state, hessians, h))  # as serialize(), without pruning
+    state, spec = {n: p.detach() for n, p in base_model.state_dict().items()}, QuantSpec.from_hparams(h)
+    gptq, m["gptq_s"] = timed(rt, lambda: {n: gptq_tensor(n, t, hessians, spec) for n, t in state.items()
+                                           if quant_kind(n, t, spec) == "gptq"})  # all of it: GPTQ_SPLIT's share apart
+    built, t = timed(rt, lambda: build_artifact(state, hessians, h, gptq=gptq))  # as serialize(), without pruning
     m["compress_s"] = sum(sec for _, sec in built.compressed.values())
     m["quantize_s"], m["model_bytes"], m["payload_bytes"] = t - m["compress_s"], len(built.blob), built.payload_bytes
+    _, m["decompress_s"] = timed(rt, lambda: unpack_artifact(built.blob))  # as read_artifact, with dequantization
     m["projected_bytes"] = project_model_bytes(built.qstate, built.compressor) if h.quant_clip == "sdclip" else \
         built.payload_bytes * TRAINED_COMPRESSED_PER_PAYLOAD_BYTE  # SDClip: code entropy is set by k, not by training
     C, L = h.ttt_chunk_tokens, h.eval_seq_len
@@ -4100,13 +4105,14 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
                                                              h.eval_batch_seqs, rt))
     _, t = timed(rt, lambda: score_windows(nll_fn, stream, wins, h.eval_batch_seqs, rt))
     m["window_s"] = t / len(wins)
-    if h.ttt_enabled:  # two chunks: score, train TTT_EPOCHS on the first, score; minus the scoring
+    ttt = "ttt" in eval_phases_run(h)
+    if ttt and h.eval_mode != "doc":  # two chunks: score, train TTT_EPOCHS on the first, score; minus the scoring
         two = ValidationData(stream.tokens[:2 * C + 1], 2 * C + 1, stream.base_bytes, stream.has_leading_space,
                              stream.is_boundary)
         r = ttt_evaluate(base_model, nll_fn, two, h, rt)
         n_scored = len(sliding_windows(2 * C, L, h.eval_stride))
         m["ttt_chunk_train_s"] = max(r.time_ms / 1000 - n_scored * m["window_s"], 0.0)
-    if h.ttt_enabled and h.eval_mode == "doc":
+    if ttt and h.eval_mode == "doc":
         m.update(preflight_doc_measure(base_model, h, rt))
     names = sorted(m)
     values = rt.all_reduce_(torch.tensor([m[k] for k in names], dtype=torch.float64, device=rt.device), "max")
@@ -4117,16 +4123,22 @@ def preflight_doc_measure(model: GPT, h: Hyperparameters, rt: Runtime) -> dict:
     """EVAL_MODE=doc: the real eval phases on training tokens at a small budget (issue 19 item 5):
     lora_ttt_evaluate on one batch of the longest documents of the stand-in stream (cut at twice
     EVAL_SEQ_LEN: the full-context shape) and one of the shortest, without phases, then one
-    global_ttt step. Seconds per token-position (lora_batch_work) and per global token."""
+    global_ttt step. Seconds per token-position (lora_batch_work) and per global token. When
+    lora_ttt_compiled, the long batch runs twice: the first run's extra time is the LoRA compile
+    warm-up (ttt_compile_s), the paces are warm."""
     B, L = h.ttt_batch_size, h.eval_seq_len
     stream = stand_in_stream(h, max(4 * B * L, 2 * h.global_ttt_chunk_tokens) + 1).to(rt.device)
     spans = document_spans(stream.tokens.cpu().numpy(), h.bos_id)
     spans[:, 1] = np.minimum(spans[:, 1], 2 * L)
     order, one, m = np.argsort(-spans[:, 1], kind="stable"), dataclasses.replace(h, phased_ttt_num_phases=0), {}
-    for name, docs in (("lora_long", order[:B]), ("lora_short", order[-B:])):
-        sub = spans[np.sort(docs)]
+    long = spans[np.sort(order[:B])]
+    if lora_ttt_compiled(h, rt):
+        cold = lora_ttt_evaluate(model, stream, long, one, rt).time_ms / 1000
+    for name, sub in (("lora_long", long), ("lora_short", spans[np.sort(order[-B:])])):
         r = lora_ttt_evaluate(model, stream, sub, one, rt)
         m[f"{name}_s_per_pos"] = r.time_ms / 1000 / sum(lora_schedule(sub, one, 1).work)
+        if name == "lora_long" and lora_ttt_compiled(h, rt):
+            m["ttt_compile_s"] = max(cold - r.time_ms / 1000, 0.0)
     take = order[:int(np.searchsorted(np.cumsum(spans[order, 1]), h.global_ttt_chunk_tokens)) + 1]
     sub = spans[np.sort(take)]
     _, t = timed(rt, lambda: global_ttt(model, stream, sub, dataclasses.replace(h, global_ttt_epochs=1), rt))
@@ -4136,16 +4148,35 @@ def preflight_doc_measure(model: GPT, h: Hyperparameters, rt: Runtime) -> dict:
     return m
 
 
-def preflight_doc_eval_seconds(h: Hyperparameters, rt: Runtime, m: dict) -> dict[str, float]:
-    """EVAL_MODE=doc's projection from preflight_doc_measure's paces and the real queue: the plan of
-    lora_schedule over plan_documents at this world size, doc windows at the measured window time."""
-    spans, L = plan_documents(h), h.eval_seq_len
-    plan = lora_schedule(spans, h, rt.world_size)
+def preflight_doc_eval_seconds(h: Hyperparameters, rt: Runtime, m: dict, spans: np.ndarray) -> dict[str, float]:
+    """EVAL_MODE=doc's TTT parts from preflight_doc_measure's paces and the real queue: the plan of
+    lora_schedule over `spans` (plan_documents) at this world size, on its critical path."""
+    plan, L = lora_schedule(spans, h, rt.world_size), h.eval_seq_len
     sec = [w * (m["lora_long_s_per_pos"] if spans[q, 1].max() >= L else m["lora_short_s_per_pos"])
            for q, w in zip(plan.queue, plan.work)]
-    return {"doc windows": len(doc_windows(spans, L, h.ttt_chunk_size)) * m["window_s"],
-            "lora ttt": schedule_critical_seconds(plan, sec),
+    return {"lora ttt": schedule_critical_seconds(plan, sec),
             "global phases": phase_tokens_run(spans, plan, h) * m["global_s_per_token"]}
+
+
+def preflight_eval_seconds(h: Hyperparameters, rt: Runtime, m: dict) -> dict[str, float]:
+    """PREFLIGHT=1's eval + post-train seconds by part: eval_part_seconds at this machine's
+    measured paces (decompression measured, else DECOMPRESS_S; the LoRA compile measured, else
+    RECORD_TTT_COMPILE_S) over the val stream's length, self-generation when GPTQ_CALIB=selfgen,
+    and sliding-mode TTT as a second scoring of every window plus TTT_EPOCHS' training per chunk."""
+    phases, total, L = eval_phases_run(h), val_positions(h), h.eval_seq_len
+    doc = h.eval_mode == "doc" and {"doc", "ttt"} & set(phases)
+    spans = plan_documents(h) if doc else None
+    ttt: dict[str, float] = {}
+    if "ttt" in phases and h.eval_mode == "doc":
+        ttt = preflight_doc_eval_seconds(h, rt, m, spans)
+    elif "ttt" in phases:
+        ttt = {"ttt scoring": len(sliding_windows(total, L, h.eval_stride)) * m["window_s"],
+               "ttt train": (-(-total // h.ttt_chunk_tokens) - 1) * m["ttt_chunk_train_s"]}
+    paces = EvalPaces(m["quantize_s"] + m["compress_s"], m["gptq_s"], m.get("decompress_s", DECOMPRESS_S[h.quant_compressor]),
+                      m["eval_compile_s"], m["window_s"],
+                      m.get("ttt_compile_s", RECORD_TTT_COMPILE_S) if lora_ttt_compiled(h, rt) else None)
+    parts = ({"selfgen": m["selfgen_s"]} if h.gptq_calib == "selfgen" else {})
+    return parts | eval_part_seconds(h, paces, rt.world_size, total, spans, ttt)
 
 
 def preflight_table(h: Hyperparameters, rt: Runtime, m: dict) -> list[tuple[str, str, str, str]]:
@@ -4166,27 +4197,15 @@ def preflight_table(h: Hyperparameters, rt: Runtime, m: dict) -> list[tuple[str,
                  "NO-GO" if m["loss_nan"] else "ok"))
     rows.append(("train + calib", f"{train_s:.1f} s (calibration {m['calib_s']:.1f} s, reserve {reserve_s:.1f} s)",
                  f"{TRAIN_LIMIT_MS / 1000:.0f} s", "ok" if train_s <= TRAIN_LIMIT_MS / 1000 else "NO-GO"))
-    total = val_positions(h)
-    n_sliding = len(sliding_windows(total, h.eval_seq_len, h.eval_stride))
-    n_plain = len(sliding_windows(total, h.eval_seq_len, h.eval_seq_len))
-    sliding_s, plain_s = n_sliding * m["window_s"], n_plain * m["window_s"]
-    n_chunks = -(-total // h.ttt_chunk_tokens)
-    ttt_train_s = (n_chunks - 1) * m.get("ttt_chunk_train_s", 0.0)
-    fixed_s = (2 * m["eval_compile_s"] + 2 * plain_s + sliding_s + m["selfgen_s"] + m["quantize_s"]
-               + m["compress_s"] + (sliding_s if h.ttt_enabled else 0.0))
-    eval_s, limit_s = fixed_s + ttt_train_s, EVAL_LIMIT_MS / 1000
+    parts, total = preflight_eval_seconds(h, rt, m), val_positions(h)
+    eval_s, limit_s = sum(parts.values()), EVAL_LIMIT_MS / 1000
+    fixed_s = eval_s - parts.get("ttt train", 0.0)  # sliding-mode TTT: the planner shrinks TTT_EPOCHS to fit
     status = "ok" if eval_s <= limit_s else "warn" if fixed_s <= limit_s else "NO-GO"
-    what = (f"sliding {sliding_s:.1f} ({n_sliding} windows), TTT {(sliding_s + ttt_train_s) if h.ttt_enabled else 0:.1f}"
-            f" ({n_chunks} chunks)")
-    if "lora_long_s_per_pos" in m:  # EVAL_MODE=doc: the real phases' paces on the real queue (no sliding phase)
-        doc = preflight_doc_eval_seconds(h, rt, m)
-        fixed_s += doc["doc windows"] - 2 * sliding_s
-        eval_s = fixed_s + doc["lora ttt"] + doc["global phases"]
-        status = "ok" if eval_s <= limit_s else "NO-GO"  # the planner degrades grad steps, past the deadline
-        what = ", ".join(f"{k} {v:.1f}" for k, v in doc.items())
-    rows.append(("eval + post-train", f"{eval_s:.1f} s: 2 compiles {2 * m['eval_compile_s']:.1f}, prequant + "
-                 f"roundtrip {2 * plain_s:.1f}, {what}, selfgen "
-                 f"{m['selfgen_s']:.1f}, quantize {m['quantize_s']:.1f}, compress {m['compress_s']:.1f}",
+    counts = {"sliding": f"{len(sliding_windows(total, h.eval_seq_len, h.eval_stride))} windows",
+              "ttt train": f"{-(-total // h.ttt_chunk_tokens)} chunks, all but the last trained"}
+    rows.append(("eval + post-train", f"{eval_s:.1f} s: " + ", ".join(
+                 f"{k} {v:.1f}" + (f" ({counts[k]})" if k in counts else "") for k, v in parts.items())
+                 + f"; phases {','.join(eval_phases_run(h))}",
                  f"{limit_s:.0f} s" + (" (TTT epochs shrink to fit)" if status == "warn" else ""), status))
     trained = int(m.get("projected_bytes", m["payload_bytes"] * TRAINED_COMPRESSED_PER_PAYLOAD_BYTE))
     total_bytes = code_bytes() + max(trained, int(m["model_bytes"]))
@@ -4428,6 +4447,43 @@ def lora_prior_steps(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, 
     return steps, fixed + steps * base * STEP_COST
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalPaces:
+    """The seconds an eval projection is built from: the record's rates (PREFLIGHT=plan) or this
+    machine's measurements (PREFLIGHT=1)."""
+    quantize_s: float  # quantize + compress on rank 0, GPTQ apart
+    gptq_s: float  # the GPTQ of every matrix on one process: GPTQ_SPLIT divides it (gptq_split_share)
+    decompress_s: float  # the artifact read on each rank
+    compile_s: float  # one eval forward's compile warm-up (eval_compiled_forwards counts them)
+    window_s: float  # one EVAL_SEQ_LEN window's forward
+    ttt_compile_s: float | None  # the LoRA TTT compile warm-up; None: eager (not lora_ttt_compiled)
+
+
+def eval_part_seconds(h: Hyperparameters, paces: EvalPaces, world_size: int, total: int, spans: np.ndarray | None,
+                      ttt: dict[str, float]) -> dict[str, float]:
+    """Eval + post-training seconds by part of exactly what the run runs (eval_phases_run): the
+    quantization (GPTQ at the slowest rank's gptq_split_share), decompression, the eval compiles
+    eval_compiled_forwards names, each forward phase's windows over `total` positions (doc: over
+    `spans`), and with ttt the LoRA compile (EVAL_MODE=doc, when compiled) and the `ttt` parts. A
+    skipped phase has no part. PREFLIGHT=plan's and PREFLIGHT=1's one formula."""
+    phases, L = eval_phases_run(h), h.eval_seq_len
+    parts = {"quantize+compress": paces.quantize_s + paces.gptq_s * gptq_split_share(h, world_size),
+             "decompress": paces.decompress_s,
+             "eval compiles": paces.compile_s * len(eval_compiled_forwards(h, phases))}
+    for name in ("prequant", "roundtrip"):
+        if name in phases:
+            parts[name] = len(sliding_windows(total, L, L)) * paces.window_s
+    if "doc" in phases:
+        parts["doc windows"] = len(doc_windows(spans, L, h.ttt_chunk_size)) * paces.window_s
+    if "sliding" in phases:
+        parts["sliding"] = len(sliding_windows(total, L, h.eval_stride)) * paces.window_s
+    if "ttt" in phases:
+        if h.eval_mode == "doc" and paces.ttt_compile_s is not None:
+            parts["ttt compile"] = paces.ttt_compile_s
+        parts.update(ttt)
+    return parts
+
+
 def plan_eval_seconds(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, world_size: int) -> dict[str, float]:
     """Projected eval seconds by part on `world_size` H100s from the plan's real work and the
     record's logged rates: forward phases at RECORD_FORWARD_TOKENS_PER_S; LoRA TTT on the critical
@@ -4435,24 +4491,15 @@ def plan_eval_seconds(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule,
     at the long or short rate, scaled by the grad steps (the planner's STEP_COST model) and by
     EAGER_TTT_FACTOR unless compiled; each global phase that runs at RECORD_GLOBAL_TOKENS_PER_S
     (rows of 2048 tokens: bound by the GPU, not by op dispatch, so no eager factor)."""
-    fwd, L, total = RECORD_FORWARD_TOKENS_PER_S * world_size, h.eval_seq_len, int(spans[:, 1].sum())
-    phases = eval_phases_run(h)
-    parts = {"quantize+compress": RANK0_COMPRESS_S + GPTQ_S * gptq_split_share(h, world_size), "decompress": DECOMPRESS_S[h.quant_compressor],
-             "eval compiles": EVAL_COMPILE_S * len(eval_compiled_forwards(h, phases)) * (h.compile != 0)}
-    for name in ("prequant", "roundtrip"):
-        if name in phases:
-            parts[name] = len(sliding_windows(total, L, L)) * L / fwd
-    if "doc" in phases:
-        parts["doc windows"] = len(doc_windows(spans, L, h.ttt_chunk_size)) * L / fwd
-    if "sliding" in phases:
-        parts["sliding"] = len(sliding_windows(total, L, h.eval_stride)) * L / fwd
-    if "ttt" in phases and h.eval_mode == "doc":
-        if lora_ttt_compiled(h):
-            parts["ttt compile"] = RECORD_TTT_COMPILE_S
+    ttt = {}
+    if "ttt" in eval_phases_run(h) and h.eval_mode == "doc":
         sec = [w * pace * (1 + STEP_COST * h.ttt_grad_steps) for w, pace in zip(plan.work, lora_prior_pace(h, spans, plan))]
-        parts["lora ttt"] = schedule_critical_seconds(plan, sec)
-        parts["global phases"] = phase_tokens_run(spans, plan, h) / (RECORD_GLOBAL_TOKENS_PER_S * world_size)
-    return parts
+        ttt = {"lora ttt": schedule_critical_seconds(plan, sec),
+               "global phases": phase_tokens_run(spans, plan, h) / (RECORD_GLOBAL_TOKENS_PER_S * world_size)}
+    paces = EvalPaces(RANK0_COMPRESS_S, GPTQ_S, DECOMPRESS_S[h.quant_compressor], EVAL_COMPILE_S * (h.compile != 0),
+                      h.eval_seq_len / (RECORD_FORWARD_TOKENS_PER_S * world_size),
+                      RECORD_TTT_COMPILE_S if lora_ttt_compiled(h) else None)
+    return eval_part_seconds(h, paces, world_size, int(spans[:, 1].sum()), spans, ttt)
 
 
 def plan_phase_memory(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule) -> list[dict]:
