@@ -66,13 +66,20 @@ def test_lora_ttt_compiled_follows_compile(h):
     assert got == {-1: (True, False, True), 0: (False, False, False), 1: (True, True, True)}
 
 
+# TTT_LORA_PER_SLOT=1 on a looped model (order 0,1,1,1,2, layer 2 in parallel lanes): the slot is a
+# constant index per pass in the one graph, so no graph per slot.
+MODELS = {"plain": {}, "loops_per_slot": dict(num_layers=3, xsa_last_n=3, ve_layers="2", num_loops=2, loop_start=1,
+                                               loop_end=1, parallel_start_layer=2, ttt_lora_per_slot=True)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_equals_eager_without_recompiles(backend, h, monkeypatch):
+@pytest.mark.parametrize("backend,model_kind", [("aot_eager", "plain"), ("inductor", "plain"),
+                                                ("aot_eager", "loops_per_slot")])
+def test_compiled_equals_eager_without_recompiles(backend, model_kind, h, monkeypatch):
     """Batches of 3, 3, 3, 3, 1 documents, chunks of 1-3 rows and 1-32 positions, grad on and off."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
-    h = dataclasses.replace(h, ttt_warm_start_a=True)
+    h = dataclasses.replace(h, ttt_warm_start_a=True, **MODELS[model_kind])
     val = make_val(doc_stream(h.vocab_size, LENGTHS), h.vocab_size)
     spans = tg.document_spans(val.tokens.numpy(), BOS)
     model = noisy_model(h)
@@ -83,7 +90,7 @@ def test_compiled_equals_eager_without_recompiles(backend, h, monkeypatch):
     torch._dynamo.reset()
     comp, lc = run(copy.deepcopy(model), val, spans, dataclasses.replace(h, compile=1))
     torch._dynamo.reset()
-    print(f"{backend}: graphs {counter.frame_count} eager bpb {eager.val_bpb} compiled {comp.val_bpb} "
+    print(f"{backend} {model_kind}: graphs {counter.frame_count} eager bpb {eager.val_bpb} compiled {comp.val_bpb} "
           f"max |dnll| {(lc.nll - le.nll).abs().max().item():.2e}")
     assert 2 <= counter.frame_count <= tg.LORA_TTT_MAX_GRAPHS  # grad on/off x dynamo size specialisations (measured: aot_eager 5, inductor 6)
     assert (comp.tokens, comp.bytes) == (eager.tokens, eager.bytes) and torch.equal(lc.count, le.count)
