@@ -2,7 +2,8 @@
 place give today's eager results exactly (pinned against a fresh-allocation reference of the
 pre-change code below); the compiled forward (CPU) equals eager to float rounding and does not
 recompile across batches and chunks of different shapes (measured max |nll| difference 9.5e-7
-with aot_eager, 5.3e-6 with inductor; graphs 5 and 6, bound LORA_TTT_MAX_GRAPHS = 8).
+with aot_eager, 5.3e-6 with inductor; graphs 5 and 6, bound LORA_TTT_MAX_GRAPHS = 8), also with
+per-slot adapters on a looped model (aot_eager: graphs 5, as without loops; 83 s on 2 loaded cores).
 
     python3 -m pytest -q tests/test_lora_compiled.py   # cold, 2 loaded cores: aot_eager 34-40 s, inductor 164 s
 """

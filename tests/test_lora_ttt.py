@@ -1,7 +1,8 @@
 """Batched per-document LoRA TTT and phased global TTT (frontier.md 5.3-5.5; issue 11): one forward
 for plain and adapted scoring (zero adapters are bit-identical to the plain model, for every model
-option set), every adapter live, the per-document flip test (rule A2) with warm-start A and global
-phases, a step-before-score variant that the flip test catches, the planners on a virtual clock
+option set), every adapter live, adapters per virtual slot (TTT_LORA_PER_SLOT=1: pass j of a looped
+layer uses slot j; 0 is the pre-change shared adapter bit for bit), the per-document flip test (rule
+A2) with warm-start A, global phases and per-slot adapters, a step-before-score variant that the flip test catches, the planners on a virtual clock
 with a slow first chunk/batch, and bad input.
 
 CPU only, about half a minute:
@@ -439,6 +440,7 @@ BAD = {
     "typo": (dict(PHASED_TTT_PHASES=2), "PHASED_TTT_PHASES"),
     "phase_select": (dict(PHASED_TTT_SELECT="longest"), "PHASED_TTT_SELECT"),
     "balance": (dict(TTT_BALANCE="greedy"), "TTT_BALANCE"),
+    "per_slot": (dict(TTT_LORA_PER_SLOT="2"), "TTT_LORA_PER_SLOT"),
 }
 
 
