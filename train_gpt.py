@@ -277,6 +277,7 @@ class Hyperparameters:
     ttt_k_lora: bool = True  # adapters on Q, V and the LM head always; K, O (attention out), MLP by these
     ttt_o_lora: bool = True
     ttt_mlp_lora: bool = True
+    ttt_lora_per_slot: bool = False  # 1: a looped layer's hosts get one adapter per pass (the record's 17 virtual slots); 0: shared
     ttt_compile_dynamic: bool = True  # compiled LoRA TTT forward with dynamic shapes (rows, length); 0: static
     phased_ttt_prefix_docs: int = 2500  # global SGD phases cover the first this many documents of the queue
     phased_ttt_num_phases: int = 0  # 0 = plain LoRA TTT; N = global SGD at N boundaries over the prefix
@@ -638,7 +639,8 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                      eval_mode="doc", eval_seq_len=2048, ttt_enabled=True, ttt_chunk_size=48, ttt_batch_size=64,
                      ttt_grad_steps=1, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_lora_lr=1e-4, ttt_beta1=0.0,
                      ttt_beta2=0.99, ttt_weight_decay=0.5, ttt_warm_start_a=True, ttt_k_lora=True, ttt_o_lora=True,
-                     ttt_mlp_lora=True, ttt_optimizer="adam", phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, global_ttt_lr=0.001,
+                     ttt_mlp_lora=True, ttt_lora_per_slot=True,  # the record's adapters per virtual layer (issue 19 F6)
+                     ttt_optimizer="adam", phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, global_ttt_lr=0.001,
                      global_ttt_momentum=0.9, global_ttt_epochs=1, global_ttt_chunk_tokens=32_768,
                      global_ttt_batch_seqs=32, global_ttt_grad_clip=1.0,
                      # the record run needs only the TTT score; heavy batches split over ranks (issue 19)
@@ -1443,9 +1445,10 @@ class CastedLinear(nn.Linear):
         super().__init__(d_in, d_out, bias=False)
         self.zero_init = zero_init
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, slot: int = 0) -> Tensor:
+        """slot: the pass of the layer over the looped order (the adapter's virtual slot)."""
         y = F.linear(x, self.weight.to(x.dtype))
-        return y if self.lora is None else y + self.lora(x)
+        return y if self.lora is None else y + self.lora(x, slot)
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -1481,13 +1484,13 @@ class Attention(nn.Module):
             self.attn_gate_w = nn.Parameter(torch.zeros(self.h, cfg["gate_window"]))  # the records' name
             self.gate_scale = cfg["sparse_attn_gate_scale"]
 
-    def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None = None, slot: int = 0) -> Tensor:
         B, T, _ = x.shape
-        v = self.c_v(x)
+        v = self.c_v(x, slot=slot)
         if ve is not None:
             v = v + ve
-        q = rms_norm(self.c_q(x).view(B, T, self.h, self.hd))
-        k = rms_norm(self.c_k(x).view(B, T, self.hkv, self.hd))
+        q = rms_norm(self.c_q(x, slot=slot).view(B, T, self.h, self.hd))
+        k = rms_norm(self.c_k(x, slot=slot).view(B, T, self.hkv, self.hd))
         v = v.view(B, T, self.hkv, self.hd)
         q = rotary(q, self.rope_dims, self.rope_base) * self.q_gain.to(x.dtype)[None, None, :, None]
         k = rotary(k, self.rope_dims, self.rope_base)
@@ -1499,7 +1502,7 @@ class Attention(nn.Module):
         if self.sparse_gate:
             y = sparse_attn_gate(y.reshape(B, T, self.h, self.hd), x, self.attn_gate_w, self.gate_scale)
         out = self.proj(y.reshape(B, T, self.h * self.hd))
-        return out if self.lora is None else out + self.lora(x)
+        return out if self.lora is None else out + self.lora(x, slot)
 
 
 def sparse_attn_gate(y: Tensor, x: Tensor, w: Tensor, scale: float) -> Tensor:
@@ -1520,9 +1523,9 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, cfg["model_dim"], zero_init=True)
         self.negative_slope = cfg["negative_slope"]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, slot: int = 0) -> Tensor:
         out = self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
-        return out if self.lora is None else out + self.lora(x)
+        return out if self.lora is None else out + self.lora(x, slot)
 
 
 class Block(nn.Module):
@@ -1536,22 +1539,24 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg["ln_scale"] else 1.0
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None = None, slot: int = 0) -> Tensor:
+        """slot: this pass's index among the layer's passes (its LoRA adapters' virtual slot)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve, docs)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve, docs, slot=slot)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale, slot=slot)
 
     def forward_parallel(self, lanes: tuple[Tensor, Tensor], x0: Tensor, ve: Tensor | None, docs: Tensor | None,
-                         resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
+                         resid: Tensor, post: Tensor, slot: int = 0) -> tuple[Tensor, Tensor]:
         """Two-lane parallel residual, form D (#1529/#1530 -> final): attention reads lane 0 mixed
         with x0, the MLP reads lane 1 as it is, both before this layer's update; lane k becomes
         resid[k] * lane_k + post[0, k] * attn + post[1, k] * mlp."""
         lane0, lane1 = lanes
         dt = lane0.dtype
         mix, r, p = self.resid_mix.to(dt), resid.to(dt), post.to(dt)
-        a = self.attn_scale.to(dt) * self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.norm_scale, ve, docs)
-        m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * self.norm_scale)
+        a = self.attn_scale.to(dt) * self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.norm_scale, ve, docs,
+                                               slot=slot)
+        m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * self.norm_scale, slot=slot)
         return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
 
 
@@ -1597,6 +1602,12 @@ def loop_layer_order(num_layers: int, loop_start: int, loop_end: int, num_loops:
     layer (matrices, scales, resid_mix, q_gain, LN scale); the first half is the encoder."""
     span = list(range(loop_start, loop_end + 1))
     return list(range(loop_start)) + span * (num_loops + 1) + list(range(loop_end + 1, num_layers))
+
+
+def layer_passes(order: list[int]) -> list[int]:
+    """For each position of a block order, how many times its layer ran before: the pass index
+    that picks a looped layer's LoRA adapters (TTT_LORA_PER_SLOT=1, one per virtual slot)."""
+    return [order[:j].count(i) for j, i in enumerate(order)]
 
 
 class GPT(nn.Module):
@@ -1669,13 +1680,13 @@ class GPT(nn.Module):
         masked = self.cfg["doc_masking"] and doc_mask
         docs = document_segments(ids, self.cfg["bos_id"], self.segment_len) if masked else None
         order = self.loop_order if self.looping else self.plain_order
-        num_encoder = len(order) // 2
+        num_encoder, passes = len(order) // 2, layer_passes(order)
         for j, i in enumerate(order):  # j: position in the (looped) sequence, i: physical layer
             if self.parallel_start and j >= num_encoder and i >= self.parallel_start:
-                return rms_norm(self.parallel_lanes(order[j:], j - num_encoder, x, x0, skips, ve_base, docs))
+                return rms_norm(self.parallel_lanes(order[j:], j - num_encoder, x, x0, skips, ve_base, docs, passes[j:]))
             if j >= num_encoder and skips:  # U-Net: decoder position k takes encoder output n-1-k
                 x = self.add_skip(x, j - num_encoder, skips.pop())
-            x = self.blocks[i](x, x0, self.layer_ve(i, ve_base), docs)
+            x = self.blocks[i](x, x0, self.layer_ve(i, ve_base), docs, slot=passes[j])
             if j < num_encoder:
                 skips.append(x)
         return rms_norm(x)
@@ -1693,16 +1704,16 @@ class GPT(nn.Module):
         return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[k].to(x.dtype)))
 
     def parallel_lanes(self, order: list[int], k: int, x: Tensor, x0: Tensor, skips: list[Tensor],
-                       ve_base: Tensor | None, docs: Tensor | None) -> Tensor:
-        """The decoder layers `order` (skip index k onwards) as two-lane parallel residuals (form D,
-        #1530 -> final): both lanes start at x, a remaining skip goes into lane 0 only, and the
-        output is the lanes' mean (PARALLEL_FINAL_LANE=mean)."""
+                       ve_base: Tensor | None, docs: Tensor | None, passes: list[int]) -> Tensor:
+        """The decoder layers `order` (skip index k onwards; `passes`: each one's pass index) as
+        two-lane parallel residuals (form D, #1530 -> final): both lanes start at x, a remaining
+        skip goes into lane 0 only, and the output is the lanes' mean (PARALLEL_FINAL_LANE=mean)."""
         lanes = (x, x)
-        for j, i in enumerate(order, start=k):
+        for j, (i, p) in enumerate(zip(order, passes), start=k):
             if skips:
                 lanes = (self.add_skip(lanes[0], j, skips.pop()), lanes[1])
             lanes = self.blocks[i].forward_parallel(lanes, x0, self.layer_ve(i, ve_base), docs,
-                                                    self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i])
+                                                    self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i], slot=p)
         return 0.5 * (lanes[0] + lanes[1])
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -2395,14 +2406,18 @@ def evaluate_docs(nll_fn, val: ValidationData, spans: np.ndarray, h: Hyperparame
 
 
 class BatchedLoRA:
-    """One low-rank adapter per document of a batch (PR #1530): A (n,r,in) ~ U(+-1/sqrt(in)),
-    B (n,out,r) = 0, delta(x) = (x A^T) B^T * alpha/r (PR #1767) for x (b,T,in), b <= n: the
-    first b documents. Not an nn.Module, so attaching one adds nothing to a state_dict."""
+    """One low-rank adapter per document of a batch (PR #1530) and per slot (a looped layer's
+    pass, TTT_LORA_PER_SLOT=1; else one slot): A (slots,n,r,in) ~ U(+-1/sqrt(in)) drawn slot by
+    slot, B (slots,n,out,r) = 0, delta(x, s) = (x A_s^T) B_s^T * alpha/r (PR #1767) for x (b,T,in),
+    b <= n: the first b documents; a one-slot adapter serves every pass. Stacked so the slot is a
+    constant index in a compiled graph. Not an nn.Module, so attaching one adds nothing to a state_dict."""
 
-    def __init__(self, n: int, d_in: int, d_out: int, h: Hyperparameters, gen: torch.Generator, device):
-        self.bound = 1 / math.sqrt(d_in)
-        self.A = torch.empty(n, h.ttt_lora_rank, d_in, device=device).uniform_(-self.bound, self.bound, generator=gen)
-        self.B = torch.zeros(n, d_out, h.ttt_lora_rank, device=device)
+    def __init__(self, n: int, d_in: int, d_out: int, h: Hyperparameters, gen: torch.Generator, device,
+                 slots: int = 1):
+        self.bound, self.slots = 1 / math.sqrt(d_in), slots
+        self.A = torch.empty(slots, n, h.ttt_lora_rank, d_in, device=device).uniform_(-self.bound, self.bound,
+                                                                                       generator=gen)
+        self.B = torch.zeros(slots, n, d_out, h.ttt_lora_rank, device=device)
         self.A.requires_grad_(True)
         self.B.requires_grad_(True)
         self.scale = h.ttt_lora_alpha / h.ttt_lora_rank
@@ -2415,9 +2430,9 @@ class BatchedLoRA:
             self.A.uniform_(-self.bound, self.bound, generator=gen)
         self.B.zero_()
 
-    def __call__(self, x: Tensor) -> Tensor:
-        b = x.size(0)
-        return (x @ self.A[:b].transpose(1, 2).to(x.dtype)) @ self.B[:b].transpose(1, 2).to(x.dtype) * self.scale
+    def __call__(self, x: Tensor, slot: int = 0) -> Tensor:
+        b, s = x.size(0), slot if self.slots > 1 else 0
+        return (x @ self.A[s, :b].transpose(1, 2).to(x.dtype)) @ self.B[s, :b].transpose(1, 2).to(x.dtype) * self.scale
 
 
 def lora_hosts(model: GPT, h: Hyperparameters) -> list[tuple[nn.Module, int, int]]:
@@ -2433,10 +2448,19 @@ def lora_hosts(model: GPT, h: Hyperparameters) -> list[tuple[nn.Module, int, int
     return hosts
 
 
+def lora_slots(model: GPT, h: Hyperparameters) -> list[int]:
+    """Adapter slots of each host, in lora_hosts' order: with TTT_LORA_PER_SLOT=1 on a looping
+    model, the passes of the host's layer over model.loop_order (the record's virtual layers: 17
+    slots over 11 layers at PRESET=frontier); else 1, one adapter shared by every pass."""
+    order = model.loop_order if model.looping and h.ttt_lora_per_slot else model.plain_order
+    layer = {m: i for i, block in enumerate(model.blocks) for m in block.modules()}
+    return [order.count(layer[m]) if m in layer else 1 for m, _, _ in lora_hosts(model, h)]
+
+
 def attach_lora(model: GPT, h: Hyperparameters, gen: torch.Generator, device) -> list[BatchedLoRA]:
     adapters = []
-    for module, d_in, d_out in lora_hosts(model, h):
-        module.lora = BatchedLoRA(h.ttt_batch_size, d_in, d_out, h, gen, device)
+    for (module, d_in, d_out), slots in zip(lora_hosts(model, h), lora_slots(model, h)):
+        module.lora = BatchedLoRA(h.ttt_batch_size, d_in, d_out, h, gen, device, slots)
         adapters.append(module.lora)
     return adapters
 

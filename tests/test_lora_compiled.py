@@ -2,7 +2,8 @@
 place give today's eager results exactly (pinned against a fresh-allocation reference of the
 pre-change code below); the compiled forward (CPU) equals eager to float rounding and does not
 recompile across batches and chunks of different shapes (measured max |nll| difference 9.5e-7
-with aot_eager, 5.3e-6 with inductor; graphs 5 and 6, bound LORA_TTT_MAX_GRAPHS = 8).
+with aot_eager, 5.3e-6 with inductor; graphs 5 and 6, bound LORA_TTT_MAX_GRAPHS = 8), also with
+per-slot adapters on a looped model (aot_eager: graphs 5, as without loops; 83 s on 2 loaded cores).
 
     python3 -m pytest -q tests/test_lora_compiled.py   # cold, 2 loaded cores: aot_eager 34-40 s, inductor 164 s
 """
@@ -66,15 +67,22 @@ def test_lora_ttt_compiled_follows_compile(h):
     assert got == {-1: (True, False, True), 0: (False, False, False), 1: (True, True, True)}
 
 
+# TTT_LORA_PER_SLOT=1 on a looped model (order 0,1,1,1,2, layer 2 in parallel lanes): the slot is a
+# constant index per pass in the one graph, so no graph per slot.
+MODELS = {"plain": dict(num_layers=1, xsa_last_n=1, ve_layers="0"),  # one layer: inductor's cold C++ builds scale with it
+          "loops_per_slot": dict(num_layers=3, xsa_last_n=3, ve_layers="2", num_loops=2, loop_start=1,
+                                               loop_end=1, parallel_start_layer=2, ttt_lora_per_slot=True)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["inductor"])  # aot_eager (same assertions, 34-40 s) left out for CI time
-def test_compiled_equals_eager_without_recompiles(backend, tiny_data, monkeypatch):
-    """Batches of 3, 3, 3, 3, 1 documents, chunks of 1-3 rows and 1-32 positions, grad on and off.
-    One layer: inductor's cold C++ builds dominate, and they scale with the layers."""
+@pytest.mark.parametrize("backend,model_kind", [("inductor", "plain"), ("eager", "loops_per_slot")])
+# (aot_eager on the plain model: the same assertions as inductor's, left out for CI time; the looped per-slot
+# model counts graphs with dynamo alone, its cost being the trace)
+def test_compiled_equals_eager_without_recompiles(backend, model_kind, h, monkeypatch):
+    """Batches of 3, 3, 3, 3, 1 documents, chunks of 1-3 rows and 1-32 positions, grad on and off."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
-    h = tg.Hyperparameters.from_env(doc_env(tiny_data, NUM_LAYERS="1", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1",
-                                            XSA_LAST_N="1", VE_LAYERS="0", TTT_WARM_START_A="1"))
+    h = dataclasses.replace(h, ttt_warm_start_a=True, **MODELS[model_kind])
     val = make_val(doc_stream(h.vocab_size, LENGTHS), h.vocab_size)
     spans = tg.document_spans(val.tokens.numpy(), BOS)
     model = noisy_model(h)
@@ -85,7 +93,7 @@ def test_compiled_equals_eager_without_recompiles(backend, tiny_data, monkeypatc
     torch._dynamo.reset()
     comp, lc = run(copy.deepcopy(model), val, spans, dataclasses.replace(h, compile=1))
     torch._dynamo.reset()
-    print(f"{backend}: graphs {counter.frame_count} eager bpb {eager.val_bpb} compiled {comp.val_bpb} "
+    print(f"{backend} {model_kind}: graphs {counter.frame_count} eager bpb {eager.val_bpb} compiled {comp.val_bpb} "
           f"max |dnll| {(lc.nll - le.nll).abs().max().item():.2e}")
     assert 2 <= counter.frame_count <= tg.LORA_TTT_MAX_GRAPHS  # grad on/off x dynamo size specialisations (measured: aot_eager 5, inductor 6)
     assert (comp.tokens, comp.bytes) == (eager.tokens, eager.bytes) and torch.equal(lc.count, le.count)

@@ -1,15 +1,18 @@
 """Batched per-document LoRA TTT and phased global TTT (frontier.md 5.3-5.5; issue 11): one forward
 for plain and adapted scoring (zero adapters are bit-identical to the plain model, for every model
-option set), every adapter live, the per-document flip test (rule A2) with warm-start A and global
-phases, a step-before-score variant that the flip test catches, the planners on a virtual clock
-with a slow first chunk/batch, and bad input.
+option set), every adapter live, adapters per virtual slot (TTT_LORA_PER_SLOT=1: pass j of a looped
+layer uses slot j; 0 is the pre-change shared adapter bit for bit), the per-document flip test (rule
+A2) with warm-start A, global phases and per-slot adapters, a step-before-score variant that the
+flip test catches, the planners on a virtual clock with a slow first chunk/batch, and bad input.
 
 CPU only, about half a minute:
     python3 -m pytest -q tests/test_lora_ttt.py
 """
 
+import collections
 import copy
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -46,11 +49,13 @@ MODEL_OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("per_slot", [False, True], ids=["shared", "per_slot"])
 @pytest.mark.parametrize("options", list(MODEL_OPTIONS.values()), ids=list(MODEL_OPTIONS))
-def test_zero_adapters_give_bit_identical_nll(options, h):
+def test_zero_adapters_give_bit_identical_nll(options, per_slot, h):
     """B = 0 in every adapter (Q, K, V, O, MLP, head; A random): the adapted forward is the plain
-    forward bit for bit; any non-zero B moves the NLL, so every adapter is on the live path."""
-    h = dataclasses.replace(h, **options)
+    forward bit for bit; any non-zero B moves the NLL, so every adapter is on the live path, and
+    with TTT_LORA_PER_SLOT=1 so is every slot of it."""
+    h = dataclasses.replace(h, ttt_lora_per_slot=per_slot, **options)
     model = noisy_model(h)
     ids = torch.randint(0, h.vocab_size, (h.ttt_batch_size, 2 * L + 1), generator=torch.Generator().manual_seed(3))
     x, y = ids[:, :-1], ids[:, 1:]
@@ -65,6 +70,10 @@ def test_zero_adapters_give_bit_identical_nll(options, h):
             a.B.normal_(0, 0.05)
             assert not torch.equal(model(x, y, reduction="none"), plain)
             a.B.zero_()
+            for s in range(a.slots):
+                a.B[s].normal_(0, 0.05)
+                assert not torch.equal(model(x, y, reduction="none"), plain), s
+                a.B.zero_()
     tg.detach_lora(model)
     assert all(m.lora is None for m in model.modules() if hasattr(m, "lora"))
     assert set(model.state_dict()) == set(noisy_model(h).state_dict())  # adapters never enter the state
@@ -81,12 +90,157 @@ def test_lora_knobs_choose_the_adapters(h):
 
 
 # ----------------------------------------------------------------------------------------------
+# Adapters per virtual slot (TTT_LORA_PER_SLOT=1, issue 19 F6): a looped layer's pass j uses slot j
+
+KINDS = ("c_q", "c_v", "c_k", "attn", "mlp")
+
+
+def host_kind(model, module) -> str:
+    if module is model:
+        return "head"
+    return next(n.split(".")[-1] for n, m in model.named_modules() if m is module)
+
+
+@pytest.mark.parametrize("options", ["loops", "frontier_all", "parallel"])
+def test_per_slot_adapters_count_the_virtual_layers(options, h):
+    """Slots per host kind = the virtual layers of loop_order (counted here with a Counter), the
+    head one; TTT_LORA_PER_SLOT=0 or a model not looping: one slot a host, as before."""
+    h = dataclasses.replace(h, ttt_lora_per_slot=True, **MODEL_OPTIONS[options])
+    model = noisy_model(h)
+    passes = collections.Counter(model.loop_order)
+    for looping, per_slot in ((True, True), (False, True), (True, False)):
+        model.looping = looping
+        adapters = tg.attach_lora(model, dataclasses.replace(h, ttt_lora_per_slot=per_slot),
+                                  torch.Generator().manual_seed(0), torch.device("cpu"))
+        hosts = tg.lora_hosts(model, h)
+        slots = collections.defaultdict(int)
+        for (module, _, _), a in zip(hosts, adapters):
+            slots[host_kind(model, module)] += a.slots
+            assert a.A.shape[0] == a.B.shape[0] == a.slots
+        virtual = sum(passes.values()) if looping and per_slot else h.num_layers
+        assert dict(slots) == dict({k: virtual for k in KINDS}, head=1), (looping, per_slot)
+        tg.detach_lora(model)
+
+
+def test_frontier_preset_has_the_records_86_adapters():
+    """PRESET=frontier (11 layers, 3-5 looped twice): 17 virtual layers, 1 + 5 x 17 = 86 adapters
+    (the record's count in the review, F6; 56 shared), on the meta device as PREFLIGHT=plan."""
+    h = tg.Hyperparameters.from_env({"PRESET": "frontier"})
+    with torch.device("meta"):
+        model = tg.GPT(tg.model_config(h))
+    adapters = tg.attach_lora(model, h, torch.Generator().manual_seed(0), torch.device("meta"))
+    assert len(model.loop_order) == 17 and len(adapters) == 56 and sum(a.slots for a in adapters) == 86
+    model.looping = False
+    assert tg.lora_slots(model, h) == [1] * 56
+
+
+def mlp_calls(model):
+    """Hooks recording (layer, input, output) of every MLP call in call order (= block order)."""
+    calls, hooks = [], []
+    for i, block in enumerate(model.blocks):
+        hooks.append(block.mlp.register_forward_hook(
+            lambda m, args, out, i=i: calls.append((i, args[0].detach().clone(), out.detach().clone()))))
+    return calls, hooks
+
+
+@pytest.mark.parametrize("options", ["loops", "frontier_all"])  # sequential blocks / parallel lanes
+def test_each_pass_of_a_looped_layer_uses_its_own_slot(options, h):
+    """A non-zero B in slot s of layer 1's MLP adapter only: every block before pass s of layer 1
+    is bit-identical to zero adapters, and at that pass the MLP output moves by exactly the
+    adapter delta computed here from the captured input (x A_s^T B_s^T alpha/r)."""
+    h = dataclasses.replace(h, ttt_lora_per_slot=True, **MODEL_OPTIONS[options])
+    model = noisy_model(h)
+    ids = torch.randint(0, h.vocab_size, (h.ttt_batch_size, L + 1), generator=torch.Generator().manual_seed(3))
+    x, y = ids[:, :-1], ids[:, 1:]
+    adapters = tg.attach_lora(model, h, torch.Generator().manual_seed(0), torch.device("cpu"))
+    lora = model.blocks[1].mlp.lora
+    where = [j for j, i in enumerate(model.loop_order) if i == 1]  # the passes of layer 1
+    assert lora.slots == len(where) == h.num_loops + 1 and lora in adapters
+    calls, hooks = mlp_calls(model)
+    with torch.no_grad():
+        model(x, y, reduction="none")
+        base = list(calls)
+        for s, pos in enumerate(where):
+            calls.clear()
+            lora.B[s].normal_(0, 0.5, generator=torch.Generator().manual_seed(s))
+            model(x, y, reduction="none")
+            assert [c[0] for c in calls] == [c[0] for c in base] == model.loop_order
+            for j in range(pos):
+                assert torch.equal(calls[j][2], base[j][2]), (s, j)
+            inp = base[pos][1]
+            assert torch.equal(calls[pos][1], inp)
+            delta = torch.einsum("btd,brd,bor->bto", inp, lora.A[s], lora.B[s]) * (h.ttt_lora_alpha / h.ttt_lora_rank)
+            assert delta.abs().max() > 1e-3
+            torch.testing.assert_close(calls[pos][2] - base[pos][2], delta, rtol=1e-4, atol=1e-5)
+            if pos + 1 < len(calls):
+                assert not torch.equal(calls[-1][2], base[-1][2])  # downstream of the pass moves
+            lora.B.zero_()
+    for hk in hooks:
+        hk.remove()
+    tg.detach_lora(model)
+
+
+class SharedLoRA:
+    """Today's adapter before TTT_LORA_PER_SLOT (commit 9b21680's BatchedLoRA, verbatim but for
+    the ignored slot): A (n,r,in), B (n,out,r), one per host, shared by every pass."""
+
+    def __init__(self, n, d_in, d_out, h, gen, device):
+        self.bound = 1 / math.sqrt(d_in)
+        self.A = torch.empty(n, h.ttt_lora_rank, d_in, device=device).uniform_(-self.bound, self.bound, generator=gen)
+        self.B = torch.zeros(n, d_out, h.ttt_lora_rank, device=device)
+        self.A.requires_grad_(True)
+        self.B.requires_grad_(True)
+        self.scale = h.ttt_lora_alpha / h.ttt_lora_rank
+
+    def __call__(self, x, slot=0):
+        b = x.size(0)
+        return (x @ self.A[:b].transpose(1, 2).to(x.dtype)) @ self.B[:b].transpose(1, 2).to(x.dtype) * self.scale
+
+
+def shared_reference(model, val, spans, h):
+    """LoRA TTT with SharedLoRA adapters, fresh ones and a fresh AdamW per batch (no warm start)."""
+    from doc_streams import CountingLosses
+    losses = CountingLosses(val.stream_len, RT.device)
+    model.requires_grad_(False)
+    for bi, q in enumerate(tg.ttt_queue(spans, h.ttt_batch_size)):
+        gen = torch.Generator().manual_seed(h.seed + 1_000_003 * bi)
+        adapters = []
+        for module, d_in, d_out in tg.lora_hosts(model, h):
+            module.lora = SharedLoRA(h.ttt_batch_size, d_in, d_out, h, gen, RT.device)
+            adapters.append(module.lora)
+        tg.lora_ttt_batch(model, val, spans[q], adapters, h.ttt_grad_steps, h, RT, losses)
+    tg.detach_lora(model)
+    return losses
+
+
+def test_per_slot_off_is_todays_shared_adapters_exactly(h):
+    """TTT_LORA_PER_SLOT=0 on a looped model gives the pre-change shared adapters' NLLs bit for
+    bit; 1 gives other numbers (the slots train apart); on a model without loops 0 and 1 agree."""
+    h = dataclasses.replace(h, ttt_warm_start_a=False, **MODEL_OPTIONS["frontier_all"])
+    val = make_val(doc_stream(h.vocab_size), h.vocab_size)
+    spans = tg.document_spans(val.tokens.numpy(), BOS)
+    model = noisy_model(h)
+    ref = shared_reference(copy.deepcopy(model), val, spans, h).nll.numpy()
+    _, off = run_doc(model, val, dataclasses.replace(h, ttt_lora_per_slot=False), RT, lora=True)
+    _, on = run_doc(model, val, dataclasses.replace(h, ttt_lora_per_slot=True), RT, lora=True)
+    assert off.nll.numpy().tobytes() == ref.tobytes()
+    assert on.nll.numpy().tobytes() != ref.tobytes()
+    plain = dataclasses.replace(h, num_loops=0)
+    flat = noisy_model(plain)
+    _, a = run_doc(flat, val, plain, RT, lora=True)
+    _, b = run_doc(flat, val, dataclasses.replace(plain, ttt_lora_per_slot=True), RT, lora=True)
+    assert a.nll.numpy().tobytes() == b.nll.numpy().tobytes()
+
+
+# ----------------------------------------------------------------------------------------------
 # Flip test per document (rule A2), phases and warm-start A included
 
 RT = tg.Runtime(False, 0, 1, 0, torch.device("cpu"))
 LORA_CASES = {
     "lora": dict(ttt_warm_start_a=False),
     "warmA+2phases": dict(ttt_warm_start_a=True, phased_ttt_num_phases=2),
+    "frontier_per_slot+warmA+2phases": dict(MODEL_OPTIONS["frontier_all"], ttt_lora_per_slot=True,
+                                            ttt_warm_start_a=True, phased_ttt_num_phases=2),
 }
 
 
@@ -286,6 +440,7 @@ BAD = {
     "typo": (dict(PHASED_TTT_PHASES=2), "PHASED_TTT_PHASES"),
     "phase_select": (dict(PHASED_TTT_SELECT="longest"), "PHASED_TTT_SELECT"),
     "balance": (dict(TTT_BALANCE="greedy"), "TTT_BALANCE"),
+    "per_slot": (dict(TTT_LORA_PER_SLOT="2"), "TTT_LORA_PER_SLOT"),
 }
 
 
@@ -305,7 +460,8 @@ def test_frontier_preset_is_the_records_eval():
                        ttt_beta2=0.99, ttt_weight_decay=0.5, ttt_warm_start_a=True, ttt_k_lora=True,
                        ttt_o_lora=True, ttt_mlp_lora=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3,
                        global_ttt_lr=0.001, global_ttt_momentum=0.9, global_ttt_epochs=1,
-                       global_ttt_chunk_tokens=32768, global_ttt_batch_seqs=32, global_ttt_grad_clip=1.0)
+                       global_ttt_chunk_tokens=32768, global_ttt_batch_seqs=32, global_ttt_grad_clip=1.0,
+                       ttt_lora_per_slot=True)
     assert {k: getattr(h, k) for k in expected} == expected
     assert tg.Hyperparameters.from_env({"PRESET": "tiny"}).eval_mode == "sliding"  # seed presets keep sliding
 
