@@ -162,11 +162,12 @@ def bench(a, rt: tg.Runtime, env: dict, backend: str, steps: int, warmup: int, s
             env["DATA_PATH"] = synthetic_shard(tmp, h0.vocab_size, h0.bos_id, max(tokens, 1 << 20))
         h = tg.Hyperparameters.from_env(env)
         geometry = tg.batch_geometry(h, rt)
+        attn = tg.select_attention_backend(h.attn_backend, rt.device.type)  # as run(): every rank, before the model
         if rt.is_main:
             print(f"bench_step:device={rt.device_name()} world_size={rt.world_size} preset={h.preset} "
                   f"micro_batch={geometry[0]}x{h.train_seq_len} grad_accum={geometry[1]} "
                   f"compile={int(tg.compile_enabled(h, rt))}{' backend=' + backend if backend else ''} "
-                  f"attn={tg.select_attention_backend(h.attn_backend, rt.device.type)} steps={steps} "
+                  f"attn={attn} steps={steps} "
                   f"warmup={warmup} memory={'cuda_max_allocated' if rt.is_cuda else 'cpu_peak_rss'}", flush=True)
         models: dict[str, tuple] = {}
         compiled: dict[tuple[str, bool], float] = {}  # (mode, looping) -> its first variant's warm-up seconds
