@@ -75,3 +75,12 @@ def test_compile_mode_reaches_torch_compile(hparams, runtime, monkeypatch, mode)
 def test_compile_mode_bad_value_names_the_variable():
     with pytest.raises(tg.ConfigError, match=r"^COMPILE_MODE=reduce-overhead: must be one of \('default', 'max-autotune-no-cudagraphs', 'max-autotune'\)$"):
         tg.Hyperparameters.from_env({"COMPILE_MODE": "reduce-overhead"})
+
+
+@pytest.mark.parametrize("compile_,line", [(0, "compile:off"), (1, "compile:on mode:max-autotune-no-cudagraphs")])
+def test_train_logs_the_compile_mode(hparams, runtime, capsys, compile_, line):
+    h = tg.dataclasses.replace(hparams, compile=compile_, compile_mode="max-autotune-no-cudagraphs", iterations=1,
+                               warmup_steps=0)
+    base = tg.build_model(tg.model_config(h), runtime)
+    tg.train(base, base, h, runtime)  # the model as given: only the log line reads COMPILE here
+    assert [x for x in capsys.readouterr().out.splitlines() if x.startswith("compile:")] == [line]
