@@ -17,14 +17,18 @@ on are its two graphs); each variant builds its optimizers and loader afresh. Th
 a synthetic shard (uniform random tokens, documents of 256-2048 tokens after a BOS) unless DATA_PATH
 is set. Every other hyperparameter comes from the environment as for train_gpt.py. When the elapsed
 time plus the variant's projected time (projected_s) passes the budget (--budget-s or BENCH_BUDGET_S)
-the variant is skipped, with a `bench_step:skipped` row; the last line gives the elapsed seconds. BENCH_BACKEND (e.g. aot_eager)
+the variant is skipped, with a `bench_step:skipped` row; one still running --hard-s after the start
+(default: the budget + 50 s; single process only) is aborted, with a `bench_step:aborted` row, and the rest skipped; the last line gives the elapsed seconds. BENCH_BACKEND (e.g. aot_eager)
 replaces Inductor as torch.compile's backend (the mode is then ignored: a CPU check of the path).
 """
 
 import argparse
+import contextlib
 import dataclasses
+import math
 import os
 import resource
+import signal
 import statistics
 import sys
 import tempfile
@@ -112,6 +116,29 @@ def run_variant(model, base: tg.GPT, h: tg.Hyperparameters, rt: tg.Runtime, loop
                 recompiles=graphs2 - graphs1, warm_s=warm_s, loss=float(loss))
 
 
+class HardLimit(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def hard_limit(started: float, limit_s: float):
+    """SIGALRM at `limit_s` seconds after `started` raises HardLimit in the main thread (where Python
+    next runs: a kernel or a compile in C++ finishes first). The rows already printed stay."""
+    if math.isinf(limit_s):
+        yield
+        return
+
+    def fire(signum, frame):
+        raise HardLimit
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, max(limit_s - (time.perf_counter() - started), 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def variants(h: tg.Hyperparameters, rt: tg.Runtime) -> list[tuple[str, bool, int, int]]:
     """(COMPILE_MODE, looping, LOADER_PREFETCH, MUON_SHARDED), grouped by mode (one model each)."""
     loops = (False, True) if h.num_loops else (False,)
@@ -139,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 20; tiny 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first, compile included (default 3; tiny 1)")
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 420)))
+    ap.add_argument("--hard-s", type=float, default=None,
+                    help="a variant still running this many seconds after the start is aborted (default budget + 50)")
     a = ap.parse_args(argv)
     steps, warmup = a.steps or (3 if a.tiny else 20), a.warmup or (1 if a.tiny else 3)
     started = time.perf_counter()
@@ -172,15 +201,17 @@ def bench(a, rt: tg.Runtime, env: dict, backend: str, steps: int, warmup: int, s
         models: dict[str, tuple] = {}
         compiled: dict[tuple[str, bool], float] = {}  # (mode, looping) -> its first variant's warm-up seconds
         rows = skipped = 0
+        aborted = False
         last_ms = 0.0
         for mode, looping, prefetch, sharded in variants(h, rt):
             elapsed = time.perf_counter() - started
             expected = projected_s(compiled, mode, looping, (steps + warmup) * last_ms / 1000)
-            if elapsed + expected > a.budget_s:
+            if aborted or elapsed + expected > a.budget_s:
                 skipped += 1
+                why = "a variant was aborted" if aborted else \
+                    f"elapsed {elapsed:.0f} s + projected {expected:.0f} s over the budget of {a.budget_s:.0f} s"
                 if rt.is_main:
-                    print(f"bench_step:skipped {label(mode, looping, prefetch, sharded)} (elapsed {elapsed:.0f} s "
-                          f"+ projected {expected:.0f} s over the budget of {a.budget_s:.0f} s)", flush=True)
+                    print(f"bench_step:skipped {label(mode, looping, prefetch, sharded)} ({why})", flush=True)
                 continue
             hv = dataclasses.replace(h, compile_mode=mode, loader_prefetch=prefetch, muon_sharded=bool(sharded))
             if mode not in models:
@@ -189,7 +220,17 @@ def bench(a, rt: tg.Runtime, env: dict, backend: str, steps: int, warmup: int, s
                 base = tg.build_model(tg.model_config(hv), rt)
                 base.segment_len = tg.packed_segment_len(hv)  # as train(): a constant of the graph
                 models[mode] = (tg.maybe_compile(base, hv, rt), base)
-            r = run_variant(*models[mode], hv, rt, looping, steps, warmup)
+            try:
+                hard = math.inf if rt.distributed else a.budget_s + 50 if a.hard_s is None else a.hard_s
+                with hard_limit(started, hard):  # one rank alone must not leave a collective
+                    r = run_variant(*models[mode], hv, rt, looping, steps, warmup)
+            except HardLimit:
+                skipped += 1
+                if rt.is_main:
+                    print(f"bench_step:aborted {label(mode, looping, prefetch, sharded)} (still running "
+                          f"{time.perf_counter() - started:.0f} s after the start)", flush=True)
+                aborted = True
+                continue
             compiled.setdefault((mode, looping), r["warm_s"])
             rows, last_ms = rows + 1, r["ms_per_step"]
             if rt.is_main:

@@ -95,3 +95,17 @@ def test_bench_gpu_step_tiny_compiled_aot_eager(monkeypatch, capsys):
     rows, _, _ = bench_step_rows(capsys.readouterr().out)
     assert [r["graphs"] for r in rows] == ["1", "0"] * 4
     assert all(r["graph_breaks"] == "0" and r["recompiles"] == "0" for r in rows)
+
+
+def test_bench_gpu_step_aborts_a_variant_past_the_hard_limit(capsys):
+    import bench_gpu_step as bgs
+    t0 = tg.time.perf_counter()
+    assert bgs.main(["--tiny", "--steps", "100000", "--hard-s", "1.5"]) == 0
+    assert tg.time.perf_counter() - t0 < 10
+    out = capsys.readouterr().out
+    rows, skipped, done = bench_step_rows(out)
+    aborted = [x for x in out.splitlines() if x.startswith("bench_step:aborted")]
+    assert rows == [] and len(aborted) == 1 and done["rows"] == "0" and done["skipped"] == "8"
+    assert skipped == [f"skipped {bgs.label(m, lp, p, 0)} (a variant was aborted)"
+                       for m in bgs.MODES for lp in (False, True) for p in (0, 2)][1:]
+    assert aborted[0].startswith("bench_step:aborted compile_mode=default looping=0 loader_prefetch=0 muon_sharded=0 ")
