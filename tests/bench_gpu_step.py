@@ -206,7 +206,7 @@ def bench(a, rt: tg.Runtime, env: dict, backend: str, steps: int, warmup: int, s
         for mode, looping, prefetch, sharded in variants(h, rt):
             elapsed = time.perf_counter() - started
             expected = projected_s(compiled, mode, looping, (steps + warmup) * last_ms / 1000)
-            if aborted or elapsed + expected > a.budget_s:
+            if rt.any_rank(aborted or elapsed + expected > a.budget_s):  # every rank skips the same variants
                 skipped += 1
                 why = "a variant was aborted" if aborted else \
                     f"elapsed {elapsed:.0f} s + projected {expected:.0f} s over the budget of {a.budget_s:.0f} s"
@@ -216,6 +216,7 @@ def bench(a, rt: tg.Runtime, env: dict, backend: str, steps: int, warmup: int, s
             hv = dataclasses.replace(h, compile_mode=mode, loader_prefetch=prefetch, muon_sharded=bool(sharded))
             if mode not in models:
                 models.clear()  # the previous mode's model and graphs go before the next one is built
+                base = None
                 torch.manual_seed(h.seed)
                 base = tg.build_model(tg.model_config(hv), rt)
                 base.segment_len = tg.packed_segment_len(hv)  # as train(): a constant of the graph

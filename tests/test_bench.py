@@ -109,3 +109,22 @@ def test_bench_gpu_step_aborts_a_variant_past_the_hard_limit(capsys):
     assert skipped == [f"skipped {bgs.label(m, lp, p, 0)} (a variant was aborted)"
                        for m in bgs.MODES for lp in (False, True) for p in (0, 2)][1:]
     assert aborted[0].startswith("bench_step:aborted compile_mode=default looping=0 loader_prefetch=0 muon_sharded=0 ")
+
+
+@pytest.mark.slow
+def test_bench_gpu_step_two_processes_add_muon_sharded_rows(tmp_path):
+    """Under torchrun (2 gloo processes) every variant runs with MUON_SHARDED 0 and 1, rank 0 prints
+    each row once, and both ranks skip and finish together (the run exits 0)."""
+    import subprocess
+    import sys
+    from conftest import ROOT, script_env
+    env = script_env({})
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "bench_gpu_step.py"), "--tiny", "--steps", "1"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows, skipped, done = bench_step_rows(proc.stdout)
+    assert [(r["looping"], r["loader_prefetch"], r["muon_sharded"]) for r in rows] == \
+        [(lp, p, s) for _ in range(2) for lp in ("0", "1") for p in ("0", "2") for s in ("0", "1")]
+    assert not skipped and done["rows"] == "16" and "world_size=2" in proc.stdout
+    assert all(float(r["ms_per_step"]) > 0 for r in rows)
