@@ -192,6 +192,7 @@ class Hyperparameters:
     train_log_every: int = 500
     val_loss_every: int = 0  # records' knob; only 0: no validation during training (rule C1)
     compile: int = -1  # -1 = on for CUDA only; 1 = on everywhere (CPU: inductor C++); 0 = off
+    compile_mode: str = "default"  # torch.compile mode of maybe_compile (training model, eval forwards): default | max-autotune-no-cudagraphs | max-autotune
     # optimizers
     matrix_lr: float = 0.025  # Muon, block matrices
     scalar_lr: float = 0.025  # AdamW, gains/mixes/small projections
@@ -369,7 +370,7 @@ class Hyperparameters:
         need(self.phased_ttt_num_phases <= self.phased_ttt_prefix_docs, "PHASED_TTT_NUM_PHASES",
              f"must be <= PHASED_TTT_PREFIX_DOCS={self.phased_ttt_prefix_docs}: each phase needs a document")
         for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", tuple(TRAIN_LOADERS)),
-                             ("GRAD_CLIP_MODE", ("averaged", "local")),
+                             ("GRAD_CLIP_MODE", ("averaged", "local")), ("COMPILE_MODE", COMPILE_MODES),
                              ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")), ("PRESET", ("", *PRESETS)),
                              ("PARALLEL_FINAL_LANE", ("mean",)),
                              ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
@@ -1735,15 +1736,26 @@ def build_model(cfg: dict, rt: Runtime) -> GPT:
     return GPT(cfg, rt.compute_dtype).to(rt.device)
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
+
+
 def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
     """COMPILE=-1 (default): on CUDA only, CPU runs eagerly (interface.md); 1 forces it on CPU too
     (inductor's C++ backend: slow to build, used to test the compiled path); 0: off."""
     return h.compile > 0 or (h.compile < 0 and rt.is_cuda)
 
 
+def compile_kwargs(h: Hyperparameters) -> dict:
+    """maybe_compile's torch.compile arguments. COMPILE_MODE=default passes no mode (the call as it
+    always was); max-autotune-no-cudagraphs: Inductor's Triton matmul templates, whose epilogue can
+    take the LeakyReLU^2 (issue 16 item 3); max-autotune adds CUDA graphs."""
+    mode = {} if h.compile_mode == "default" else dict(mode=h.compile_mode)
+    return dict(dynamic=False, fullgraph=True, **mode)
+
+
 def maybe_compile(module, h: Hyperparameters, rt: Runtime):
     if compile_enabled(h, rt):
-        return torch.compile(module, dynamic=False, fullgraph=True)
+        return torch.compile(module, **compile_kwargs(h))
     return module
 
 
@@ -3644,6 +3656,7 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
     base_model.segment_len = packed_segment_len(h)  # before compiling: a constant of the graph
     log(f"model_params:{sum(p.numel() for p in params)} micro_batch_seqs:{geometry[0]} grad_accum_steps:{geometry[1]} "
         f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len}")
+    log(f"compile:{'on mode:' + h.compile_mode if compile_enabled(h, rt) else 'off'}")
     if h.warmup_steps > 0:
         warm_up(model, opts, base_model, h, rt, geometry, params)
     loader = make_train_loader(h, rt)

@@ -55,3 +55,32 @@ def test_inductor_on_cpu_matches_eager_without_breaks_or_recompiles(tiny_data, r
     assert nll_c == pytest.approx(nll_e, rel=1e-4)
     assert (comp.ttt.tokens, comp.ttt.bytes) == (eager.ttt.tokens, eager.ttt.bytes)
     assert comp.ttt.val_bpb == pytest.approx(eager.ttt.val_bpb, rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", tg.COMPILE_MODES)
+def test_compile_mode_reaches_torch_compile(hparams, runtime, monkeypatch, mode):
+    """COMPILE_MODE (issue 16 item 3): maybe_compile passes it as torch.compile's mode; default
+    passes exactly the call it always made (no mode), so the default run is unchanged."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: calls.append((module, kw)) or module)
+    h = tg.Hyperparameters.from_env({"PRESET": "tiny", "COMPILE": "1", "COMPILE_MODE": mode})
+    assert h.compile_mode == mode and tg.Hyperparameters.from_env({}).compile_mode == "default"
+    module = torch.nn.Identity()
+    assert tg.maybe_compile(module, h, runtime) is module
+    assert tg.maybe_compile(module, tg.dataclasses.replace(h, compile=0), runtime) is module  # off: no call
+    expected = dict(dynamic=False, fullgraph=True) if mode == "default" else dict(dynamic=False, fullgraph=True, mode=mode)
+    assert calls == [(module, expected)]
+
+
+def test_compile_mode_bad_value_names_the_variable():
+    with pytest.raises(tg.ConfigError, match=r"^COMPILE_MODE=reduce-overhead: must be one of \('default', 'max-autotune-no-cudagraphs', 'max-autotune'\)$"):
+        tg.Hyperparameters.from_env({"COMPILE_MODE": "reduce-overhead"})
+
+
+@pytest.mark.parametrize("compile_,line", [(0, "compile:off"), (1, "compile:on mode:max-autotune-no-cudagraphs")])
+def test_train_logs_the_compile_mode(hparams, runtime, capsys, compile_, line):
+    h = tg.dataclasses.replace(hparams, compile=compile_, compile_mode="max-autotune-no-cudagraphs", iterations=1,
+                               warmup_steps=0)
+    base = tg.build_model(tg.model_config(h), runtime)
+    tg.train(base, base, h, runtime)  # the model as given: only the log line reads COMPILE here
+    assert [x for x in capsys.readouterr().out.splitlines() if x.startswith("compile:")] == [line]
