@@ -120,3 +120,16 @@ def run_script(env: dict, cwd: Path, nproc: int = 1, timeout: int = 300) -> subp
     cmd = [sys.executable, script] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
     return subprocess.run(cmd, cwd=cwd, env=script_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def end_worker(rt, code: int = 0):
+    """End a test's hand-spawned gloo rank as the script's __main__ ends one: all ranks meet, the
+    group is torn down, output flushed, then os._exit, because gloo can still abort ("terminate
+    called without an active exception", exit -6) in C++ static teardown at interpreter exit."""
+    import torch.distributed as dist
+    rt.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

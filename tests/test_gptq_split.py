@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import end_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 # frontier-like quantization on PRESET=tiny: every GPTQ'd kind and LQER (rank 0 alone) in the artifact
@@ -61,8 +62,7 @@ def worker(out_dir: str):
     os.chdir(cwd)
     tg.serialize(model, hessians, h, rt)
     (cwd / "gptq_names.txt").write_text("\n".join(done))
-    rt.barrier()  # both ranks done before the group is torn down (gloo aborts a rank that exits early)
-    torch.distributed.destroy_process_group()
+    end_worker(rt)
 
 
 def free_port() -> int:

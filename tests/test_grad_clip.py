@@ -68,6 +68,8 @@ import json, sys, train_gpt as tg
 from test_grad_clip import one_step
 rt = tg.setup_runtime("cpu")
 print("RESULT " + json.dumps({m: one_step(m, rt) for m in ("averaged", "local")}))
+from conftest import end_worker
+end_worker(rt)
 """
 
 

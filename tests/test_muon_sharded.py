@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import end_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 # 3 layers: banks of 3 matrices on 2 ranks, so each bank has a padded slot and a short chunk
@@ -80,6 +81,7 @@ def worker(out: str):
         h = tg.Hyperparameters.from_env({**ENV, "MUON_SHARDED": sharded, "GRAD_CLIP_NORM": clip})
         results[sharded, clip, steps] = train(h, rt, steps)
     torch.save(results, Path(out) / f"rank{rt.rank}.pt")
+    end_worker(rt)
 
 
 def free_port() -> int:
