@@ -605,6 +605,7 @@ def _parse_env(var: str, raw: str, kind: type) -> typing.Any:
 
 # The real-text sample shipped with the repo (tests/data/README.md): PRESET=tiny's data, found from the script's folder.
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data")
+PLAN_LENGTHS_NAME = "plan_train_doc_lengths.npy"  # a data folder's document lengths for PREFLIGHT=plan (uint32)
 PRESETS: dict[str, dict[str, typing.Any]] = {
     "tiny": dict(data_path=os.path.join(SAMPLE_DIR, "sp1024"),
                  tokenizer_path=os.path.join(SAMPLE_DIR, "fineweb_1024_bpe.model"), vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
@@ -4431,11 +4432,31 @@ def global_rows_per_forward(spans: np.ndarray, plan: LoraSchedule, h: Hyperparam
     return min(most, h.global_ttt_batch_seqs)
 
 
+def plan_sample_data(h: Hyperparameters) -> tuple[Hyperparameters, str]:
+    """PREFLIGHT=plan reads no real data but document lengths: when DATA_PATH has no train shard or
+    TOKENIZER_PATH no file (a fresh clone), the shipped sample of the same vocabulary stands in, with
+    a log line saying so. Any other run, or no sample of that vocabulary: unchanged (the usual error)."""
+    data = os.path.join(SAMPLE_DIR, f"sp{h.vocab_size}")
+    tokenizer = os.path.join(SAMPLE_DIR, f"fineweb_{h.vocab_size}_bpe.model")
+    if (h.preflight != "plan" or h.caseops_enabled or (glob.glob(h.train_files) and os.path.isfile(h.tokenizer_path))
+            or not (os.path.isdir(data) and os.path.isfile(tokenizer))):
+        return h, ""
+    note = (f"preflight:plan data: DATA_PATH={h.data_path} / TOKENIZER_PATH={h.tokenizer_path} not found: "
+            f"modelled with the shipped sample {data} (document lengths only)")
+    return dataclasses.replace(h, data_path=data, tokenizer_path=tokenizer), note
+
+
 def plan_documents(h: Hyperparameters) -> np.ndarray:
-    """Spans of a FineWeb-like validation set built from the first TRAIN shard's BOS spans (never a
-    validation token): its document lengths in order, cycled to PREFLIGHT_VAL_DOCS documents and
-    scaled to PREFLIGHT_VAL_TOKENS tokens in all (default: the real sp8192 validation set's size)."""
-    lengths = document_spans(np.asarray(read_shard(shard_paths(h.train_files)[0])), h.bos_id)[:, 1]
+    """Spans of a FineWeb-like validation set built from training document lengths (never a
+    validation token): DATA_PATH's PLAN_LENGTHS_NAME where it ships one (the sample: the whole
+    stand-in train shard's), else the first train shard's BOS spans; in order, cycled to
+    PREFLIGHT_VAL_DOCS documents and scaled to PREFLIGHT_VAL_TOKENS tokens in all (default: the
+    real sp8192 validation set's size)."""
+    shipped = os.path.join(h.data_path, PLAN_LENGTHS_NAME)
+    source = shipped if os.path.isfile(shipped) else shard_paths(h.train_files)[0]
+    lengths = (np.load(shipped).astype(np.int64) if source == shipped
+               else document_spans(np.asarray(read_shard(source)), h.bos_id)[:, 1])
+    log(f"preflight:plan document lengths: {source} ({len(lengths)} documents, {int(lengths.sum())} tokens)")
     n = np.resize(lengths, h.preflight_val_docs).astype(np.float64)
     n = np.maximum(np.round(n * h.preflight_val_tokens / n.sum()), 2).astype(np.int64)
     return np.stack((np.cumsum(n) - n, n), axis=1)
@@ -4626,7 +4647,7 @@ def preflight_plan(h: Hyperparameters):
     preflight_plan_rows for PREFLIGHT_WORLD_SIZE ranks, printed and written as JSON; NoGo if a
     limit would break."""
     log(f"preflight:plan world_size:{h.preflight_world_size} gpu_gib:{h.preflight_gpu_gib} (full-size model on "
-        f"the meta device; {h.preflight_val_docs} documents from the train shard's BOS spans scaled to "
+        f"the meta device; {h.preflight_val_docs} documents from training document lengths scaled to "
         f"{h.preflight_val_tokens} tokens)")
     spans = plan_documents(h)
     preflight_verdict(h, preflight_plan_rows(h, spans, lora_schedule(spans, h, h.preflight_world_size)))
@@ -4639,6 +4660,8 @@ def artifact_sizes(path: str) -> dict:
 
 
 def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Sequence[str] = ()):
+    h, plan_note = plan_sample_data(h)
+    alias_lines = [*alias_lines, plan_note] if plan_note else alias_lines
     sp = load_tokenizer(h)  # before any file is written: a VOCAB_SIZE mismatch leaves nothing behind
     check_caseops_tokenizer(h, sp)
     if h.caseops_enabled:

@@ -45,6 +45,12 @@ def main(argv=None) -> int:
             cut = first_documents(np.asarray(tg.read_shard(str(src / f"standin_sp{vocab}" / name))), n)
             tg.write_shard(str(out / f"sp{vocab}" / name), cut)
             print(f"sp{vocab}/{name}: {n} documents, {cut.size} tokens")
+    # PREFLIGHT=plan's document lengths (train_gpt.PLAN_LENGTHS_NAME): the whole stand-in train shard's,
+    # a FineWeb-like distribution the 60-document cut is too small to give (no token ships, only lengths)
+    train = np.asarray(tg.read_shard(str(src / "standin_sp8192" / "fineweb_train_000000.bin")))
+    lengths = tg.document_spans(train, 1)[:, 1].astype(np.uint32)
+    np.save(out / "sp8192" / tg.PLAN_LENGTHS_NAME, lengths)
+    print(f"sp8192/{tg.PLAN_LENGTHS_NAME}: {len(lengths)} document lengths, {int(lengths.sum())} tokens")
     return 0
 
 

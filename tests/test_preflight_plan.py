@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import SHARED_DATA, tiny_env
+from conftest import SAMPLE_SHARDS, SAMPLE_TOKENIZER, SHARED_DATA, tiny_env
 
-SP8192 = SHARED_DATA / "standin_sp8192"
-SP8192_TOKENIZER = SHARED_DATA / "tokenizers" / "fineweb_8192_bpe.model"
-needs_sp8192 = pytest.mark.skipif(not (SP8192.is_dir() and SP8192_TOKENIZER.is_file()),
-                                  reason="needs ../shared/data/standin_sp8192 and the sp8192 tokenizer")
+# The shipped sp8192 sample: its PLAN_LENGTHS_NAME holds the stand-in train shard's 2,677 document
+# lengths (tests/make_sample_data.py), so the full-size plans below run in any clone.
+SP8192 = SAMPLE_SHARDS[8192]
+SP8192_TOKENIZER = SAMPLE_TOKENIZER[8192]
+needs_sp8192 = pytest.mark.skipif(not (SP8192 / tg.PLAN_LENGTHS_NAME).is_file(), reason="needs the shipped sample")
 PLAN_ROWS = ["memory: train micro-batch", "memory: LoRA TTT chunk", "memory: global TTT step",
              "varlen sequences per call", "varlen calls on single-document rows", "eval seconds (projected)"]
 
@@ -331,3 +332,25 @@ def test_preflight_doc_mode_runs_the_real_eval_phases_on_training_tokens(tiny_da
     row = {r["name"]: r for r in table["rows"]}["eval + post-train"]
     assert "doc windows" in row["value"] and "lora ttt" in row["value"] and "global phases" in row["value"]
     assert table["verdict"] == ("NO-GO" if any(r["status"] == "NO-GO" for r in table["rows"]) else "GO")
+
+
+@pytest.mark.slow
+def test_bare_frontier_plan_in_a_fresh_clone_models_the_shipped_lengths(tmp_path, monkeypatch, capsys):
+    """`PRESET=frontier PREFLIGHT=plan python3 train_gpt.py` with no data in the working directory:
+    the shipped sample stands in (logged), its lengths file is what the plan reads (the same 2,677
+    lengths as the stand-in train shard, when ../shared has it), and the verdict is GO."""
+    monkeypatch.chdir(tmp_path)
+    assert tg.main({"PRESET": "frontier", "PREFLIGHT": "plan", "RUN_ID": "bare"}) == 0
+    log = (tmp_path / "logs" / "bare.txt").read_text()
+    assert f"modelled with the shipped sample {SP8192}" in log and "hparam:data_path=" + repr(str(SP8192)) in log
+    assert f"preflight:plan document lengths: {SP8192 / tg.PLAN_LENGTHS_NAME} (2677 documents, 4723868 tokens)" in log
+    table = json.loads((tmp_path / "logs" / "bare.preflight.json").read_text())
+    assert table["verdict"] == "GO"
+    standin = SHARED_DATA / "standin_sp8192" / "fineweb_train_000000.bin"
+    if standin.is_file():  # the shipped lengths are the stand-in shard's, exactly
+        lengths = tg.document_spans(np.asarray(tg.read_shard(str(standin))), 1)[:, 1]
+        assert np.array_equal(np.load(SP8192 / tg.PLAN_LENGTHS_NAME), lengths)
+    h = tg.Hyperparameters.from_env({"PRESET": "frontier", "PREFLIGHT": "plan", "DATA_PATH": "/nonexistent"})
+    assert tg.plan_sample_data(h)[0].data_path == str(SP8192)
+    other, note = tg.plan_sample_data(tg.dataclasses.replace(h, preflight="0"))
+    assert (other.data_path, note) == ("/nonexistent", "")  # only the plan falls back; a run gets its error
