@@ -2814,15 +2814,16 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     steps, paces, token_s, plan_changes, phases_run, steps_used = h.ttt_grad_steps, [], None, 0, 0, []
     if deadline is not None:  # before any batch: the whole schedule at the prior (record) pace
-        steps, projected = lora_prior_steps(h, spans, plan, rt.world_size, deadline - clock())
+        steps, projected = lora_prior_steps(h, spans, plan, rt.world_size, deadline - clock(), rt)
         log(f"ttt:plan prior grad_steps:{h.ttt_grad_steps}->{steps} projected:{projected:.1f}s "
-            f"time_left:{deadline - clock():.1f}s (record rates, {'compiled' if lora_ttt_compiled(h) else 'eager'})")
+            f"time_left:{deadline - clock():.1f}s (record rates, {'compiled' if lora_ttt_compiled(h, rt) else 'eager'})")
         plan_changes += steps != h.ttt_grad_steps
     pace = None
     model.requires_grad_(False)
     # Allocated once at TTT_BATCH_SIZE rows and re-initialised in place per batch (A from the same
     # seeded draws a fresh attach_lora would make, B and the AdamW state zero): tensor identities
     # and shapes never change, so the compiled forward never recompiles for a new batch.
+    progress_every = max(1, sum(map(len, mine)) // 10)  # a ttt_batch: line about every 10% of this rank's batches
     adapters = attach_lora(model, h, torch.Generator(rt.device).manual_seed(0), rt.device)
     opt, forward = lora_optimizer(adapters, h), lora_forward(model, h, rt)
     try:
@@ -2845,7 +2846,7 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
                         log(f"ttt:plan rank:{rt.rank} batch:{bi + 1}/{len(queue)} grad_steps:{steps}->{planned} "
                             f"pace:{pace * 1e6:.3f}us/token time_left:{deadline - clock():.1f}s")
                         steps, plan_changes = planned, plan_changes + 1
-                if rt.is_main and len(steps_used) % max(1, sum(map(len, mine)) // 10) == 0:  # about every 10%
+                if rt.is_main and len(steps_used) % progress_every == 0:
                     tot = sums.tolist()
                     log(f"ttt_batch:{bi + 1}/{len(queue)} grad_steps:{steps} time:{clock() - t0:.1f}s "
                         f"rank0_bpb:{EvalResult(tot[0], int(tot[1]), int(tot[2])).val_bpb:.6f}")
@@ -3882,8 +3883,7 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
     # EVAL_BUDGET_SECONDS=0: no budget, nothing is cut (a CPU reproduction gives the same numbers anywhere)
     deadline = t0 + eval_deadline_seconds(h) - spent_s if h.eval_budget_seconds > 0 else None
     run_phases, skipped = eval_phases_run(h), eval_phases_skipped(h)
-    if "prequant" in run_phases and prequant_model is None:
-        raise ConfigError(f"EVAL_PHASES={h.eval_phases}: prequant needs the trained weights (not with EVAL_ARTIFACT)")
+    assert "prequant" not in run_phases or prequant_model is not None  # __post_init__ rejects it with EVAL_ARTIFACT
     val = load_validation(h, sp, rt, max(h.train_seq_len, h.eval_seq_len)).to(rt.device)
     log(f"val_tokens:{len(val.tokens) - 1} val_stream_tokens:{val.stream_len}")
     log(f"eval:phases run:{','.join(run_phases)} skipped:{','.join(skipped) or 'none'} (EVAL_PHASES={h.eval_phases})")
@@ -4462,8 +4462,6 @@ def plan_documents(h: Hyperparameters) -> np.ndarray:
     return np.stack((np.cumsum(n) - n, n), axis=1)
 
 
-
-
 def phase_tokens_run(spans: np.ndarray, plan: LoraSchedule, h: Hyperparameters) -> int:
     """Tokens the global phases train on, every epoch, counting only phases with batches after them."""
     return h.global_ttt_epochs * sum(int(spans[d, 1].sum()) for p, d in enumerate(plan.phase_docs)
@@ -4481,25 +4479,27 @@ def gptq_split_share(h: Hyperparameters, world_size: int) -> float:
     shapes = {n: tuple(t.shape) for n, t in state.items() if quant_kind(n, t, spec) == "gptq"}
     loads = gptq_rank_loads(shapes, gptq_assignment(shapes, world_size), world_size)
     return max(loads) / sum(loads)
-def lora_prior_pace(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule) -> list[float]:
+
+
+def lora_prior_pace(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, rt: Runtime | None = None) -> list[float]:
     """Each queue batch's seconds per token-position of work at zero grad steps on an H100, from the
     record's logged rates (RECORD_LORA_LONG/SHORT_TOKENS_PER_S, measured at RECORD_LORA_GRAD_STEPS;
     the planner's STEP_COST model), times EAGER_TTT_FACTOR unless the LoRA path is compiled: the
     pace of plan_eval_seconds and of the LoRA planner's choice before its first batch."""
-    eager = 1.0 if lora_ttt_compiled(h) else EAGER_TTT_FACTOR
+    eager = 1.0 if lora_ttt_compiled(h, rt) else EAGER_TTT_FACTOR  # rt: as this device runs it; None: the plan's H100
     per_step = eager / (1 + STEP_COST * RECORD_LORA_GRAD_STEPS)
     return [per_step / (RECORD_LORA_LONG_TOKENS_PER_S if spans[q, 1].max() >= h.eval_seq_len
                         else RECORD_LORA_SHORT_TOKENS_PER_S) for q in plan.queue]
 
 
 def lora_prior_steps(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, world_size: int,
-                     time_left_s: float) -> tuple[int, float]:
+                     time_left_s: float, rt: Runtime | None = None) -> tuple[int, float]:
     """(grad steps, projected seconds at them) chosen before the first batch: the most (<=
     TTT_GRAD_STEPS) with which the whole schedule fits the time left at the prior pace
     (lora_prior_pace on the critical path, the LoRA compile when compiled, the global phases at
     RECORD_GLOBAL_TOKENS_PER_S), so that the deadline is never at risk before a pace is measured."""
-    base = schedule_critical_seconds(plan, [w * p for w, p in zip(plan.work, lora_prior_pace(h, spans, plan))])
-    fixed = (base + RECORD_TTT_COMPILE_S * lora_ttt_compiled(h)
+    base = schedule_critical_seconds(plan, [w * p for w, p in zip(plan.work, lora_prior_pace(h, spans, plan, rt))])
+    fixed = (base + RECORD_TTT_COMPILE_S * lora_ttt_compiled(h, rt)
              + phase_tokens_run(spans, plan, h) / (RECORD_GLOBAL_TOKENS_PER_S * world_size))
     steps = most_that_fits(h.ttt_grad_steps, fixed, base * STEP_COST, time_left_s)
     return steps, fixed + steps * base * STEP_COST
@@ -4758,12 +4758,16 @@ def main(env: typing.Mapping[str, str] = os.environ, started: float | None = Non
     return 0
 
 
-if __name__ == "__main__":
-    code = main(started=process_start())
+def exit_process(code: int):
+    """Exit with `code`. Under torchrun (WORLD_SIZE > 1) by os._exit after flushing: after a clean
+    destroy_process_group, gloo can still abort in C++ static teardown at interpreter exit (seen
+    about 1 run in 8 here). Everything is written and flushed by then."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # After a clean destroy_process_group, gloo can still abort in C++ static teardown at
-        # interpreter exit (seen about 1 run in 8 here). Everything is written and flushed by now.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    exit_process(main(started=process_start()))

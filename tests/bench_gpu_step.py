@@ -247,11 +247,7 @@ def bench(a, rt: tg.Runtime, env: dict, backend: str, steps: int, warmup: int, s
 
 if __name__ == "__main__":
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # as train_gpt.py's __main__: gloo may abort at exit
-        if tg.dist.is_initialized():
-            tg.dist.barrier()
-            tg.dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    if tg.dist.is_initialized():  # as train_gpt.py's main(): all ranks meet, then the group goes
+        tg.dist.barrier()
+        tg.dist.destroy_process_group()
+    tg.exit_process(code)

@@ -123,13 +123,10 @@ def run_script(env: dict, cwd: Path, nproc: int = 1, timeout: int = 300) -> subp
 
 
 def end_worker(rt, code: int = 0):
-    """End a test's hand-spawned gloo rank as the script's __main__ ends one: all ranks meet, the
-    group is torn down, output flushed, then os._exit, because gloo can still abort ("terminate
-    called without an active exception", exit -6) in C++ static teardown at interpreter exit."""
+    """End a test's hand-spawned gloo rank as the script's main() and __main__ end one: all ranks
+    meet, the group is torn down, then tg.exit_process (gloo can abort in C++ static teardown)."""
     import torch.distributed as dist
     rt.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    tg.exit_process(code)

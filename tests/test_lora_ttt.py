@@ -545,3 +545,18 @@ def test_phase_documents_are_the_b_shortest_scored_or_the_prefix():
         assert old.phase_docs[p].tolist() == order[:b]
         fewer = int(spans[plan.phase_docs[p], 1].sum()) < int(spans[old.phase_docs[p], 1].sum())
         assert fewer == (p < 2)  # the last pause has scored about the prefix itself: the same set
+
+
+def test_lora_prior_pace_follows_the_device_that_runs_it(h):
+    """COMPILE=-1 (on for CUDA only): the plan's H100 (rt=None) is compiled, this CPU run is eager, so
+    the run's prior pace is EAGER_TTT_FACTOR x the plan's and its prior adds no compile warm-up."""
+    h = dataclasses.replace(h, compile=-1, ttt_batch_size=2, phased_ttt_num_phases=0)
+    val = make_val(doc_stream(h.vocab_size), h.vocab_size)
+    spans = tg.document_spans(val.tokens.numpy(), BOS)
+    plan = tg.lora_schedule(spans, h, 1)
+    plan_pace, cpu_pace = tg.lora_prior_pace(h, spans, plan), tg.lora_prior_pace(h, spans, plan, RT)
+    assert cpu_pace == pytest.approx([p * tg.EAGER_TTT_FACTOR for p in plan_pace])
+    big = 1e9  # every step fits: projected = the fixed part + all steps
+    _, on_h100 = tg.lora_prior_steps(h, spans, plan, 1, big)
+    _, on_cpu = tg.lora_prior_steps(h, spans, plan, 1, big, RT)
+    assert on_h100 - tg.RECORD_TTT_COMPILE_S == pytest.approx(on_cpu / tg.EAGER_TTT_FACTOR)
