@@ -750,13 +750,22 @@ class Runtime:
         so it is asynchronous: a copy from pageable memory would wait for the GPU's queue to drain."""
         return self.host_to_device(self.pin_host(tokens))
 
+    def pinned(self, a: np.ndarray) -> Tensor:
+        """A host array as a tensor, in pinned memory on CUDA (an asynchronous copy's source)."""
+        t = torch.from_numpy(a)
+        return t.pin_memory() if self.is_cuda else t
+
     def pin_host(self, tokens: np.ndarray) -> Tensor:
         """The host half of to_device (safe on a loader thread): int32, pinned on CUDA."""
-        t = torch.from_numpy(tokens.astype(np.int32))
-        return t.pin_memory() if self.is_cuda else t
+        return self.pinned(tokens.astype(np.int32))
 
     def host_to_device(self, t: Tensor) -> Tensor:
         return (t.to(self.device, non_blocking=True) if self.is_cuda else t).long()
+
+    def array_to_device(self, a: np.ndarray) -> Tensor:
+        """One host array to the device as it is: pinned and non-blocking on CUDA (the caching host
+        allocator keeps the pinned block until the copy is done), a plain view on CPU."""
+        return self.pinned(a).to(self.device, non_blocking=True)
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if it is true on any; single process: no collective, no device sync."""
@@ -2516,13 +2525,6 @@ def lora_forward(model: GPT, h: Hyperparameters, rt: Runtime):
     return torch.compile(fwd, dynamic=bool(h.ttt_compile_dynamic), fullgraph=True)
 
 
-def host_to_device(a: np.ndarray, rt: Runtime) -> Tensor:
-    """One host array to the device: pinned and non-blocking on CUDA (the caching host allocator
-    keeps the pinned block until the copy is done), a plain view on CPU."""
-    t = torch.from_numpy(a)
-    return t.pin_memory().to(rt.device, non_blocking=True) if rt.is_cuda else t.to(rt.device)
-
-
 def detach_lora(model: GPT):
     for module in model.modules():
         if "lora" in vars(module):
@@ -2589,7 +2591,7 @@ def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters:
     for ci in range(-(-int(spans[:, 1].max()) // h.ttt_chunk_size)):
         start, length, first, weight = chunk_rows(spans, ci, h.ttt_chunk_size, h.eval_seq_len)
         pad = max(least - len(start), 0)  # padding rows: length 0, nothing valid, weight 0
-        rows = host_to_device(np.stack([np.pad(v.astype(np.float64), (0, pad)) for v in (start, length, first, weight)]), rt)
+        rows = rt.array_to_device(np.stack([np.pad(v.astype(np.float64), (0, pad)) for v in (start, length, first, weight)]))
         pos = torch.arange(max(int(length.max()), least), device=rt.device)
         idx = rows[0].long()[:, None] + pos
         valid = pos < rows[1].long()[:, None]
