@@ -684,15 +684,55 @@ PRESET_NOTES = {
 }
 
 
-def model_config(h: Hyperparameters) -> dict:
-    """The shape of the network: stored in the artifact so that it reloads on its own."""
-    keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-            "negative_slope", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap",
-            "tied_embed_init_std", "ln_scale", "xsa_last_n", "bigram_vocab_size", "bigram_dim",
-            "ve_layers", "ve_dim", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
-            "parallel_start_layer", "doc_masking", "bos_id", "smear_gate_enabled", "gate_window",
-            "sparse_attn_gate_enabled", "sparse_attn_gate_scale", "sparse_attn_gate_init_std")
-    return {k: getattr(h, k) for k in keys}
+class View:
+    """A frozen subset of Hyperparameters' fields, by the same names and types: what one part of
+    the run reads (issue 17). Built by name from the one flat config, never given defaults of its own."""
+
+    @classmethod
+    def of(cls, h: Hyperparameters):
+        return cls(**{f.name: getattr(h, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class ModelConfig(View):
+    """The shape of the network: stored in the artifact (as_dict) so that it reloads on its own."""
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_mult: float
+    negative_slope: float
+    rope_dims: int
+    rope_base: float
+    qk_gain_init: float
+    logit_softcap: float
+    tied_embed_init_std: float
+    ln_scale: bool
+    xsa_last_n: int
+    bigram_vocab_size: int
+    bigram_dim: int
+    ve_layers: str
+    ve_dim: int
+    skip_gates_enabled: bool
+    num_loops: int
+    loop_start: int
+    loop_end: int
+    parallel_start_layer: int
+    doc_masking: bool
+    bos_id: int
+    smear_gate_enabled: bool
+    gate_window: int
+    sparse_attn_gate_enabled: bool
+    sparse_attn_gate_scale: float
+    sparse_attn_gate_init_std: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1480,20 +1520,20 @@ def rotary(x: Tensor, rope_dims: int, base: float) -> Tensor:
 class Attention(nn.Module):
     lora = None  # the records' "O" adapter: normed block input -> added after the out-projection
 
-    def __init__(self, cfg: dict, xsa: bool):
+    def __init__(self, cfg: ModelConfig, xsa: bool):
         super().__init__()
-        d, self.h, self.hkv = cfg["model_dim"], cfg["num_heads"], cfg["num_kv_heads"]
+        d, self.h, self.hkv = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads
         self.hd = d // self.h
         self.c_q = CastedLinear(d, d)
         self.c_k = CastedLinear(d, self.hkv * self.hd)
         self.c_v = CastedLinear(d, self.hkv * self.hd)
         self.proj = CastedLinear(d, d, zero_init=True)
-        self.q_gain = nn.Parameter(torch.full((self.h,), float(cfg["qk_gain_init"])))
-        self.rope_dims, self.rope_base, self.xsa = cfg["rope_dims"], cfg["rope_base"], xsa
-        self.sparse_gate = cfg["sparse_attn_gate_enabled"]
+        self.q_gain = nn.Parameter(torch.full((self.h,), float(cfg.qk_gain_init)))
+        self.rope_dims, self.rope_base, self.xsa = cfg.rope_dims, cfg.rope_base, xsa
+        self.sparse_gate = cfg.sparse_attn_gate_enabled
         if self.sparse_gate:
-            self.attn_gate_w = nn.Parameter(torch.zeros(self.h, cfg["gate_window"]))  # the records' name
-            self.gate_scale = cfg["sparse_attn_gate_scale"]
+            self.attn_gate_w = nn.Parameter(torch.zeros(self.h, cfg.gate_window))  # the records' name
+            self.gate_scale = cfg.sparse_attn_gate_scale
 
     def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None = None, slot: int = 0) -> Tensor:
         B, T, _ = x.shape
@@ -1527,12 +1567,12 @@ def sparse_attn_gate(y: Tensor, x: Tensor, w: Tensor, scale: float) -> Tensor:
 class MLP(nn.Module):
     lora = None  # normed block input -> added to the MLP output
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = int(cfg["mlp_mult"] * cfg["model_dim"])
-        self.fc = CastedLinear(cfg["model_dim"], hidden)
-        self.proj = CastedLinear(hidden, cfg["model_dim"], zero_init=True)
-        self.negative_slope = cfg["negative_slope"]
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.fc = CastedLinear(cfg.model_dim, hidden)
+        self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
+        self.negative_slope = cfg.negative_slope
 
     def forward(self, x: Tensor, slot: int = 0) -> Tensor:
         out = self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
@@ -1540,15 +1580,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: dict, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        d = cfg["model_dim"]
-        self.attn = Attention(cfg, xsa=layer >= cfg["num_layers"] - cfg["xsa_last_n"])
+        d = cfg.model_dim
+        self.attn = Attention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
         self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
-        self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg["ln_scale"] else 1.0
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None = None, slot: int = 0) -> Tensor:
         """slot: this pass's index among the layer's passes (its LoRA adapters' virtual slot)."""
@@ -1575,11 +1615,11 @@ class BigramHash(nn.Module):
     """Hashed (previous, current) token pair -> small table -> projection; the last bucket marks
     position 0 of each row, where there is no previous token. Uses inputs only (rule A9)."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.buckets = cfg["bigram_vocab_size"]
-        self.embed = nn.Embedding(self.buckets, cfg["bigram_dim"])
-        self.proj = CastedLinear(cfg["bigram_dim"], cfg["model_dim"])
+        self.buckets = cfg.bigram_vocab_size
+        self.embed = nn.Embedding(self.buckets, cfg.bigram_dim)
+        self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def bucket_ids(self, ids: Tensor) -> Tensor:
@@ -1595,11 +1635,11 @@ class WindowSmearGate(nn.Module):
     e_t += lam * sigmoid(w . e_t[:window]) * e_{t-1}, except at position 0 and where id_t is BOS,
     so nothing crosses a document boundary. w and lam start at 0 (the identity); 13 parameters."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_w = nn.Parameter(torch.zeros(1, cfg["gate_window"]))  # the records' smear_gate
+        self.gate_w = nn.Parameter(torch.zeros(1, cfg.gate_window))  # the records' smear_gate
         self.lam = nn.Parameter(torch.zeros(()))  # the records' smear_lambda
-        self.bos_id = cfg["bos_id"]
+        self.bos_id = cfg.bos_id
 
     def forward(self, e: Tensor, ids: Tensor) -> Tensor:
         g = self.lam.to(e.dtype) * torch.sigmoid(F.linear(e[..., :self.gate_w.size(1)], self.gate_w.to(e.dtype)))
@@ -1622,44 +1662,44 @@ def layer_passes(order: list[int]) -> list[int]:
 
 
 class GPT(nn.Module):
-    """The record stack (stack.md section 3), built from a model_config() dict."""
+    """The record stack (stack.md section 3), built from a ModelConfig."""
     lora = None  # LM-head adapter during doc-mode TTT: final hidden -> logits, before the softcap
     segment_len = 0  # DOC_MASKING: longest attention segment (0 = the row); packed training rows: TRAIN_SEQ_LEN
 
-    def __init__(self, cfg: dict, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.cfg, self.compute_dtype = dict(cfg), compute_dtype
-        d, L, V = cfg["model_dim"], cfg["num_layers"], cfg["vocab_size"]
+        self.cfg, self.compute_dtype = cfg, compute_dtype
+        d, L, V = cfg.model_dim, cfg.num_layers, cfg.vocab_size
         self.tok_emb = nn.Embedding(V, d)
-        self.bigram = BigramHash(cfg) if cfg["bigram_vocab_size"] else None
-        self.smear = WindowSmearGate(cfg) if cfg["smear_gate_enabled"] else None
+        self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size else None
+        self.smear = WindowSmearGate(cfg) if cfg.smear_gate_enabled else None
         if self.smear is None:
             self.smear_gate = nn.Parameter(torch.zeros(d))  # per-channel SmearGate of the March stack
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
         self.plain_order = list(range(L))
-        self.loop_order = (loop_layer_order(L, cfg["loop_start"], cfg["loop_end"], cfg["num_loops"])
-                           if cfg["num_loops"] else self.plain_order)
-        self.looping = cfg["num_loops"] > 0  # training turns it on at ENABLE_LOOPING_AT; eval runs looped
+        self.loop_order = (loop_layer_order(L, cfg.loop_start, cfg.loop_end, cfg.num_loops)
+                           if cfg.num_loops else self.plain_order)
+        self.looping = cfg.num_loops > 0  # training turns it on at ENABLE_LOOPING_AT; eval runs looped
         longest = len(self.loop_order)
         self.skip_weights = nn.Parameter(torch.ones(min(longest // 2, longest - longest // 2), d))
-        if cfg["skip_gates_enabled"]:  # sigmoid-gated U-Net skips (#1089 -> #1218): lerp from the skip to x
+        if cfg.skip_gates_enabled:  # sigmoid-gated U-Net skips (#1089 -> #1218): lerp from the skip to x
             self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights))
-        self.parallel_start = cfg["parallel_start_layer"]
+        self.parallel_start = cfg.parallel_start_layer
         if self.parallel_start:
             self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
-        self.ve_layers = [int(s) for s in str(cfg["ve_layers"]).split(",") if s.strip()]
+        self.ve_layers = [int(s) for s in str(cfg.ve_layers).split(",") if s.strip()]
         if self.ve_layers:
-            kv_dim = cfg["num_kv_heads"] * (d // cfg["num_heads"])
-            self.ve_embed = nn.Embedding(V, cfg["ve_dim"])
-            self.ve_proj = CastedLinear(cfg["ve_dim"], kv_dim)
+            kv_dim = cfg.num_kv_heads * (d // cfg.num_heads)
+            self.ve_embed = nn.Embedding(V, cfg.ve_dim)
+            self.ve_proj = CastedLinear(cfg.ve_dim, kv_dim)
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
             self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
-        nn.init.normal_(self.tok_emb.weight, std=self.cfg["tied_embed_init_std"])
+        nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
         for m in self.modules():
             if isinstance(m, CastedLinear):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
@@ -1667,9 +1707,9 @@ class GPT(nn.Module):
             nn.init.zeros_(self.bigram.embed.weight)  # bigram output starts at exactly zero
         if self.ve_layers:
             nn.init.normal_(self.ve_embed.weight, std=0.01)
-        if self.cfg["sparse_attn_gate_enabled"] and self.cfg["sparse_attn_gate_init_std"] > 0:
+        if self.cfg.sparse_attn_gate_enabled and self.cfg.sparse_attn_gate_init_std > 0:
             for block in self.blocks:
-                nn.init.normal_(block.attn.attn_gate_w, std=self.cfg["sparse_attn_gate_init_std"])
+                nn.init.normal_(block.attn.attn_gate_w, std=self.cfg.sparse_attn_gate_init_std)
 
     def forward_hidden(self, ids: Tensor, doc_mask: bool = True) -> Tensor:
         """ids (B,T) -> final normed hidden states (B,T,d). The one block loop of the model.
@@ -1688,8 +1728,8 @@ class GPT(nn.Module):
             x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
         x0, skips = x, []
         ve_base = self.ve_proj(self.ve_embed(ids).to(dt)) * self.ve_scale.to(dt) if self.ve_layers else None
-        masked = self.cfg["doc_masking"] and doc_mask
-        docs = document_segments(ids, self.cfg["bos_id"], self.segment_len) if masked else None
+        masked = self.cfg.doc_masking and doc_mask
+        docs = document_segments(ids, self.cfg.bos_id, self.segment_len) if masked else None
         order = self.loop_order if self.looping else self.plain_order
         num_encoder, passes = len(order) // 2, layer_passes(order)
         for j, i in enumerate(order):  # j: position in the (looped) sequence, i: physical layer
@@ -1710,7 +1750,7 @@ class GPT(nn.Module):
     def add_skip(self, x: Tensor, k: int, skip: Tensor) -> Tensor:
         """x + w_k * skip, or with SKIP_GATES_ENABLED sigmoid(g_k) * x + (1 - sigmoid(g_k)) * w_k * skip."""
         scaled = self.skip_weights[k].to(x.dtype) * skip
-        if not self.cfg["skip_gates_enabled"]:
+        if not self.cfg.skip_gates_enabled:
             return x + scaled
         return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[k].to(x.dtype)))
 
@@ -1728,7 +1768,7 @@ class GPT(nn.Module):
         return 0.5 * (lanes[0] + lanes[1])
 
     def logits(self, hidden: Tensor) -> Tensor:
-        c = self.cfg["logit_softcap"]
+        c = self.cfg.logit_softcap
         logits = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype)).float()
         if self.lora is not None:
             logits = logits + self.lora(hidden).float()
@@ -1742,7 +1782,7 @@ class GPT(nn.Module):
         return nll if reduction == "mean" else nll.view_as(targets)
 
 
-def build_model(cfg: dict, rt: Runtime) -> GPT:
+def build_model(cfg: ModelConfig, rt: Runtime) -> GPT:
     return GPT(cfg, rt.compute_dtype).to(rt.device)
 
 
@@ -2211,7 +2251,7 @@ def slot_nll_function(model: GPT, steps: int, lr: float):
     (B,1,d) added to the final hidden states is fitted with AdamW on the window's context
     positions only, whose targets earlier windows already scored, then used on the new positions.
     A score still depends only on earlier tokens, so the flip test holds."""
-    c = model.cfg["logit_softcap"]
+    c = model.cfg.logit_softcap
 
     def nll(x: Tensor, y: Tensor, ctx: Tensor) -> Tensor:
         with torch.inference_mode(False):  # score_windows runs under inference_mode; autograd needs out
@@ -2459,7 +2499,7 @@ class BatchedLoRA:
 
 def lora_hosts(model: GPT, h: Hyperparameters) -> list[tuple[nn.Module, int, int]]:
     """(module, in, out) for every adapter: Q, V and the LM head always; K, O and MLP by knob."""
-    d, V = model.cfg["model_dim"], model.cfg["vocab_size"]
+    d, V = model.cfg.model_dim, model.cfg.vocab_size
     hosts = [(model, d, V)]
     for block in model.blocks:
         a = block.attn
@@ -3260,7 +3300,7 @@ def _map_threads(fn: typing.Callable, items: list) -> list:
         return list(pool.map(fn, items))
 
 
-def pergroup_pack(qstate: dict, cfg: dict) -> bytes:
+def pergroup_pack(qstate: dict, cfg: ModelConfig) -> bytes:
     """QUANT_COMPRESSOR=pergroup (#1855's layout, zpaq for its lrzip): the GPTQ code matrices of the
     PERGROUP_ROLES, grouped by role with every layer of a role together in layer order, each written
     transposed (column-major), cut in PERGROUP_CHUNK_BYTES streams compressed by zpaq level ZPAQ_LEVEL
@@ -3285,7 +3325,7 @@ def pergroup_pack(qstate: dict, cfg: dict) -> bytes:
     return PERGROUP_MAGIC + head + b"".join(streams)
 
 
-def pergroup_unpack(blob: bytes) -> tuple[dict, dict]:
+def pergroup_unpack(blob: bytes) -> tuple[ModelConfig, dict]:
     """(model config, quantized state) from pergroup_pack's bytes: the zpaq streams decompressed in
     parallel threads, then each matrix transposed back."""
     zpaq = zpaq_module()
@@ -3315,7 +3355,7 @@ def _payload_order(entry: tuple) -> tuple:
     return t.dtype != torch.int8, name, kind, i
 
 
-def artifact_payload(qstate: dict, cfg: dict) -> bytes:
+def artifact_payload(qstate: dict, cfg: ModelConfig) -> bytes:
     """The uncompressed artifact: u32 header length, a JSON header (format, model config, tensor
     table), then the raw bytes: every int8 code tensor in name order, then every fp16 tensor
     byte-shuffled (all first bytes, then all second bytes; #1218), since the high bytes of fp16
@@ -3325,13 +3365,13 @@ def artifact_payload(qstate: dict, cfg: dict) -> bytes:
                       for kind, group in qstate.items() for name, ts in group.items()
                       for i, t in enumerate(ts if isinstance(ts, tuple) else (ts,))), key=_payload_order)
     table = [[kind, name, i, str(t.dtype).split(".")[-1], list(t.shape)] for kind, name, i, t in entries]
-    header = json.dumps({"format": ARTIFACT_FORMAT, "config": cfg, "tensors": table}).encode()
+    header = json.dumps({"format": ARTIFACT_FORMAT, "config": cfg.as_dict(), "tensors": table}).encode()
     codes = b"".join(t.numpy().tobytes() for *_, t in entries if t.dtype == torch.int8)
     halves = np.frombuffer(b"".join(t.numpy().tobytes() for *_, t in entries if t.dtype == torch.float16), np.uint8)
     return len(header).to_bytes(4, "little") + header + codes + halves.reshape(-1, 2).T.tobytes()
 
 
-def parse_payload(raw: bytes) -> tuple[dict, dict]:
+def parse_payload(raw: bytes) -> tuple[ModelConfig, dict]:
     """(model config, quantized state) from artifact_payload's bytes."""
     n = int.from_bytes(raw[:4], "little")
     try:
@@ -3352,7 +3392,7 @@ def parse_payload(raw: bytes) -> tuple[dict, dict]:
         pos[dt] += size
     for (kind, name), ts in parts.items():
         qstate[kind][name] = ts[0] if kind == "fp16" else tuple(ts[i] for i in range(len(ts)))
-    return header["config"], qstate
+    return ModelConfig(**header["config"]), qstate
 
 
 def payload_entropy_bytes(qstate: dict) -> float:
@@ -3378,7 +3418,7 @@ def project_model_bytes(qstate: dict, compressor: str) -> int:
     return int(payload_entropy_bytes(qstate) * min(COMPRESSED_PER_ENTROPY_BYTE[m] for m in methods))
 
 
-def pack_artifact(qstate: dict, cfg: dict, compressor: str) -> bytes:
+def pack_artifact(qstate: dict, cfg: ModelConfig, compressor: str) -> bytes:
     return pergroup_pack(qstate, cfg) if compressor == "pergroup" else compress(artifact_payload(qstate, cfg), compressor)
 
 
@@ -3411,7 +3451,7 @@ def next_prune_count(over: tuple[int, int], under: tuple[int, int] | None, size0
     return min(max(n_lo + math.ceil((s_lo - target) / rate), n_lo + 1), total)
 
 
-def prune_to_fit(qstate: dict, hessians: dict[str, Tensor], cfg: dict, compressor: str,
+def prune_to_fit(qstate: dict, hessians: dict[str, Tensor], cfg: ModelConfig, compressor: str,
                  budget_bytes: int, blob: bytes | None = None) -> tuple[bytes, int]:
     """`blob` (packed here when not given) if it fits budget_bytes; else zero the cheapest GPTQ
     codes of magnitude 1 (prune_candidates) and search the count with secant steps on the real
@@ -3473,7 +3513,7 @@ def build_artifact(state: dict[str, Tensor], hessians: dict[str, Tensor], h: Hyp
     already computed, see split_gptq), serialize, compress once with QUANT_COMPRESSOR (auto: once
     with each, the smallest kept), then prune to fit budget_bytes (None: no pruning)."""
     qstate = quantize_state(state, hessians, QuantSpec.from_hparams(h), gptq)
-    cfg = model_config(h)
+    cfg = ModelConfig.of(h)
     raw = artifact_payload(qstate, cfg)
     blobs, compressed = {}, {}
     for method in COMPRESSORS if h.quant_compressor == "auto" else (h.quant_compressor,):
@@ -3487,7 +3527,7 @@ def build_artifact(state: dict[str, Tensor], hessians: dict[str, Tensor], h: Hyp
     return ArtifactBuild(blob, qstate, method, len(raw), compressed, pruned)
 
 
-def unpack_artifact(blob: bytes) -> tuple[dict, dict]:
+def unpack_artifact(blob: bytes) -> tuple[ModelConfig, dict]:
     """(model config, dequantized state dict) from an artifact's bytes. Corrupt or truncated bytes
     are a ConfigError (one `error:` line), not a decompressor's or numpy's traceback."""
     if blob.startswith(PERGROUP_MAGIC):
@@ -3512,14 +3552,14 @@ def unpack_artifact(blob: bytes) -> tuple[dict, dict]:
     return cfg, dequantize_state(qstate)
 
 
-def read_artifact(path: str, h: Hyperparameters) -> tuple[dict, dict]:
+def read_artifact(path: str, h: Hyperparameters) -> tuple[ModelConfig, dict]:
     """unpack_artifact of the file at `path`, checked against VOCAB_SIZE: every problem one ConfigError."""
     if not os.path.isfile(path):
         raise ConfigError(f"EVAL_ARTIFACT={path}: file not found")
     with open(path, "rb") as f:
         cfg, state = unpack_artifact(f.read())
-    if cfg["vocab_size"] != h.vocab_size:
-        raise ConfigError(f"EVAL_ARTIFACT: artifact vocab_size={cfg['vocab_size']} but VOCAB_SIZE={h.vocab_size}")
+    if cfg.vocab_size != h.vocab_size:
+        raise ConfigError(f"EVAL_ARTIFACT: artifact vocab_size={cfg.vocab_size} but VOCAB_SIZE={h.vocab_size}")
     return cfg, state
 
 
@@ -3553,7 +3593,7 @@ def collect_hessians(model: GPT, batches: typing.Iterable[tuple[Tensor, Tensor]]
     the real modules, summed over ranks. K and V share Q's input, so they share its H. The tied
     embedding gets the output head's H (final hidden states), for QUANT_EMBED=gptq. doc_mask=False:
     the dense causal forward even with DOC_MASKING (GPTQ_CALIB_ATTENTION=dense, the record's)."""
-    d = model.cfg["model_dim"]
+    d = model.cfg.model_dim
     hessians: dict[str, Tensor] = {"tok_emb.weight": torch.zeros(d, d, device=rt.device)}
     hooks = []
 
@@ -3744,7 +3784,7 @@ def generate_sequences(model: GPT, n_seqs: int, seq_len: int, temperature: float
     out = []
     with torch.inference_mode():
         for b in range(0, mine, batch):
-            ids = torch.randint(0, model.cfg["vocab_size"], (min(batch, mine - b), 1), generator=g, device=rt.device)
+            ids = torch.randint(0, model.cfg.vocab_size, (min(batch, mine - b), 1), generator=g, device=rt.device)
             for _ in range(seq_len - 1):
                 logits = model.logits(model.forward_hidden(ids)[:, -1:])[:, -1]
                 nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=g)
@@ -3873,7 +3913,7 @@ def compile_warm_up(nll_fn, h: Hyperparameters, rt: Runtime, vocab: int):
 
 def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, prequant_model: GPT | None = None,
                    spent_s: float = 0.0, started: float | None = None,
-                   artifact: tuple[dict, dict] | None = None) -> tuple[dict[str, EvalResult | None], float, int]:
+                   artifact: tuple[ModelConfig, dict] | None = None) -> tuple[dict[str, EvalResult | None], float, int]:
     """Everything after training, timed as the eval budget: from `started` (the evaluation
     process's start for EVAL_ARTIFACT; here otherwise) to the last score, less `spent_s` of
     post-training work already done (rule B4). It covers artifact read and decompression (here, or
@@ -3908,7 +3948,7 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
     nll_fn = nll_function(model)
     if "artifact" in forwards:  # compiled (and warmed up) only when a phase runs it
         nll_fn = maybe_compile(nll_fn, h, rt)
-        compile_warm_up(nll_fn, h, rt, cfg["vocab_size"])
+        compile_warm_up(nll_fn, h, rt, cfg.vocab_size)
     log(f"eval:model_ready clock:{time.perf_counter() - t0:.1f}s "
         f"(since {'process start' if started is not None else 'end of serialization'})")
     if "roundtrip" in run_phases:
@@ -3916,9 +3956,9 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
     spans = validation_documents(val, sp.bos_id()) if h.eval_mode == "doc" and {"doc", "ttt"} & set(run_phases) else None
     if "doc" in run_phases:
         doc_fn = nll_fn  # doc windows hold one document each: plain causal attention, never varlen (F1b)
-        if cfg["doc_masking"]:  # the artifact's model (EVAL_ARTIFACT: DOC_MASKING comes with it, not from h)
+        if cfg.doc_masking:  # the artifact's model (EVAL_ARTIFACT: DOC_MASKING comes with it, not from h)
             doc_fn = maybe_compile(nll_function(model, doc_mask=False), h, rt)
-            compile_warm_up(doc_fn, h, rt, cfg["vocab_size"])
+            compile_warm_up(doc_fn, h, rt, cfg.vocab_size)
         phase("doc", lambda tl: evaluate_docs(doc_fn, val, spans, h, rt, tl), f" chunk:{h.ttt_chunk_size}")
     if "sliding" in run_phases:
         phase("sliding", lambda tl: evaluate(nll_fn, val, h, rt, h.eval_stride, tl), f" stride:{h.eval_stride}")
@@ -4109,7 +4149,7 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
     decompression of the current weights, a slice of sliding eval and the TTT the run runs
     (sliding mode: a two-chunk TTT; EVAL_MODE=doc: preflight_doc_measure) on training tokens.
     Seconds, max over ranks."""
-    base_model = build_model(model_config(h), rt)
+    base_model = build_model(ModelConfig.of(h), rt)
     base_model.segment_len = packed_segment_len(h)
     model = maybe_compile(base_model, h, rt)
     params, opts, geometry = list(base_model.parameters()), build_optimizers(base_model, h, rt), batch_geometry(h, rt)
@@ -4477,7 +4517,7 @@ def gptq_split_share(h: Hyperparameters, world_size: int) -> float:
         return 1.0
     spec = QuantSpec.from_hparams(h)
     with torch.device("meta"):
-        state = GPT(model_config(h), torch.bfloat16).state_dict()
+        state = GPT(ModelConfig.of(h), torch.bfloat16).state_dict()
     shapes = {n: tuple(t.shape) for n, t in state.items() if quant_kind(n, t, spec) == "gptq"}
     loads = gptq_rank_loads(shapes, gptq_assignment(shapes, world_size), world_size)
     return max(loads) / sum(loads)
@@ -4568,7 +4608,7 @@ def plan_phase_memory(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule)
     (attention calls only). Each: name, bytes by part, and the attention calls it made."""
     W = h.preflight_world_size
     with torch.device("meta"):
-        model = GPT(model_config(h), torch.bfloat16)
+        model = GPT(ModelConfig.of(h), torch.bfloat16)
     model.looping = True  # training after ENABLE_LOOPING_AT, and every eval phase
     params = list(model.parameters())
     ids = lambda n, T: torch.zeros((n, T), dtype=torch.long, device="meta")  # noqa: E731
@@ -4691,7 +4731,7 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
     if h.eval_artifact:
         results, eval_ms, positions = evaluate_final(h, rt, sp, h.eval_artifact, started=started, artifact=artifact)
         return write_summary(h, rt, None, artifact_sizes(h.eval_artifact), results, eval_ms, positions)
-    base_model = build_model(model_config(h), rt)
+    base_model = build_model(ModelConfig.of(h), rt)
     model = maybe_compile(base_model, h, rt)
     result, averager, loader = train(model, base_model, h, rt)
     apply_weight_average(base_model, averager, h.weight_average)

@@ -27,18 +27,18 @@ import train_gpt as tg  # noqa: E402
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, vendor datasheets
 
 
-def flops_per_token(cfg: dict, seq_len: int) -> float:
+def flops_per_token(cfg: tg.ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul parameters (incl. the tied head) + causal attention
     (QK^T and AV: 2 x 2 x d x T/2 per layer forward, x3 for forward + backward)."""
-    d, L, V = cfg["model_dim"], cfg["num_layers"], cfg["vocab_size"]
-    kv = cfg["num_kv_heads"] * d // cfg["num_heads"]
-    hidden = int(cfg["mlp_mult"] * d)
+    d, L, V = cfg.model_dim, cfg.num_layers, cfg.vocab_size
+    kv = cfg.num_kv_heads * d // cfg.num_heads
+    hidden = int(cfg.mlp_mult * d)
     per_layer = d * d * 2 + d * kv * 2 + 2 * d * hidden
     extra = V * d  # tied output head
-    if cfg["bigram_vocab_size"]:
-        extra += cfg["bigram_dim"] * d
-    if str(cfg["ve_layers"]).strip():
-        extra += cfg["ve_dim"] * kv
+    if cfg.bigram_vocab_size:
+        extra += cfg.bigram_dim * d
+    if str(cfg.ve_layers).strip():
+        extra += cfg.ve_dim * kv
     return 6.0 * (L * per_layer + extra) + 6.0 * L * d * seq_len
 
 
@@ -59,7 +59,7 @@ def timed(rt: tg.Runtime, fn, n: int) -> float:
 
 
 def bench_train(h, rt, steps: int, warmup: int) -> dict:
-    base = tg.build_model(tg.model_config(h), rt)
+    base = tg.build_model(tg.ModelConfig.of(h), rt)
     model = tg.maybe_compile(base, h, rt)
     opts = tg.build_optimizers(base, h, rt)
     geometry = tg.batch_geometry(h, rt)
@@ -68,7 +68,7 @@ def bench_train(h, rt, steps: int, warmup: int) -> dict:
     timed(rt, step, warmup)
     sec = timed(rt, step, steps)
     tokens_per_s = h.train_batch_tokens / sec / rt.world_size
-    fpt = flops_per_token(tg.model_config(h), h.train_seq_len)
+    fpt = flops_per_token(tg.ModelConfig.of(h), h.train_seq_len)
     tflops = fpt * tokens_per_s / 1e12
     mem = rt.max_memory_mib()
     return dict(ms_per_step=1000 * sec, tokens_per_s_per_device=tokens_per_s, flops_per_token=fpt,

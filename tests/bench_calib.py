@@ -43,7 +43,7 @@ def one_seed(seed: str, rt) -> dict:
     h = tg.resolve_bos_id(h, sp)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
-    base = tg.build_model(tg.model_config(h), rt)
+    base = tg.build_model(tg.ModelConfig.of(h), rt)
     t0 = time.perf_counter()
     result, averager, loader = tg.train(base, base, h, rt)
     tg.apply_weight_average(base, averager, h.weight_average)
@@ -54,7 +54,7 @@ def one_seed(seed: str, rt) -> dict:
                 "dense": tg.collect_hessians(base, dense, rt, doc_mask=False)}
     train_s = time.perf_counter() - t0
     val = tg.load_validation(h, sp, rt, h.eval_seq_len).to(rt.device)  # only now: after both calibrations
-    cfg, spec = tg.model_config(h), tg.QuantSpec.from_hparams(h)
+    cfg, spec = tg.ModelConfig.of(h), tg.QuantSpec.from_hparams(h)
     state = {n: p.detach().clone() for n, p in base.state_dict().items()}
 
     def bpb(weights: dict) -> float:

@@ -23,7 +23,7 @@ import train_gpt as tg  # noqa: E402
 
 def frontier_state(h: "tg.Hyperparameters") -> dict:
     torch.manual_seed(0)
-    model = tg.build_model(tg.model_config(h), tg.setup_runtime("cpu", {}))
+    model = tg.build_model(tg.ModelConfig.of(h), tg.setup_runtime("cpu", {}))
     return {n: torch.randn_like(p.float()) if p.is_floating_point() else p for n, p in model.state_dict().items()}
 
 
@@ -36,7 +36,7 @@ def main() -> int:
         state = frontier_state(h)
         t0 = time.perf_counter()
         qstate = tg.quantize_state(state, {}, tg.QuantSpec.from_hparams(h))
-        cfg = tg.model_config(h)
+        cfg = tg.ModelConfig.of(h)
         raw = tg.artifact_payload(qstate, cfg)
         print(f"bench_compress:clips mlp:{mlp} embed:{embed} params:{sum(t.numel() for t in state.values())} "
               f"payload:{len(raw)} entropy_bytes:{tg.payload_entropy_bytes(qstate):.0f} quantize_s:{time.perf_counter() - t0:.1f}",

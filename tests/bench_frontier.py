@@ -87,7 +87,7 @@ def timing(base: dict, names: list[str], rounds: int, steps: int = 4):
         h = tg.Hyperparameters.from_env({k: str(v) for k, v in dict(base, **OPTIONS[n]).items()})
         h = tg.resolve_bos_id(h, tg.load_tokenizer(h))
         torch.manual_seed(h.seed)
-        model = tg.build_model(tg.model_config(h), rt)  # built looped when NUM_LOOPS > 0
+        model = tg.build_model(tg.ModelConfig.of(h), rt)  # built looped when NUM_LOOPS > 0
         opts, params, loader = tg.build_optimizers(model, h, rt), list(model.parameters()), tg.make_train_loader(h, rt)
         geometry = tg.batch_geometry(h, rt)
         runs[n] = lambda m=model, o=opts, p=params, ld=loader, hh=h, g=geometry: tg.train_step(

@@ -218,7 +218,7 @@ def bench(a, rt: tg.Runtime, env: dict, backend: str, steps: int, warmup: int, s
                 models.clear()  # the previous mode's model and graphs go before the next one is built
                 base = None
                 torch.manual_seed(h.seed)
-                base = tg.build_model(tg.model_config(hv), rt)
+                base = tg.build_model(tg.ModelConfig.of(hv), rt)
                 base.segment_len = tg.packed_segment_len(hv)  # as train(): a constant of the graph
                 models[mode] = (tg.maybe_compile(base, hv, rt), base)
             try:

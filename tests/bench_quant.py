@@ -40,7 +40,7 @@ def main() -> int:
     tg.select_attention_backend(h.attn_backend, rt.device.type)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
-    base = tg.build_model(tg.model_config(h), rt)
+    base = tg.build_model(tg.ModelConfig.of(h), rt)
     result, averager, loader = tg.train(tg.maybe_compile(base, h, rt), base, h, rt)
     tg.apply_weight_average(base, averager, h.weight_average)
     hess = {"none": {}}
@@ -58,7 +58,7 @@ def main() -> int:
     val = tg.load_validation(h, sp, rt, max(h.train_seq_len, h.eval_seq_len)).to(rt.device)
     pre = tg.evaluate(tg.nll_function(base), val, h, rt, h.eval_seq_len)
     print(f"bench_quant:prequant val_bpb:{pre.val_bpb:.5f} tokens:{pre.tokens} int6_scale_floor:{h.int6_scale_floor}")
-    cfg = tg.model_config(h)
+    cfg = tg.ModelConfig.of(h)
     for name, (fn, source, embed) in variants.items():
         t0 = time.perf_counter()
         if fn is rtn_state:

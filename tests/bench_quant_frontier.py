@@ -41,7 +41,7 @@ def train_or_load(h, rt, path: str) -> tuple[dict, dict]:
         return saved["state"], saved["hessians"]
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
-    base = tg.build_model(tg.model_config(h), rt)
+    base = tg.build_model(tg.ModelConfig.of(h), rt)
     t0 = time.perf_counter()
     result, averager, loader = tg.train(base, base, h, rt)
     tg.apply_weight_average(base, averager, h.weight_average)
@@ -106,7 +106,7 @@ def main() -> int:
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     val = tg.load_validation(h, sp, rt, h.eval_seq_len).to(rt.device)
-    cfg = tg.model_config(h)
+    cfg = tg.ModelConfig.of(h)
 
     def bpb(weights: dict) -> float:
         model = tg.build_model(cfg, rt)

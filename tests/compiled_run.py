@@ -31,7 +31,7 @@ def run_phases(h: tg.Hyperparameters, rt: tg.Runtime, steps: int, ttt_chunks: in
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(h.seed)
-    base = tg.build_model(tg.model_config(h), rt)
+    base = tg.build_model(tg.ModelConfig.of(h), rt)
     model = tg.maybe_compile(base, h, rt)
     params, opts, geometry = list(base.parameters()), tg.build_optimizers(base, h, rt), tg.batch_geometry(h, rt)
     loader, losses, graphs = tg.make_train_loader(h, rt), [], {}

@@ -82,7 +82,7 @@ def runtime() -> tg.Runtime:
 
 @pytest.fixture
 def tiny_model(hparams) -> tg.GPT:
-    return tg.GPT(tg.model_config(hparams))
+    return tg.GPT(tg.ModelConfig.of(hparams))
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ def doc_env(tiny_data, **overrides) -> dict:
 
 def noisy_model(h: tg.Hyperparameters, seed: int = 1) -> tg.GPT:
     """The tiny model with noise on every parameter, so that predictions depend on the context."""
-    m = tg.GPT(tg.model_config(h))
+    m = tg.GPT(tg.ModelConfig.of(h))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():

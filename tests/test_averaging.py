@@ -99,7 +99,7 @@ def run_train(tiny_data, runtime, **overrides):
     h = tg.Hyperparameters.from_env(tiny_env(tiny_data, TRAIN_BATCH_TOKENS=1024, **overrides))
     tg.select_attention_backend("sdpa", "cpu")
     torch.manual_seed(h.seed)
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(tg.ModelConfig.of(h))
     result, averager, _ = tg.train(model, model, h, runtime)
     return h, model, result, averager
 
@@ -161,7 +161,7 @@ def test_train_rolls_back_the_warmup_steps(tiny_data, runtime, tmp_path, monkeyp
         for name, t in a_warm.averaged(mode).items():
             assert torch.equal(t, a_cold.averaged(mode)[name]), (mode, name)
     torch.manual_seed(h.seed)  # and training did move the weights
-    init = tg.GPT(tg.model_config(h))
+    init = tg.GPT(tg.ModelConfig.of(h))
     assert not torch.equal(init.blocks[0].attn.c_q.weight, cold.blocks[0].attn.c_q.weight)
 
 

@@ -15,11 +15,11 @@ from conftest import tiny_env
 
 
 def test_flops_per_token_counts_every_matmul(hparams):
-    cfg = tg.model_config(hparams)
+    cfg = tg.ModelConfig.of(hparams)
     model = tg.GPT(cfg)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, tg.CastedLinear))
     matmul += model.tok_emb.weight.numel()  # the tied head is a matmul; the lookups are not
-    attention = 6 * cfg["num_layers"] * cfg["model_dim"] * hparams.train_seq_len
+    attention = 6 * cfg.num_layers * cfg.model_dim * hparams.train_seq_len
     assert bench.flops_per_token(cfg, hparams.train_seq_len) == 6 * matmul + attention
 
 

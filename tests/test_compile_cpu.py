@@ -81,6 +81,6 @@ def test_compile_mode_bad_value_names_the_variable():
 def test_train_logs_the_compile_mode(hparams, runtime, capsys, compile_, line):
     h = tg.dataclasses.replace(hparams, compile=compile_, compile_mode="max-autotune-no-cudagraphs", iterations=1,
                                warmup_steps=0)
-    base = tg.build_model(tg.model_config(h), runtime)
+    base = tg.build_model(tg.ModelConfig.of(h), runtime)
     tg.train(base, base, h, runtime)  # the model as given: only the log line reads COMPILE here
     assert [x for x in capsys.readouterr().out.splitlines() if x.startswith("compile:")] == [line]

@@ -114,7 +114,7 @@ def test_prune_to_fit_lands_under_target(tiny_model):
             p.normal_(0, 0.5)
     state = {n: p.detach() for n, p in tiny_model.state_dict().items()}
     qstate = tg.quantize_state(state, {})
-    cfg = tg.GPT(tiny_model.cfg).cfg
+    cfg = tiny_model.cfg
     full = len(tg.pack_artifact(qstate, cfg, "zstd"))
     blob, pruned = tg.prune_to_fit(qstate, {}, cfg, "zstd", full - 300)
     assert pruned > 0 and len(blob) <= full - 300
@@ -134,7 +134,7 @@ def test_prune_to_fit_lands_under_target(tiny_model):
 def test_selfgen_sequences_are_model_samples(tiny_model, runtime):
     seqs = tg.generate_sequences(tiny_model, 5, 12, 0.8, seed=3, rt=runtime, batch=2)
     ids = torch.cat(seqs)
-    assert ids.shape == (5, 12) and ids.min() >= 0 and ids.max() < tiny_model.cfg["vocab_size"]
+    assert ids.shape == (5, 12) and ids.min() >= 0 and ids.max() < tiny_model.cfg.vocab_size
     again = torch.cat(tg.generate_sequences(tiny_model, 5, 12, 0.8, seed=3, rt=runtime, batch=2))
     assert torch.equal(ids, again)
 
@@ -241,7 +241,7 @@ def test_wallclock_cap_stops_training_with_the_calibration_reserve(tiny_data, ru
     h = tg.Hyperparameters.from_env(tiny_env(tiny_data, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3,
                                              GPTQ_RESERVE_SECONDS=1, WARMDOWN_ITERS=5, WARMUP_STEPS=0,
                                              TRAIN_BATCH_TOKENS=1024, TRAIN_LOG_EVERY=1))
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(tg.ModelConfig.of(h))
     result, _, _ = tg.train(model, model, h, runtime)
     assert result.stop == "wallclock" and result.cap_ms == 2000
     assert 5 < result.steps < 100_000

@@ -272,7 +272,7 @@ def test_bad_val_shard_fails_at_eval_and_keeps_the_artifact(tiny_data, tmp_path)
     assert last.startswith("error:") and "fineweb_val_000000.bin" in last and "EVAL_ARTIFACT=" in last, last
     assert (cwd / tg.ARTIFACT_NAME).is_file() and not list(cwd.glob(tg.ARTIFACT_NAME + ".tmp*"))
     cfg, state = tg.unpack_artifact((cwd / tg.ARTIFACT_NAME).read_bytes())
-    assert cfg["num_layers"] == 2 and state
+    assert cfg.num_layers == 2 and state
 
 
 def test_artifact_over_the_cap_writes_nothing(tmp_path, monkeypatch, hparams, runtime, tiny_model):

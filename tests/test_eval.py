@@ -33,7 +33,7 @@ def h(tiny_data) -> tg.Hyperparameters:
 def model(h) -> tg.GPT:
     """The tiny model with noise on every parameter, so that predictions depend on the context
     (at init the zero projections and tiny embeddings give nearly uniform logits)."""
-    m = tg.GPT(tg.model_config(h))
+    m = tg.GPT(tg.ModelConfig.of(h))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in m.parameters():

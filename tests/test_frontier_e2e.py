@@ -57,7 +57,7 @@ def test_frontier_preset_runs_every_phase(frontier_run):
     assert summary["eval"]["roundtrip"]["val_bpb"] < 8.0  # below uniform over 512 tokens per ~2.4 bytes
     cfg, _ = tg.unpack_artifact((cwd / tg.ARTIFACT_NAME).read_bytes())
     model = tg.GPT(cfg)
-    assert cfg["bos_id"] == 1 and cfg["doc_masking"] and model.looping  # the artifact reloads looped
+    assert cfg.bos_id == 1 and cfg.doc_masking and model.looping  # the artifact reloads looped
 
 
 @pytest.mark.slow

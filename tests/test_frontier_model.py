@@ -36,7 +36,7 @@ def noisy(h: tg.Hyperparameters, seed: int = 1, scale: float = 0.1) -> tg.GPT:
     """The model of h with noise on every parameter: zero-initialised projections and gates
     would otherwise hide most of what the options do."""
     torch.manual_seed(seed)
-    m = tg.GPT(tg.model_config(h))
+    m = tg.GPT(tg.ModelConfig.of(h))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
@@ -62,7 +62,7 @@ def test_options_off_reproduce_the_seed_model():
     computed by the code before the frontier options (commit e14a097) with this same recipe."""
     h = hp(PRESET="tiny", NUM_LAYERS=5, XSA_LAST_N=2, VE_LAYERS="3,4")
     torch.manual_seed(1234)
-    m = tg.GPT(tg.model_config(h))
+    m = tg.GPT(tg.ModelConfig.of(h))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -80,7 +80,7 @@ def test_options_off_reproduce_the_seed_model():
 def test_looped_model_with_looping_off_is_the_plain_model():
     """NUM_LOOPS>0 before the switch-on runs exactly the plain layer sequence."""
     plain = noisy(hp(PRESET="tiny", NUM_LAYERS=5, XSA_LAST_N=2, VE_LAYERS="3,4"))
-    looped = tg.GPT(tg.model_config(hp(PRESET="tiny", NUM_LAYERS=5, XSA_LAST_N=2, VE_LAYERS="3,4", NUM_LOOPS=2,
+    looped = tg.GPT(tg.ModelConfig.of(hp(PRESET="tiny", NUM_LAYERS=5, XSA_LAST_N=2, VE_LAYERS="3,4", NUM_LOOPS=2,
                                        LOOP_START=1, LOOP_END=2)))
     state = dict(plain.state_dict())
     state["skip_weights"] = torch.cat((state["skip_weights"], looped.skip_weights[2:].detach()))
@@ -101,14 +101,14 @@ def test_recurrence_index_table_of_the_final_record():
     order = tg.loop_layer_order(11, 3, 5, 2)
     assert order[:len(order) // 2] == [0, 1, 2, 3, 4, 5, 3, 4]
     assert order[len(order) // 2:] == [5, 3, 4, 5, 6, 7, 8, 9, 10]
-    m = tg.GPT(tg.model_config(hp(PRESET="frontier", BOS_ID=1, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2,
+    m = tg.GPT(tg.ModelConfig.of(hp(PRESET="frontier", BOS_ID=1, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2,
                                   ROPE_DIMS=8, VOCAB_SIZE=64, MLP_MULT=1)))
     assert m.loop_order == order and m.plain_order == list(range(11))
     assert m.skip_weights.shape[0] == 8 and m.looping  # min(8 encoder, 9 decoder); built looped (eval)
 
 
 def test_switch_on_by_fraction_of_the_budget():
-    m = tg.GPT(tg.model_config(hp(PRESET="tiny", NUM_LOOPS=1, LOOP_START=0, LOOP_END=1, ITERATIONS=100,
+    m = tg.GPT(tg.ModelConfig.of(hp(PRESET="tiny", NUM_LOOPS=1, LOOP_START=0, LOOP_END=1, ITERATIONS=100,
                                   ENABLE_LOOPING_AT=0.35)))
     h = hp(PRESET="tiny", NUM_LOOPS=1, LOOP_START=0, LOOP_END=1, ITERATIONS=100, ENABLE_LOOPING_AT=0.35)
     m.looping = False
@@ -155,7 +155,7 @@ def test_hessians_accumulate_over_every_pass():
 
 def test_window_smear_gate_formula_and_bos_fix():
     h = hp(**TINY_FRONTIER)
-    gate = tg.WindowSmearGate(tg.model_config(h))
+    gate = tg.WindowSmearGate(tg.ModelConfig.of(h))
     e = torch.randn(2, 10, 64)
     ids = torch.randint(4, 512, (2, 10))
     ids[0, 4] = ids[1, 0] = BOS
@@ -175,8 +175,8 @@ def test_window_smear_gate_formula_and_bos_fix():
 
 def test_sparse_attention_gate_scales_each_head():
     h = hp(**TINY_FRONTIER)
-    on = tg.Attention(tg.model_config(h), xsa=True)
-    off = tg.Attention(tg.model_config(dataclasses.replace(h, sparse_attn_gate_enabled=False)), xsa=True)
+    on = tg.Attention(tg.ModelConfig.of(h), xsa=True)
+    off = tg.Attention(tg.ModelConfig.of(dataclasses.replace(h, sparse_attn_gate_enabled=False)), xsa=True)
     off.load_state_dict({k: v for k, v in on.state_dict().items() if k != "attn_gate_w"})
     x = torch.randn(2, 12, 64)
     with torch.no_grad():
@@ -315,7 +315,7 @@ def frontier_param_count(V, L, d, H, kv_heads, mlp_mult, window, n_virtual):
 def test_frontier_preset_has_the_records_35945671_parameters(monkeypatch):
     monkeypatch.setattr(tg.nn.init, "orthogonal_", lambda w, *a, **k: w)  # shapes only: skip the slow QR
     h = hp(PRESET="frontier", BOS_ID=1)
-    m = tg.GPT(tg.model_config(h))
+    m = tg.GPT(tg.ModelConfig.of(h))
     count = sum(p.numel() for p in m.parameters())
     assert count == frontier_param_count(8192, 11, 512, 8, 4, 4.0, 12, 17) == 35_945_671
     groups = tg.param_groups(m)
@@ -326,7 +326,7 @@ def test_frontier_preset_has_the_records_35945671_parameters(monkeypatch):
 
 def test_tiny_frontier_count_and_routing():
     h = hp(**TINY_FRONTIER)
-    m = tg.GPT(tg.model_config(h))
+    m = tg.GPT(tg.ModelConfig.of(h))
     assert sum(p.numel() for p in m.parameters()) == frontier_param_count(512, 5, 64, 4, 2, 4.0, 8, 7)
     groups = {id(p): g for g, ps in tg.param_groups(m).items() for p in ps}
     names = dict(m.named_parameters())

@@ -29,7 +29,7 @@ def model_and_hessians(h: tg.Hyperparameters) -> tuple[tg.GPT, dict]:
     """The same on every process: seeded weights and one X^T X per GPTQ'd matrix (one matrix left
     without a Hessian: identity, GPTQ-lite)."""
     torch.manual_seed(0)
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(tg.ModelConfig.of(h))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))  # zero-initialized projections would quantize to all zeros
@@ -109,7 +109,7 @@ def frontier_shapes() -> tuple[dict[str, tuple[int, int]], tg.Hyperparameters]:
     h = tg.Hyperparameters.from_env({"PRESET": "frontier", "DATA_PATH": str(ROOT / "tests" / "data" / "sp8192"),
                                      "VOCAB_SIZE": "8192"})
     with torch.device("meta"):
-        state = tg.GPT(tg.model_config(h), torch.bfloat16).state_dict()
+        state = tg.GPT(tg.ModelConfig.of(h), torch.bfloat16).state_dict()
     spec = tg.QuantSpec.from_hparams(h)
     return {n: tuple(t.shape) for n, t in state.items() if tg.quant_kind(n, t, spec) == "gptq"}, h
 

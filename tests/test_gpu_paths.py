@@ -14,7 +14,7 @@ import train_gpt as tg
 @pytest.fixture
 def noisy_model(hparams) -> tg.GPT:
     torch.manual_seed(0)
-    m = tg.GPT(tg.model_config(hparams))
+    m = tg.GPT(tg.ModelConfig.of(hparams))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -127,7 +127,7 @@ def test_frontier_preset_has_the_records_86_adapters():
     (the record's count in the review, F6; 56 shared), on the meta device as PREFLIGHT=plan."""
     h = tg.Hyperparameters.from_env({"PRESET": "frontier"})
     with torch.device("meta"):
-        model = tg.GPT(tg.model_config(h))
+        model = tg.GPT(tg.ModelConfig.of(h))
     adapters = tg.attach_lora(model, h, torch.Generator().manual_seed(0), torch.device("meta"))
     assert len(model.loop_order) == 17 and len(adapters) == 56 and sum(a.slots for a in adapters) == 86
     model.looping = False

@@ -20,7 +20,7 @@ GQA_IDS = ["h4kv2", "h4kv4", "h4kv1"]
 
 
 def build(h: tg.Hyperparameters, **overrides) -> tg.GPT:
-    return tg.GPT(tg.model_config(dataclasses.replace(h, **overrides)))
+    return tg.GPT(tg.ModelConfig.of(dataclasses.replace(h, **overrides)))
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def test_full_model_parameter_count(env, expected):
     # Built on the meta device: identical parameter shapes, none of the seconds of orthogonal init.
     h = tg.Hyperparameters.from_env(env)
     with torch.device("meta"):
-        model = tg.GPT(tg.model_config(h))
+        model = tg.GPT(tg.ModelConfig.of(h))
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
@@ -131,8 +131,8 @@ def test_rotary_dot_product_depends_only_on_relative_position():
 
 @pytest.mark.parametrize("heads, kv_heads", GQA_SHAPES, ids=GQA_IDS)
 def test_xsa_output_is_orthogonal_to_own_value(hparams, heads, kv_heads):
-    cfg = tg.model_config(dataclasses.replace(hparams, num_heads=heads, num_kv_heads=kv_heads))
-    d, hd = cfg["model_dim"], cfg["model_dim"] // heads
+    cfg = tg.ModelConfig.of(dataclasses.replace(hparams, num_heads=heads, num_kv_heads=kv_heads))
+    d, hd = cfg.model_dim, cfg.model_dim // heads
     B, T = 2, 10
     x = torch.randn(B, T, d)
     ve = torch.randn(B, T, kv_heads * hd)  # v includes the value embedding (stack.md 3.5)

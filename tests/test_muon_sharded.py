@@ -42,7 +42,7 @@ class RandomLoader:
 
 def seeded_model(h: tg.Hyperparameters) -> tg.GPT:
     torch.manual_seed(0)
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(tg.ModelConfig.of(h))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))  # zero-initialized projections would leave gradients zero
@@ -235,7 +235,7 @@ def test_plan_balances_the_frontier_shapes():
     h = tg.Hyperparameters.from_env({"PRESET": "frontier", "DATA_PATH": str(ROOT / "tests" / "data" / "sp8192"),
                                      "VOCAB_SIZE": "8192"})
     with torch.device("meta"):
-        model = tg.GPT(tg.model_config(h), torch.bfloat16)
+        model = tg.GPT(tg.ModelConfig.of(h), torch.bfloat16)
     shapes = [tuple(p.shape) for p in tg.param_groups(model)["matrix"]]
     assert len(shapes) == 66
     check_plan(shapes, 8)

@@ -21,7 +21,7 @@ import train_gpt as tg
 from test_quant_frontier import ALL_OPTIONS, trained_like_state
 
 pytest.importorskip("zpaq")
-CFG = {"vocab_size": 320, "mlp_mult": 3.0, "ve_layers": "0,1", "ln_scale": True}
+CFG = tg.ModelConfig.of(tg.Hyperparameters(vocab_size=320, ve_layers="0,1"))
 
 
 def test_roundtrip_is_bit_exact_and_the_reader_detects_the_container():
@@ -108,6 +108,6 @@ def test_projection_against_a_real_compression(tiny_model, method):
             p.normal_(0, 0.5)
     state = {n: p.detach() for n, p in tiny_model.state_dict().items()}
     qstate = tg.quantize_state(state, {}, ALL_OPTIONS)
-    real = len(tg.pack_artifact(qstate, tg.GPT(tiny_model.cfg).cfg, method))
+    real = len(tg.pack_artifact(qstate, tiny_model.cfg, method))
     # fp16 bytes count at face value (they compress a little): the projection errs high, by < 8% at this size
     assert -0.01 < tg.project_model_bytes(qstate, method) / real - 1 < 0.08, (tg.project_model_bytes(qstate, method), real)

@@ -66,7 +66,7 @@ def test_train_closes_the_thread_and_keeps_the_stream(hparams, runtime):
     for depth in (0, 2):
         h = tg.dataclasses.replace(hparams, loader_prefetch=depth, iterations=3, warmup_steps=0)
         torch.manual_seed(0)
-        base = tg.build_model(tg.model_config(h), runtime)
+        base = tg.build_model(tg.ModelConfig.of(h), runtime)
         result, _, loader = tg.train(base, base, h, runtime)
         assert prefetch_threads() == []
         x, y = loader.next_batch(tg.batch_geometry(h, runtime)[0], h.train_seq_len)

@@ -107,7 +107,7 @@ def test_saved_activation_bytes_counts_what_autograd_keeps():
 
 @pytest.mark.parametrize("world", [1, 3])
 def test_train_state_bytes_against_the_parameter_shapes(hparams, runtime, world):
-    model = tg.GPT(tg.model_config(hparams))
+    model = tg.GPT(tg.ModelConfig.of(hparams))
     n_params = sum(p.numel() for p in model.parameters())
     muon = tg.build_optimizers(model, hparams, runtime)[1].param_groups[0]["params"]
     shapes = {}

@@ -92,7 +92,7 @@ COUNTS = {"pr691": 26_993_756, "pr639": 26_928_220, "pr1306": 27_067_484, "pr106
 def test_each_preset_builds_its_systems_parameter_count(name, monkeypatch):
     monkeypatch.setattr(tg.nn.init, "orthogonal_", lambda w, *a, **k: w)  # shapes only: skip the slow QR
     h = tg.Hyperparameters.from_env({"PRESET": name, "BOS_ID": "1"})
-    count = sum(p.numel() for p in tg.GPT(tg.model_config(h)).parameters())
+    count = sum(p.numel() for p in tg.GPT(tg.ModelConfig.of(h)).parameters())
     if name == "pr1855":
         assert count == frontier_param_count(8192, 11, 512, 8, 4, 4.0, 12, 17) == COUNTS[name]
     else:

@@ -17,6 +17,7 @@ Covers:
 Run: cd /work/main && python3 -m pytest -q tests/test_quant.py   (CPU only, a few seconds)
 """
 
+import dataclasses
 import inspect
 import io
 import lzma
@@ -65,9 +66,9 @@ def output_error(X: torch.Tensor, W: torch.Tensor, q: torch.Tensor, s: torch.Ten
 def realistic_model(hparams, vocab_size: int | None = None, seed: int = 1) -> tg.GPT:
     """A tiny GPT whose weights have trained-like magnitudes: block matrices with rows above the
     1/31 floor, nonzero zero-initialised projections and bigram table."""
-    cfg = tg.model_config(hparams)
+    cfg = tg.ModelConfig.of(hparams)
     if vocab_size is not None:
-        cfg["vocab_size"] = vocab_size
+        cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
     torch.manual_seed(seed)
     model = tg.GPT(cfg)
     with torch.no_grad():
@@ -301,7 +302,7 @@ def test_pack_unpack_bitwise(hparams, compressor, magic):
     state = classification_state(hparams)
     hessians = {n: torch.eye(state[n].size(1)) * 2 for n in list(state) if BLOCK_LINEAR.match(n)}
     qstate = tg.quantize_state(state, hessians, tg.QuantSpec(block_size=32))
-    cfg = dict(tg.model_config(hparams), vocab_size=1152)
+    cfg = dataclasses.replace(tg.ModelConfig.of(hparams), vocab_size=1152)
     blob = tg.pack_artifact(qstate, cfg, compressor)
     assert blob.startswith(magic)
     cfg_back, state_back = tg.unpack_artifact(blob)
@@ -315,6 +316,9 @@ def test_pack_unpack_bitwise(hparams, compressor, magic):
     raw = b"pack me " * 1000
     for method in ("zstd", "lzma"):
         assert tg.decompress(tg.compress(raw, method)) == raw
+
+
+TINY_CFG = tg.ModelConfig.of(tg.Hyperparameters())  # any config: these tests read the weights back
 
 
 def test_on_grid_weights_round_trip_exactly():
@@ -335,7 +339,7 @@ def test_on_grid_weights_round_trip_exactly():
              "tok_emb.weight": W8, "blocks.0.attn_scale": torch.randn(64, generator=g).half().float()}
     qstate = tg.quantize_state(state, {"blocks.0.attn.c_q.weight": X.T @ X}, tg.QuantSpec(block_size=16))
     assert set(qstate["int8"]) == {"tok_emb.weight"}
-    _, back = tg.unpack_artifact(tg.pack_artifact(qstate, {"n": 1}, "zstd"))
+    _, back = tg.unpack_artifact(tg.pack_artifact(qstate, TINY_CFG, "zstd"))
     for n, t in state.items():
         assert torch.equal(back[n], t), n
 
@@ -357,10 +361,10 @@ def test_corrupt_or_truncated_artifact_is_a_config_error():
     g = torch.Generator().manual_seed(3)
     state = {"tok_emb.weight": torch.randn(32, 16, generator=g), "blocks.0.attn_scale": torch.randn(16, generator=g)}
     qstate = tg.quantize_state(state, {}, tg.QuantSpec(block_size=16))
-    tg.unpack_artifact(tg.pack_artifact(qstate, {"n": 1}, "zstd"))  # the uncut artifact loads
-    raw = tg.decompress(tg.pack_artifact(qstate, {"n": 1}, "zstd"))
+    tg.unpack_artifact(tg.pack_artifact(qstate, TINY_CFG, "zstd"))  # the uncut artifact loads
+    raw = tg.decompress(tg.pack_artifact(qstate, TINY_CFG, "zstd"))
     blobs = [bytes(torch.randint(0, 256, (4000,), generator=g, dtype=torch.uint8).tolist())]
-    blobs += [(b := tg.pack_artifact(qstate, {"n": 1}, c))[:len(b) // 2] for c in ("zstd", "lzma", "brotli")]
+    blobs += [(b := tg.pack_artifact(qstate, TINY_CFG, c))[:len(b) // 2] for c in ("zstd", "lzma", "brotli")]
     for blob in blobs:
         with pytest.raises(tg.ConfigError, match=r"^EVAL_ARTIFACT: the artifact \(\d+ bytes\) does not decompress"):
             tg.unpack_artifact(blob)
@@ -416,8 +420,8 @@ def test_write_artifact_over_cap_raises_and_writes_nothing(tmp_path, slack):
 
 def test_reloaded_model_matches_dequantized_weights(hparams, runtime):
     model = realistic_model(hparams, vocab_size=1152).eval()
-    cfg = dict(model.cfg)
-    batches = token_batches(cfg["vocab_size"], n=2)
+    cfg = model.cfg
+    batches = token_batches(cfg.vocab_size, n=2)
     hessians = tg.collect_hessians(model, batches, runtime)
     state = {n: t.detach() for n, t in model.state_dict().items()}
     qstate = tg.quantize_state(state, hessians, tg.QuantSpec.from_hparams(hparams))
@@ -430,7 +434,7 @@ def test_reloaded_model_matches_dequantized_weights(hparams, runtime):
     reference = tg.GPT(cfg).eval()
     reference.load_state_dict(tg.dequantize_state(qstate), strict=True)
 
-    x, y = token_batches(cfg["vocab_size"], n=1, seed=9)[0]
+    x, y = token_batches(cfg.vocab_size, n=1, seed=9)[0]
     with torch.no_grad():
         nll_reloaded = reloaded(x, y, reduction="none")
         nll_reference = reference(x, y, reduction="none")
@@ -478,7 +482,7 @@ def test_gptq_beats_rtn_on_a_trained_model(tiny_data, runtime, tmp_path, monkeyp
     tg.select_attention_backend("sdpa", "cpu")
     h = tg.Hyperparameters.from_env(tiny_env(tiny_data, ITERATIONS=20, WARMUP_STEPS=0))
     torch.manual_seed(0)
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(tg.ModelConfig.of(h))
     _, averager, loader = tg.train(model, model, h, runtime)
     tg.apply_weight_average(model, averager, "ema")
     batches = [loader.next_batch(8, h.train_seq_len) for _ in range(3)]

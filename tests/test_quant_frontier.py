@@ -184,7 +184,7 @@ def test_auto_compresses_once_per_compressor_and_keeps_the_smallest(hparams, tin
     assert built.compressor == min(sizes, key=sizes.get) and len(built.blob) == min(sizes.values())
     calls.clear()
     one = tg.build_artifact(state, {}, tg.dataclasses.replace(hparams, quant_compressor="zstd"), 10**9)
-    assert calls == ["zstd"] and one.blob == real(tg.artifact_payload(one.qstate, tg.model_config(hparams)), "zstd")
+    assert calls == ["zstd"] and one.blob == real(tg.artifact_payload(one.qstate, tg.ModelConfig.of(hparams)), "zstd")
 
 
 @pytest.mark.parametrize("slack", [300, 1000, 2500])

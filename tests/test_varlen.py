@@ -199,7 +199,7 @@ def masked_artifact(tiny_data, tmp_path_factory):
     h = tg.Hyperparameters.from_env(doc_env(tiny_data, DOC_MASKING=1, BOS_ID=BOS))
     state = {k: v.detach() for k, v in noisy_model(h).state_dict().items()}
     blob = tg.pack_artifact(tg.quantize_state(state, {}, tg.QuantSpec(block_size=h.gptq_block_size)),
-                            tg.model_config(h), "zstd")
+                            tg.ModelConfig.of(h), "zstd")
     (base / "model.ptz").write_bytes(blob)
     (base / "data").mkdir()
     tokens = tg.read_shard(str(tiny_data / "fineweb_val_000000.bin"))[:3000]
@@ -258,7 +258,7 @@ def test_calibration_attention_knob_picks_the_forward(tiny_data):
     batches = [(ids, ids)]
     masked, dense = (tg.collect_hessians(model, batches, RT, doc_mask=m) for m in (True, False))
     unmasked = copy.deepcopy(model)
-    unmasked.cfg["doc_masking"] = False
+    unmasked.cfg = dataclasses.replace(unmasked.cfg, doc_masking=False)
     plain = tg.collect_hessians(unmasked, batches, RT)
     name = "blocks.1.attn.c_q.weight"  # layer 1's input depends on layer 0's attention
     torch.testing.assert_close(dense[name], plain[name])
@@ -276,7 +276,7 @@ def test_packed_training_gives_varlen_one_row_cut_at_train_seq_len(tiny_data, mo
                                              ITERATIONS=2, WARMUP_STEPS=0, GPTQ_CALIB_BATCHES=1))
     ref = ReferenceVarlen()
     monkeypatch.setitem(tg._ATTENTION, "varlen", ref)
-    base = tg.GPT(tg.model_config(h))
+    base = tg.GPT(tg.ModelConfig.of(h))
     result, _, loader = tg.train(base, base, h, RT)
     assert base.segment_len == h.train_seq_len == 128 and ref.calls
     cap = tg.varlen_capacity(1, 4096, 128)

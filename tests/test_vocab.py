@@ -81,7 +81,7 @@ def test_vocab_mismatch_is_one_error_naming_vocab_size_and_writes_nothing(tmp_pa
 
 def test_model_and_luts_at_vocab_8192(val8192):
     h = tg.Hyperparameters.from_env(env8192())
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(tg.ModelConfig.of(h))
     assert model.tok_emb.weight.shape == (8192, h.model_dim)
     x = val8192[1].tokens[:2 * h.train_seq_len].view(2, -1)
     loss = model(x, val8192[1].tokens[1:2 * h.train_seq_len + 1].view(2, -1))
