@@ -137,3 +137,12 @@ def test_knobs_on_cpu_without_interpreter_run_eager_and_bit_identical(monkeypatc
     assert torch.equal(on, off)
     assert tg.select_train_kernels(dataclasses.replace(h, fused_mlp_enabled=False, fused_ce_enabled=False),
                                    "cpu") == "train_kernels: mlp:eager ce:eager"
+
+
+def test_knob_on_cuda_without_triton_logs_the_fallback(monkeypatch):
+    """No CUDA call: select_train_kernels only reads the device type and whether the kernels build."""
+    monkeypatch.setitem(tg._TRITON, "lib", None)  # as when `import triton` fails
+    h = dataclasses.replace(tg.Hyperparameters.from_env({}), fused_mlp_enabled=True)
+    assert tg.select_train_kernels(h, "cuda") == ("train_kernels: mlp:eager ce:eager (fallback: FUSED_*_ENABLED=1 "
+                                                 "but triton is not importable; the eager path runs)")
+    assert tg._TRAIN_KERNELS == {"mlp": False, "ce": False}
