@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import typing
 from dataclasses import dataclass
 
@@ -100,8 +101,6 @@ RECORD_ENV_ALIASES: dict[str, typing.Callable[[str, typing.Mapping[str, str]], d
     # The 1.0611 record's launch line (frontier.md 7, issue 19 item 6); they also need a frontier
     # PRESET (record_line_problems), since that line sets only what differs from its script's defaults.
     "DATA_DIR": lambda v, env: _alias_data_dir(v, env),
-    "FUSED_CE_ENABLED": lambda v, env: _alias_choice(  # the record's Triton kernel of the same softcapped CE
-        "FUSED_CE_ENABLED", v, {"1": {}, "0": {}}),
     "PHASED_TTT_ENABLED": lambda v, env: _alias_phased(v, env),
     "LQER_ASYM_ENABLED": lambda v, env: _alias_choice(
         "LQER_ASYM_ENABLED", v, {"1": {}} if _in_force(env, "LQER_ENABLED") else {"1": {}, "0": {}},
@@ -166,6 +165,8 @@ class Hyperparameters:
     ve_layers: str = "9,10"  # comma list of layers that get value embeddings ("" disables)
     ve_dim: int = 128
     attn_backend: str = "auto"  # auto (fa3 > fa2 > sdpa) | fa3 | fa2 | sdpa
+    fused_mlp_enabled: bool = False  # training MLP as Triton matmuls with the LeakyReLU^2 epilogues (#1530; CUDA + triton, else eager)
+    fused_ce_enabled: bool = False  # training loss as a Triton softcapped CE over vocab blocks (#1787; CUDA + triton, else eager)
     # frontier architecture (frontier.md section 2; the records' env names, all off in the seed presets)
     skip_gates_enabled: bool = False  # sigmoid-gated U-Net skips (#1089 -> #1218)
     num_loops: int = 0  # depth recurrence: extra passes over layers LOOP_START..LOOP_END (0 = off; #1493)
@@ -1564,8 +1565,232 @@ def sparse_attn_gate(y: Tensor, x: Tensor, w: Tensor, scale: float) -> Tensor:
     return y * g[..., None]
 
 
+# Triton kernels of the 1.06 records (frontier.md 6.1, 6.2), training only and optional like FA3:
+# FUSED_MLP_ENABLED / FUSED_CE_ENABLED use them when triton imports and the run is on CUDA (or under
+# TRITON_INTERPRET=1, the CPU tests); otherwise the eager MLP and loss run, bit-identical to knobs off.
+# Plain tl.dot tiling (the record's TMA persistent matmul needs Hopper and does not interpret).
+_TRAIN_KERNELS: dict[str, bool] = {"mlp": False, "ce": False}
+MLP_BLOCKS = (64, 64, 32)  # BLOCK_M, BLOCK_N, BLOCK_K of the fused MLP matmuls
+CE_BLOCK_V = 1024  # vocab entries per step of the fused CE (the record's block)
+
+
+_TRITON: dict[str, typing.Any] = {}  # "lib": _triton_kernels()'s namespace, once built
+
+
+def _triton_kernels() -> types.SimpleNamespace | None:
+    """The jitted kernels, built on first use (importing this file imports no triton); None without triton.
+    A plain dict cache, not functools.cache, so that TorchDynamo traces the call (fullgraph)."""
+    if "lib" not in _TRITON:
+        _TRITON["lib"] = _build_triton_kernels()
+    return _TRITON["lib"]
+
+
+def _build_triton_kernels() -> types.SimpleNamespace | None:
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def mlp_matmul(a, b, out, pre, M, N, K, sam, sak, sbk, sbn, slope,
+                   DPRE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """acc = A (M,K) @ B (K,N), fp32 accumulation. DPRE=0: pre = acc, out = leaky_relu(acc)^2;
+        DPRE=1: out = acc * f'(pre), f'(u) = 2u (u > 0) or 2 slope^2 u. pre/out are contiguous (M,N)."""
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ka = k0 + rk
+            av = tl.load(a + rm[:, None] * sam + ka[None, :] * sak, mask=(rm[:, None] < M) & (ka[None, :] < K), other=0.0)
+            bv = tl.load(b + ka[:, None] * sbk + rn[None, :] * sbn, mask=(ka[:, None] < K) & (rn[None, :] < N), other=0.0)
+            acc += tl.dot(av, bv)
+        off, mask = rm[:, None] * N + rn[None, :], (rm[:, None] < M) & (rn[None, :] < N)
+        if DPRE:
+            u = tl.load(pre + off, mask=mask, other=0.0).to(tl.float32)
+            res = acc * tl.where(u > 0, 2.0 * u, 2.0 * slope * slope * u)
+        else:
+            tl.store(pre + off, acc.to(pre.dtype.element_ty), mask=mask)
+            act = tl.where(acc > 0, acc, slope * acc)
+            res = act * act
+        tl.store(out + off, res.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def softcap_ce_fwd(x, target, loss, lse, V, sx, C, BV: tl.constexpr):
+        """One row: z = 2C sigmoid(2x/C) (= C tanh(x/C) + C), streaming max/sum over the vocab."""
+        row = tl.program_id(0)
+        base = x + row.to(tl.int64) * sx
+        m, s = -float("inf"), 0.0
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            xv = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            z = tl.where(cols < V, 2.0 * C * tl.sigmoid(2.0 * xv / C), -float("inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
+        out_lse = m + tl.log(s)
+        zt = 2.0 * C * tl.sigmoid(2.0 * tl.load(base + tl.load(target + row)).to(tl.float32) / C)
+        tl.store(lse + row, out_lse)
+        tl.store(loss + row, out_lse - zt)
+
+    @triton.jit
+    def softcap_ce_bwd(x, target, lse, grad, dx, V, sx, sd, C, BV: tl.constexpr):
+        """dx = g (p - onehot) 4 sig (1 - sig), sig at 2x/C, p = exp(z - LSE), recomputed per block."""
+        row = tl.program_id(0)
+        base, t = x + row.to(tl.int64) * sx, tl.load(target + row)
+        row_lse, g = tl.load(lse + row), tl.load(grad + row)
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            xv = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(2.0 * xv / C)
+            p = tl.exp(2.0 * C * sig - row_lse)
+            d = g * (p - tl.where(cols == t, 1.0, 0.0)) * 4.0 * sig * (1.0 - sig)
+            tl.store(dx + row.to(tl.int64) * sd + cols, d.to(dx.dtype.element_ty), mask=cols < V)
+
+    return types.SimpleNamespace(triton=triton, mlp_matmul=mlp_matmul, softcap_ce_fwd=softcap_ce_fwd,
+                                 softcap_ce_bwd=softcap_ce_bwd)
+
+
+def select_train_kernels(h: Hyperparameters, device_type: str) -> str:
+    """Which training MLP/loss path is in force (FUSED_MLP_ENABLED, FUSED_CE_ENABLED), chosen once
+    per process as the attention backend is; returns the log line. A knob on without triton or off
+    CUDA falls back to eager and says so."""
+    usable = (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    asked = {"mlp": h.fused_mlp_enabled, "ce": h.fused_ce_enabled}
+    have = any(asked.values()) and usable and _triton_kernels() is not None
+    _TRAIN_KERNELS.update({k: bool(on and have) for k, on in asked.items()})
+    line = "train_kernels: " + " ".join(f"{k}:{'triton' if _TRAIN_KERNELS[k] else 'eager'}" for k in asked)
+    if any(asked.values()) and not have:
+        why = "triton is not importable" if usable else f"the {device_type} device is not CUDA"
+        line += f" (fallback: FUSED_*_ENABLED=1 but {why}; the eager path runs)"
+    return line
+
+
+@contextlib.contextmanager
+def training_kernels(model: nn.Module):
+    """Inside: the training forward runs the kernels select_train_kernels chose; outside (calibration,
+    eval, TTT) the eager MLP and loss, always."""
+    def route(on: bool):
+        for m in model.modules():
+            if isinstance(m, MLP):
+                m.fused = on and _TRAIN_KERNELS["mlp"]
+            if isinstance(m, GPT):
+                m.fused_ce = on and _TRAIN_KERNELS["ce"]
+    route(True)
+    try:
+        yield
+    finally:
+        route(False)
+
+
+def _launch_mlp_matmul(a: Tensor, b: Tensor, out: Tensor, pre: Tensor, slope: float, dpre: bool, blocks):
+    """a (M,K) @ b (K,N) (any strides) through mlp_matmul into the (M,N) buffers out and pre."""
+    (M, K), N = a.shape, b.shape[1]
+    k, (bm, bn, bk) = _triton_kernels(), blocks
+    grid = (k.triton.cdiv(M, bm), k.triton.cdiv(N, bn))
+    k.mlp_matmul[grid](a, b, out, pre, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                       slope, DPRE=dpre, BM=bm, BN=bn, BK=bk)
+    return out
+
+
+# Custom ops: opaque to torch.compile(fullgraph=True) (TorchDynamo does not trace into them), and the
+# same calls under the interpreter; FusedLeakyReLU2MLP and FusedSoftcapCE give their gradients.
+@torch.library.custom_op("train_gpt::mlp_up", mutates_args=())
+def _mlp_up(x: Tensor, w_up: Tensor, slope: float, blocks: list[int]) -> tuple[Tensor, Tensor]:
+    """(pre, post) = (x W_up^T, leaky_relu(pre, slope)^2) from one kernel."""
+    pre = torch.empty(x.size(0), w_up.size(0), device=x.device, dtype=x.dtype)
+    return pre, _launch_mlp_matmul(x, w_up.t(), torch.empty_like(pre), pre, slope, False, blocks)
+
+
+@_mlp_up.register_fake
+def _(x, w_up, slope, blocks):
+    return x.new_empty(x.size(0), w_up.size(0)), x.new_empty(x.size(0), w_up.size(0))
+
+
+@torch.library.custom_op("train_gpt::mlp_dpre", mutates_args=())
+def _mlp_dpre(dy: Tensor, w_down: Tensor, pre: Tensor, slope: float, blocks: list[int]) -> Tensor:
+    """d_pre = (dY W_down) * f'(pre), f'(u) = 2u for u > 0, 2 slope^2 u otherwise, from one kernel."""
+    return _launch_mlp_matmul(dy, w_down, torch.empty_like(pre), pre, slope, True, blocks)
+
+
+@_mlp_dpre.register_fake
+def _(dy, w_down, pre, slope, blocks):
+    return torch.empty_like(pre)
+
+
+@torch.library.custom_op("train_gpt::softcap_ce", mutates_args=())
+def _softcap_ce(x: Tensor, targets: Tensor, c: float, bv: int) -> tuple[Tensor, Tensor]:
+    """(per-row loss, LSE) of the softcapped logits of x (N,V), stride 1 along V."""
+    loss = torch.empty(x.size(0), device=x.device, dtype=torch.float32)
+    lse = torch.empty_like(loss)
+    _triton_kernels().softcap_ce_fwd[(x.size(0),)](x, targets, loss, lse, x.size(1), x.stride(0), c, BV=bv)
+    return loss, lse
+
+
+@_softcap_ce.register_fake
+def _(x, targets, c, bv):
+    return x.new_empty(x.size(0), dtype=torch.float32), x.new_empty(x.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op("train_gpt::softcap_ce_grad", mutates_args=())
+def _softcap_ce_grad(x: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, c: float, bv: int) -> Tensor:
+    dx = torch.empty_like(x)
+    _triton_kernels().softcap_ce_bwd[(x.size(0),)](x, targets, lse, grad, dx, x.size(1), x.stride(0), dx.stride(0),
+                                                  c, BV=bv)
+    return dx
+
+
+@_softcap_ce_grad.register_fake
+def _(x, targets, lse, grad, c, bv):
+    return torch.empty_like(x)
+
+
+class FusedLeakyReLU2MLP(torch.autograd.Function):
+    """proj(leaky_relu(fc(x), slope)^2) with the activation and its derivative in matmul epilogues
+    (#1530 -> final): forward pre, post = x W_up^T in one kernel, then post W_down^T; backward
+    d_pre = (dY W_down) * f'(pre) in one kernel, dW_down = dY^T post, dW_up = d_pre^T x, dx = d_pre W_up."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_up: Tensor, w_down: Tensor, slope: float, blocks=None) -> Tensor:
+        x2 = x.reshape(-1, x.size(-1))
+        pre, post = _mlp_up(x2, w_up, slope, list(blocks or MLP_BLOCKS))
+        ctx.save_for_backward(x2, w_up, w_down, pre, post)
+        ctx.slope, ctx.blocks = slope, blocks
+        return F.linear(post, w_down).view(*x.shape[:-1], w_down.size(0))
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x2, w_up, w_down, pre, post = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.size(-1))
+        d_pre = _mlp_dpre(dy2, w_down, pre, ctx.slope, list(ctx.blocks or MLP_BLOCKS))
+        dx = (d_pre @ w_up).view(*dy.shape[:-1], w_up.size(1))
+        return dx, d_pre.t() @ x2, dy2.t() @ post, None, None
+
+
+class FusedSoftcapCE(torch.autograd.Function):
+    """Per-row cross-entropy of C tanh(x/C) from the pre-softcap logits x (N,V) (#1787 -> final): one
+    program per row over vocab blocks, LSE saved, the backward recomputes; softcapped logits never exist."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, targets: Tensor, c: float, block_v: int | None = None) -> Tensor:
+        bv = block_v or CE_BLOCK_V
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        loss, lse = _softcap_ce(x, targets, c, bv)
+        ctx.save_for_backward(x, targets, lse)
+        ctx.c, ctx.bv = c, bv
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, targets, lse = ctx.saved_tensors
+        dx = _softcap_ce_grad(x, targets, lse, grad.float().contiguous(), ctx.c, ctx.bv)
+        return dx, None, None, None
+
+
 class MLP(nn.Module):
     lora = None  # normed block input -> added to the MLP output
+    fused = False  # training_kernels: the training forward through FusedLeakyReLU2MLP
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -1575,7 +1800,10 @@ class MLP(nn.Module):
         self.negative_slope = cfg.negative_slope
 
     def forward(self, x: Tensor, slot: int = 0) -> Tensor:
-        out = self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
+        if self.fused:
+            out = FusedLeakyReLU2MLP.apply(x, self.fc.weight.to(x.dtype), self.proj.weight.to(x.dtype), self.negative_slope)
+        else:
+            out = self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
         return out if self.lora is None else out + self.lora(x, slot)
 
 
@@ -1665,6 +1893,7 @@ class GPT(nn.Module):
     """The record stack (stack.md section 3), built from a ModelConfig."""
     lora = None  # LM-head adapter during doc-mode TTT: final hidden -> logits, before the softcap
     segment_len = 0  # DOC_MASKING: longest attention segment (0 = the row); packed training rows: TRAIN_SEQ_LEN
+    fused_ce = False  # training_kernels: the mean training loss through FusedSoftcapCE
 
     def __init__(self, cfg: ModelConfig, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -1777,6 +2006,12 @@ class GPT(nn.Module):
     def forward(self, ids: Tensor, targets: Tensor, reduction: str = "mean", doc_mask: bool = True) -> Tensor:
         """Mean cross-entropy (training), or per-token NLL (B,T) with reduction='none'; doc_mask as
         in forward_hidden."""
+        if self.fused_ce and reduction == "mean":
+            hidden = self.forward_hidden(ids, doc_mask)
+            logits = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype)).float()
+            if self.lora is not None:
+                logits = logits + self.lora(hidden).float()
+            return FusedSoftcapCE.apply(logits.flatten(0, -2), targets.reshape(-1), self.cfg["logit_softcap"]).mean()
         logits = self.logits(self.forward_hidden(ids, doc_mask))
         nll = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return nll if reduction == "mean" else nll.view_as(targets)
@@ -3701,16 +3936,17 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
     log(f"model_params:{sum(p.numel() for p in params)} micro_batch_seqs:{geometry[0]} grad_accum_steps:{geometry[1]} "
         f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len}")
     log(f"compile:{'on mode:' + h.compile_mode if compile_enabled(h, rt) else 'off'}")
-    if h.warmup_steps > 0:
-        warm_up(model, opts, base_model, h, rt, geometry, params)
-    loader = make_train_loader(h, rt)
-    if h.loader_prefetch:
-        loader = PrefetchLoader(loader, rt, h.loader_prefetch, geometry[0], h.train_seq_len)
-    try:
-        return _train_loop(model, base_model, h, rt, params, opts, geometry, loader)
-    finally:
+    with training_kernels(base_model):  # FUSED_MLP/CE_ENABLED: training and its warm-up only
+        if h.warmup_steps > 0:
+            warm_up(model, opts, base_model, h, rt, geometry, params)
+        loader = make_train_loader(h, rt)
         if h.loader_prefetch:
-            loader.close()  # the thread ends; batches it prepared are served first to calibration
+            loader = PrefetchLoader(loader, rt, h.loader_prefetch, geometry[0], h.train_seq_len)
+        try:
+            return _train_loop(model, base_model, h, rt, params, opts, geometry, loader)
+        finally:
+            if h.loader_prefetch:
+                loader.close()  # the thread ends; batches it prepared are served first to calibration
 
 
 def _train_loop(model, base_model: GPT, h: Hyperparameters, rt: Runtime, params, opts, geometry, loader):
@@ -4714,6 +4950,7 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
     setup_logging(h, rt)
     select_attention_backend(h.attn_backend, rt.device.type)
     log_run_header(h, rt)
+    log(select_train_kernels(h, rt.device.type))
     note = PRESET_NOTES.get(h.preset, "")
     log(f"preset:{h.preset or 'pr1060'}" + (f" note:{note}" if note else ""))
     for line in alias_lines:  # the records' variable names that were translated (env_aliases)

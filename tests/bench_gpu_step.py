@@ -3,7 +3,9 @@ per-GPU micro-batch (48 x 2048 tokens: TRAIN_BATCH_TOKENS = MICRO_BATCH_SEQS x T
 size, one micro-batch per rank per step, as on 8xH100), the compiled step of train_gpt.py itself
 (maybe_compile, build_optimizers, make_train_loader, PrefetchLoader, train_step), timed for every
 variant: looping off / on (GPT.looping), COMPILE_MODE default / max-autotune-no-cudagraphs,
-LOADER_PREFETCH 0 / 2, MUON_SHARDED 0 (1 too under torchrun with world size > 1).
+LOADER_PREFETCH 0 / 2, MUON_SHARDED 0 (1 too under torchrun with world size > 1), and, where the
+Triton kernels can run (CUDA with triton), the default mode with FUSED_MLP_ENABLED (kernels=fused_mlp)
+or FUSED_CE_ENABLED (kernels=fused_ce) alone, loader_prefetch 0.
 
     python3 tests/bench_gpu_step.py                  # one H100/H200; BENCH_BUDGET_S=420 by default
     python3 tests/bench_gpu_step.py --tiny           # the same code on CPU, PRESET=tiny, seconds
@@ -43,6 +45,7 @@ import train_gpt as tg  # noqa: E402
 
 MODES = ("default", "max-autotune-no-cudagraphs")
 PREFETCH = (0, 2)
+KERNELS = {"fused_mlp": dict(fused_mlp_enabled=True), "fused_ce": dict(fused_ce_enabled=True)}
 TINY_ENV = dict(PRESET="tiny", NUM_LOOPS="1", LOOP_START="0", LOOP_END="1", MICRO_BATCH_SEQS="8")
 
 
@@ -84,7 +87,14 @@ def dynamo_counts() -> tuple[int, int]:
 def run_variant(model, base: tg.GPT, h: tg.Hyperparameters, rt: tg.Runtime, looping: bool,
                 steps: int, warmup: int) -> dict:
     """Warm-up then `steps` timed steps of train_step, as train() runs them (the loader wrapped in a
-    PrefetchLoader under LOADER_PREFETCH, closed at the end)."""
+    PrefetchLoader under LOADER_PREFETCH, closed at the end; FUSED_*_ENABLED's kernels in force)."""
+    tg.select_train_kernels(h, rt.device.type)
+    with tg.training_kernels(base):
+        return _run_variant(model, base, h, rt, looping, steps, warmup)
+
+
+def _run_variant(model, base: tg.GPT, h: tg.Hyperparameters, rt: tg.Runtime, looping: bool,
+                 steps: int, warmup: int) -> dict:
     opts, geometry, params = tg.build_optimizers(base, h, rt), tg.batch_geometry(h, rt), list(base.parameters())
     loader = tg.make_train_loader(h, rt)
     if h.loader_prefetch:
@@ -139,11 +149,20 @@ def hard_limit(started: float, limit_s: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def variants(h: tg.Hyperparameters, rt: tg.Runtime) -> list[tuple[str, bool, int, int]]:
-    """(COMPILE_MODE, looping, LOADER_PREFETCH, MUON_SHARDED), grouped by mode (one model each)."""
+def kernels_available(h: tg.Hyperparameters, rt: tg.Runtime) -> bool:
+    """Whether FUSED_MLP/CE_ENABLED would run their Triton kernels here (select_train_kernels)."""
+    line = tg.select_train_kernels(dataclasses.replace(h, fused_mlp_enabled=True, fused_ce_enabled=True), rt.device.type)
+    return line.startswith("train_kernels: mlp:triton ce:triton")
+
+
+def variants(h: tg.Hyperparameters, rt: tg.Runtime, kernels: bool = False) -> list[tuple[str, bool, int, int, str]]:
+    """(COMPILE_MODE, looping, LOADER_PREFETCH, MUON_SHARDED, kernels), grouped by mode (one model
+    each); with `kernels`, the default mode's KERNELS variants follow its plain ones."""
     loops = (False, True) if h.num_loops else (False,)
     sharded = (0, 1) if rt.world_size > 1 else (0,)
-    return [(m, lp, p, s) for m in MODES for lp in loops for p in PREFETCH for s in sharded]
+    return [(m, lp, p, s, k) for m in MODES
+            for k in ("", *(KERNELS if kernels and m == "default" else ()))
+            for lp in loops for p in (PREFETCH if not k else (0,)) for s in (sharded if not k else (0,))]
 
 
 def projected_s(compiled: dict, mode: str, looping: bool, steps_s: float) -> float:
@@ -156,8 +175,9 @@ def projected_s(compiled: dict, mode: str, looping: bool, steps_s: float) -> flo
     return steps_s + (max(same) if same else 2 * max(compiled.values(), default=0.0))
 
 
-def label(mode: str, looping: bool, prefetch: int, sharded: int) -> str:
-    return f"compile_mode={mode} looping={int(looping)} loader_prefetch={prefetch} muon_sharded={sharded}"
+def label(mode: str, looping: bool, prefetch: int, sharded: int, kernels: str = "") -> str:
+    return (f"compile_mode={mode} looping={int(looping)} loader_prefetch={prefetch} muon_sharded={sharded}"
+            + (f" kernels={kernels}" if kernels else ""))
 
 
 def main(argv=None) -> int:
@@ -192,28 +212,31 @@ def bench(a, rt: tg.Runtime, env: dict, backend: str, steps: int, warmup: int, s
         h = tg.Hyperparameters.from_env(env)
         geometry = tg.batch_geometry(h, rt)
         attn = tg.select_attention_backend(h.attn_backend, rt.device.type)  # as run(): every rank, before the model
+        kernels = kernels_available(h, rt)
         if rt.is_main:
             print(f"bench_step:device={rt.device_name()} world_size={rt.world_size} preset={h.preset} "
                   f"micro_batch={geometry[0]}x{h.train_seq_len} grad_accum={geometry[1]} "
                   f"compile={int(tg.compile_enabled(h, rt))}{' backend=' + backend if backend else ''} "
-                  f"attn={attn} steps={steps} "
+                  f"attn={attn} triton_kernels={int(kernels)} steps={steps} "
                   f"warmup={warmup} memory={'cuda_max_allocated' if rt.is_cuda else 'cpu_peak_rss'}", flush=True)
         models: dict[str, tuple] = {}
         compiled: dict[tuple[str, bool], float] = {}  # (mode, looping) -> its first variant's warm-up seconds
         rows = skipped = 0
         aborted = False
         last_ms = 0.0
-        for mode, looping, prefetch, sharded in variants(h, rt):
+        for mode, looping, prefetch, sharded, kern in variants(h, rt, kernels):
+            graph = f"{mode}/{kern}" if kern else mode  # a kernel variant traces its own graphs
             elapsed = time.perf_counter() - started
-            expected = projected_s(compiled, mode, looping, (steps + warmup) * last_ms / 1000)
+            expected = projected_s(compiled, graph, looping, (steps + warmup) * last_ms / 1000)
             if rt.any_rank(aborted or elapsed + expected > a.budget_s):  # every rank skips the same variants
                 skipped += 1
                 why = "a variant was aborted" if aborted else \
                     f"elapsed {elapsed:.0f} s + projected {expected:.0f} s over the budget of {a.budget_s:.0f} s"
                 if rt.is_main:
-                    print(f"bench_step:skipped {label(mode, looping, prefetch, sharded)} ({why})", flush=True)
+                    print(f"bench_step:skipped {label(mode, looping, prefetch, sharded, kern)} ({why})", flush=True)
                 continue
-            hv = dataclasses.replace(h, compile_mode=mode, loader_prefetch=prefetch, muon_sharded=bool(sharded))
+            hv = dataclasses.replace(h, compile_mode=mode, loader_prefetch=prefetch, muon_sharded=bool(sharded),
+                                     **KERNELS.get(kern, {}))
             if mode not in models:
                 models.clear()  # the previous mode's model and graphs go before the next one is built
                 base = None
@@ -228,14 +251,14 @@ def bench(a, rt: tg.Runtime, env: dict, backend: str, steps: int, warmup: int, s
             except HardLimit:
                 skipped += 1
                 if rt.is_main:
-                    print(f"bench_step:aborted {label(mode, looping, prefetch, sharded)} (still running "
+                    print(f"bench_step:aborted {label(mode, looping, prefetch, sharded, kern)} (still running "
                           f"{time.perf_counter() - started:.0f} s after the start)", flush=True)
                 aborted = True
                 continue
-            compiled.setdefault((mode, looping), r["warm_s"])
+            compiled.setdefault((graph, looping), r["warm_s"])
             rows, last_ms = rows + 1, r["ms_per_step"]
             if rt.is_main:
-                print(f"bench_step:{label(mode, looping, prefetch, sharded)} ms_per_step={r['ms_per_step']:.2f} "
+                print(f"bench_step:{label(mode, looping, prefetch, sharded, kern)} ms_per_step={r['ms_per_step']:.2f} "
                       f"tokens_per_s={r['tokens_per_s']:.0f} peak_mib={r['peak_mib']:.0f} graphs={r['graphs']} "
                       f"graph_breaks={r['breaks']} recompiles={r['recompiles']} warmup_s={r['warm_s']:.1f} "
                       f"loss={r['loss']:.4f}", flush=True)

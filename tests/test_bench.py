@@ -128,3 +128,20 @@ def test_bench_gpu_step_two_processes_add_muon_sharded_rows(tmp_path):
         [(lp, p, s) for _ in range(2) for lp in ("0", "1") for p in ("0", "2") for s in ("0", "1")]
     assert not skipped and done["rows"] == "16" and "world_size=2" in proc.stdout
     assert all(float(r["ms_per_step"]) > 0 for r in rows)
+
+
+def test_bench_gpu_step_kernel_variants_follow_the_default_mode(monkeypatch):
+    """Where the Triton kernels can run, kernels=fused_mlp and kernels=fused_ce (prefetch 0, one each
+    per looping) come after the default mode's plain variants and before the next mode; off CUDA,
+    without the interpreter, there are none."""
+    import bench_gpu_step as bgs
+    h = tg.Hyperparameters.from_env(dict(bgs.TINY_ENV))
+    rt = tg.setup_runtime("cpu", {})
+    plain = [(m, lp, p, 0, "") for m in bgs.MODES for lp in (False, True) for p in (0, 2)]
+    assert bgs.variants(h, rt) == plain
+    assert bgs.variants(h, rt, True) == plain[:4] + [("default", lp, 0, 0, k) for k in ("fused_mlp", "fused_ce")
+                                                     for lp in (False, True)] + plain[4:]
+    assert bgs.label("default", True, 0, 0, "fused_ce") == \
+        "compile_mode=default looping=1 loader_prefetch=0 muon_sharded=0 kernels=fused_ce"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not bgs.kernels_available(h, rt)

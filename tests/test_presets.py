@@ -208,29 +208,32 @@ def test_bare_launch_line_is_one_error_naming_each_variable_and_writes_nothing(t
 
 
 def test_launch_line_means_the_preset_plus_its_seed_data_and_reserve():
-    """The whole line (COMPRESSOR=pergroup included) changes nothing of PRESET=pr1855 but SEED and
-    GPTQ_RESERVE_SECONDS: the preset is the record's configuration, data paths and CaseOps included."""
+    """The whole line (COMPRESSOR=pergroup included) changes nothing of PRESET=pr1855 but SEED,
+    GPTQ_RESERVE_SECONDS and FUSED_CE_ENABLED (the training-only Triton CE, off in the preset): the
+    preset is the record's configuration, data paths and CaseOps included."""
     line = dict(parse_line(RECORD_LINE), PRESET="pr1855")
     h, preset = tg.Hyperparameters.from_env(line), tg.Hyperparameters.from_env({"PRESET": "pr1855"})
     changed = {k for k, v in dataclasses.asdict(h).items() if getattr(preset, k) != v}
-    assert changed == {"seed", "gptq_reserve_seconds"}
+    assert changed == {"seed", "gptq_reserve_seconds", "fused_ce_enabled"}
     hints = tg.typing.get_type_hints(tg.Hyperparameters)
     for var, raw in line.items():
         if var.lower() in hints:
             assert getattr(h, var.lower()) == tg._parse_env(var, raw, hints[var.lower()]), var
     assert (h.quant_compressor, h.gptq_calib_batches, h.seed) == ("pergroup", 16, 42)
     lines = tg.env_aliases(line)[1]
-    for alias in ("DATA_DIR=./data", "FUSED_CE_ENABLED=1", "PHASED_TTT_ENABLED=1", "LQER_ASYM_ENABLED=1"):
+    for alias in ("DATA_DIR=./data", "PHASED_TTT_ENABLED=1", "LQER_ASYM_ENABLED=1"):
         assert f"env_alias:{alias} -> (no effect here)" in lines
     assert "env_alias:COMPRESSOR=pergroup -> QUANT_COMPRESSOR=pergroup" in lines
 
 
 def test_the_records_hyperparameters_in_force_are_pr1855():
     """Every value of the record's log dump (frontier.md 7) set on top of PRESET=pr1855 changes only
-    the calibration reserve (0.5 s, which let the record calibrate after its cap)."""
+    the calibration reserve (0.5 s, which let the record calibrate after its cap) and FUSED_CE_ENABLED
+    (the training-only Triton CE, off in the preset)."""
     env = dict(parse_line(RECORD_IN_FORCE), PRESET="pr1855")
     h, preset = tg.Hyperparameters.from_env(env), tg.Hyperparameters.from_env({"PRESET": "pr1855"})
-    assert {k for k, v in dataclasses.asdict(h).items() if getattr(preset, k) != v} == {"gptq_reserve_seconds"}
+    assert {k for k, v in dataclasses.asdict(h).items() if getattr(preset, k) != v} == {"gptq_reserve_seconds",
+                                                                                        "fused_ce_enabled"}
 
 
 @pytest.mark.parametrize("env,match", [
