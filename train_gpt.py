@@ -2011,7 +2011,7 @@ class GPT(nn.Module):
             logits = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype)).float()
             if self.lora is not None:
                 logits = logits + self.lora(hidden).float()
-            return FusedSoftcapCE.apply(logits.flatten(0, -2), targets.reshape(-1), self.cfg["logit_softcap"]).mean()
+            return FusedSoftcapCE.apply(logits.flatten(0, -2), targets.reshape(-1), self.cfg.logit_softcap).mean()
         logits = self.logits(self.forward_hidden(ids, doc_mask))
         nll = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return nll if reduction == "mean" else nll.view_as(targets)

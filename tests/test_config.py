@@ -1,6 +1,6 @@
 """Hyperparameters.from_env: record defaults, the tiny preset and its precedence, strict parsing of
 booleans/ints/floats, unknown owned variables, impossible shapes and enum values, an import
-without side effects, and model_config().
+without side effects, and ModelConfig.
 
     python3 -m pytest -q tests/test_config.py
 """

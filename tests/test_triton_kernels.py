@@ -61,7 +61,7 @@ out["compiled"] = dict(diff=diffs(got, ref), scale=[float(r.abs().max()) for r i
 h = dataclasses.replace(tg.Hyperparameters.from_env(dict(PRESET="tiny", VOCAB_SIZE="97")),
                         fused_mlp_enabled=True, fused_ce_enabled=True)
 out["line"] = tg.select_train_kernels(h, "cpu")
-model = tg.GPT(tg.model_config(h))
+model = tg.GPT(tg.ModelConfig.of(h))
 for p in model.parameters():  # zero-init projections would hide the MLP's gradient paths
     torch.nn.init.normal_(p, std=0.05)
 ids, tgt = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
@@ -128,7 +128,7 @@ def test_knobs_on_cpu_without_interpreter_run_eager_and_bit_identical(monkeypatc
     line = tg.select_train_kernels(h, "cpu")
     assert line.startswith("train_kernels: mlp:eager ce:eager (fallback: FUSED_*_ENABLED=1 but the cpu device is not CUDA")
     torch.manual_seed(0)
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(tg.ModelConfig.of(h))
     ids, tgt = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
     off = model(ids, tgt)
     with tg.training_kernels(model):
