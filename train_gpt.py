@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+import tokenize
 import typing
 from dataclasses import dataclass
 
@@ -876,7 +877,8 @@ def log_run_header(h: Hyperparameters, rt: Runtime):
     with open(os.path.abspath(__file__), "rb") as f:
         code = f.read()
     log(f"code: bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()} (full source below, in the log file)")
-    log("=" * 100 + "\n" + code.decode("utf-8") + "\n" + "=" * 100, console=False)
+    encoding = tokenize.detect_encoding(io.BytesIO(code).readline)[0]  # utf-8; latin-1 when packed (tests/pack.py)
+    log("=" * 100 + "\n" + code.decode(encoding) + "\n" + "=" * 100, console=False)
     if rt.is_cuda and rt.is_main:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout, console=False)
