@@ -1,4 +1,4 @@
-"""The packed, self-extracting train_gpt.py (tests/pack.py; issue 10 item 6, rule D2; issue 17 item 8).
+"""The packed, self-extracting train_gpt.py (tests/tools/pack.py; issue 10 item 6, rule D2; issue 17 item 8).
 
 Covers: the literal escapes exactly NUL, CR, LF, the quote and the backslash, and Python's own parser
 reads every byte value back; the packed file is small, stdlib-only Python that unpacks to the exact
@@ -101,4 +101,4 @@ def test_packed_script_runs_identically_and_counts_its_own_size(tiny_data, tmp_p
 
 def test_usage_error(capsys):
     assert pack.main(["pack.py"]) == 2
-    assert capsys.readouterr().err.startswith("usage: python3 tests/pack.py")
+    assert capsys.readouterr().err.startswith("usage: python3 tests/tools/pack.py")

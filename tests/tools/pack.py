@@ -1,7 +1,7 @@
 """Pack train_gpt.py into a self-extracting single file that runs identically (issue 10 item 6,
 rule D2: the file shipped is the file counted).
 
-    python3 tests/pack.py train_gpt.py records/<run>/train_gpt.py
+    python3 tests/tools/pack.py train_gpt.py records/<run>/train_gpt.py
 
 The packed file is valid Python that needs only the standard library: it decompresses its string
 literal with lzma (xz, preset 9 extreme) and executes the source as the running script itself: same
@@ -24,7 +24,7 @@ import lzma
 import re
 import sys
 
-USAGE = "usage: python3 tests/pack.py train_gpt.py OUT.py"
+USAGE = "usage: python3 tests/tools/pack.py train_gpt.py OUT.py"
 WRAPPER = b'# coding: latin-1\nimport lzma\nexec(compile(lzma.decompress(\n"%s".encode("latin-1")),__file__,"exec"))\n'
 ESCAPES = {0x00: b"\\0", 0x0A: b"\\n", 0x0D: b"\\r", 0x22: b'\\"', 0x5C: b"\\\\"}  # NUL LF CR " backslash
 ESCAPED = re.compile(rb'(\x00(?=[0-7]))|[\x00\n\r"\\]')
