@@ -13,9 +13,9 @@ was founded on are one preset away: PRESET=pr691|pr639|pr1306|pr1060 (the defaul
 Record run (8xH100, FineWeb sp1024; PRESET=frontier for sp8192), after a go/no-go check:
     PREFLIGHT=1 torchrun --standalone --nproc_per_node=8 train_gpt.py
     torchrun --standalone --nproc_per_node=8 train_gpt.py
-Shipped form (code bytes as counted, rule D2): python3 tests/pack.py train_gpt.py packed/train_gpt.py
+Shipped form (code bytes as counted, rule D2): python3 tests/tools/pack.py train_gpt.py packed/train_gpt.py
 Tiny CPU run (every phase, data made on the spot; see README):
-    python3 tests/make_tiny_data.py /tmp/pg_tiny
+    python3 tests/tools/make_tiny_data.py /tmp/pg_tiny
     PRESET=tiny DATA_PATH=/tmp/pg_tiny TOKENIZER_PATH=/tmp/pg_tiny/tokenizer.model python3 train_gpt.py
 Tests:
     python3 -m pytest -q tests
@@ -26,6 +26,7 @@ Outputs: logs/<RUN_ID>.txt, logs/<RUN_ID>.json, final_model.int6.ptz.
 
 from __future__ import annotations
 
+import ast
 import collections
 import contextlib
 import copy
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+import tokenize
 import types
 import typing
 from dataclasses import dataclass
@@ -637,7 +639,7 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
                      lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_factor_bits=4, lqer_asym_group=64,
                      # #1855's per-group layout; the record's clips (11.5/14.0) are over the cap here and #1851's
                      # (12.0/15.0, 15.76 MB) fit only with the packed script; MLP 12.5 measures 15.59 MB
-                     # (tests/bench_compress.py), so the raw source (~260 KB) fits too, ~150 KB under the cap
+                     # (tests/tools/bench_compress.py), so the raw source (~260 KB) fits too, ~150 KB under the cap
                      quant_compressor="pergroup",
                      eval_mode="doc", eval_seq_len=2048, ttt_enabled=True, ttt_chunk_size=48, ttt_batch_size=64,
                      ttt_grad_steps=1, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_lora_lr=1e-4, ttt_beta1=0.0,
@@ -669,7 +671,7 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
     "pr1060": {},  # the defaults: #1060's stack plus #549's score-first TTT (TTT_ENABLED=0 is #1060's headline)
 }
 # The 1.0611 record under its PR number (issue 14): frontier on the record's own data, CaseOps shards with
-# their byte sidecars (tests/caseops_data.py builds them) and its tokenizer, at the record's paths.
+# their byte sidecars (tests/tools/caseops_data.py builds them) and its tokenizer, at the record's paths.
 # PRESET=frontier keeps plain sp8192, which runs without the CaseOps download.
 PRESETS["pr1855"] = dict(PRESETS["frontier"], caseops_enabled=True, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0,
                          data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
@@ -908,6 +910,16 @@ def run_versions() -> dict[str, str | None]:
                 cuda=torch.version.cuda, flash_attn=flash, attn_backend=_ATTENTION["name"])
 
 
+def script_source(code: bytes) -> str:
+    """The source that runs: the file itself, or inside a packed one (tests/tools/pack.py: a latin-1
+    file whose string literal holds the lzma bytes) the decompressed text, so the log stays readable."""
+    if tokenize.detect_encoding(io.BytesIO(code).readline)[0] == "utf-8":
+        return code.decode("utf-8")
+    literal = max((n.value for n in ast.walk(ast.parse(code.decode("latin-1")))
+                   if isinstance(n, ast.Constant) and isinstance(n.value, str)), key=len)
+    return lzma.decompress(literal.encode("latin-1")).decode("utf-8")
+
+
 def log_run_header(h: Hyperparameters, rt: Runtime):
     """Every hyperparameter in force, sorted, then where and with what the run happens."""
     for name in sorted(f.name for f in dataclasses.fields(h)):
@@ -917,7 +929,7 @@ def log_run_header(h: Hyperparameters, rt: Runtime):
     with open(os.path.abspath(__file__), "rb") as f:
         code = f.read()
     log(f"code: bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()} (full source below, in the log file)")
-    log("=" * 100 + "\n" + code.decode("utf-8") + "\n" + "=" * 100, console=False)
+    log("=" * 100 + "\n" + script_source(code) + "\n" + "=" * 100, console=False)
     if rt.is_cuda and rt.is_main:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout, console=False)
@@ -3178,7 +3190,7 @@ PERGROUP_MAGIC = b"PGZ1"  # QUANT_COMPRESSOR=pergroup's container (pergroup_pack
 PERGROUP_ROLES = ("tok_emb.", ".attn.c_k.", ".attn.c_q.", ".attn.c_v.", ".attn.proj.", ".mlp.fc.", ".mlp.proj.")  # #1855's
 PERGROUP_CHUNK_BYTES = 4 << 20  # zpaq streams of at most this many code bytes, (de)compressed in parallel threads
 # Compressed bytes per payload_entropy_bytes, measured on the full-size frontier payload at the record's
-# clips (tests/bench_compress.py, README): what each compressor pays over the order-0 entropy.
+# clips (tests/tools/bench_compress.py, README): what each compressor pays over the order-0 entropy.
 COMPRESSED_PER_ENTROPY_BYTE = {"brotli": 1.0062, "zstd": 1.0108, "lzma": 1.0108, "pergroup": 0.9979}  # lzma: taken as zstd
 ZPAQ_LEVEL = 5  # the strongest: within ~0.2% of the entropy of i.i.d. codes, ~0.5 MB/s per thread both ways (README)
 ARTIFACT_FORMAT = "pg-quant-v2"
@@ -4590,7 +4602,7 @@ GPTQ_S = 30.0
 RANK0_COMPRESS_S = 40.0
 # Artifact decompression on each rank, by QUANT_COMPRESSOR (auto: the slowest of its three). brotli:
 # ~16 MB at ~186 MB/s (review probe 4), rounded up. pergroup: zpaq-5 decodes ~0.5 MB/s of codes per
-# thread (tests/bench_compress.py: 8.2 s per 4 MB stream on this 2-core VM), its ~9 streams in parallel
+# thread (tests/tools/bench_compress.py: 8.2 s per 4 MB stream on this 2-core VM), its ~9 streams in parallel
 # threads, so about two streams' time with 8 ranks sharing the host; the record's lrzip took 16-24 s.
 DECOMPRESS_S = {"brotli": 1.0, "zstd": 1.0, "lzma": 3.0, "pergroup": 20.0, "auto": 3.0}
 EVAL_COMPILE_S = 65.0  # one compile of the eval forward: the prequant diagnostic's 40-70 s less its 5.7 s of forward

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS / "tools"))  # the user-run tools the tests import (pack, sweep, ...)
 
 import train_gpt as tg  # noqa: E402
 from make_tiny_data import make_dataset  # noqa: E402
@@ -27,7 +28,7 @@ REAL_SHARDS = SHARED_DATA / "standin_sp1024"
 SAMPLE = TESTS / "data"
 SAMPLE_TOKENIZER = {1024: SAMPLE / "fineweb_1024_bpe.model", 8192: SAMPLE / "fineweb_8192_bpe.model"}
 SAMPLE_SHARDS = {1024: SAMPLE / "sp1024", 8192: SAMPLE / "sp8192"}
-SAMPLE_DOCS = 60  # documents in each sample shard (tests/make_sample_data.py DOCS)
+SAMPLE_DOCS = 60  # documents in each sample shard (tests/tools/make_sample_data.py DOCS)
 TINY_DATA_VOCAB = 512  # make_dataset's tokenizer; PRESET=tiny's own default is the sample's 1024
 
 

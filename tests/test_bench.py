@@ -1,4 +1,4 @@
-"""Keeps tests/bench.py alive on CPU (tiny dims, one step) and checks its FLOP count against the
+"""Keeps tests/tools/bench.py alive on CPU (tiny dims, one step) and checks its FLOP count against the
 model's own matmul parameters.
 
     python3 -m pytest -q tests/test_bench.py
@@ -44,7 +44,7 @@ def bench_step_rows(out: str) -> tuple[list[dict], list[str], dict]:
 
 
 def test_bench_gpu_step_tiny_prints_every_variant(monkeypatch, capsys):
-    """tests/bench_gpu_step.py --tiny (issue 16 item 4): one row per variant (looping x COMPILE_MODE x
+    """tests/tools/bench_gpu_step.py --tiny (issue 16 item 4): one row per variant (looping x COMPILE_MODE x
     LOADER_PREFETCH, MUON_SHARDED=0 on one process), positive figures; tokens/s is the micro-batch
     over the median step; every mode starts from the same seeded model and fresh loader, so the
     first steps' losses agree across modes (eager here: COMPILE=0)."""
@@ -120,7 +120,7 @@ def test_bench_gpu_step_two_processes_add_muon_sharded_rows(tmp_path):
     from conftest import ROOT, script_env
     env = script_env({})
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "tests" / "bench_gpu_step.py"), "--tiny", "--steps", "1"], cwd=tmp_path,
+                           str(ROOT / "tests" / "tools" / "bench_gpu_step.py"), "--tiny", "--steps", "1"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows, skipped, done = bench_step_rows(proc.stdout)

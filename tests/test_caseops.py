@@ -153,7 +153,7 @@ def test_doc_and_lora_eval_count_the_sidecar(tiny_data, lora):
 
 
 # ----------------------------------------------------------------------------------------------
-# tests/caseops_data.py: the transform, its inverse and the sidecar on real text
+# tests/tools/caseops_data.py: the transform, its inverse and the sidecar on real text
 
 def test_transform_examples_and_inverse_on_adversarial_strings():
     from caseops_data import ALLCAPS, CAPNEXT, ESC, TITLE, inverse, transform
@@ -255,7 +255,7 @@ def test_tiny_caseops_run_scores_the_sidecar_bytes(tmp_path):
     ("val_docs", ["--val-docs 3", "3 documents"]),
 ])
 def test_caseops_tool_bad_input_is_one_error_line(tmp_path, tiny_data, case, words):
-    """tests/caseops_data.py on bad input: one `error:` line, exit 2, no shard written."""
+    """tests/tools/caseops_data.py on bad input: one `error:` line, exit 2, no shard written."""
     import subprocess
     import sys
     docs = tmp_path / "docs.jsonl"
@@ -267,7 +267,7 @@ def test_caseops_tool_bad_input_is_one_error_line(tmp_path, tiny_data, case, wor
         tokenizer = tmp_path / "junk.model"
         tokenizer.write_bytes(b"\x00junk" * 50)
     out = tmp_path / "out"
-    tool = ROOT / "tests" / "caseops_data.py"
+    tool = ROOT / "tests" / "tools" / "caseops_data.py"
     proc = subprocess.run([sys.executable, tool, "--docs", str(docs), "--tokenizer", str(tokenizer), "--out", str(out),
                            "--val-docs", "3" if case == "val_docs" else "1"], capture_output=True, text=True)
     assert_one_error_line(proc, words)

@@ -247,13 +247,13 @@ def test_default_run_id_names_date_preset_and_seed_and_never_overwrites_a_log(tm
 
 
 def test_readme_knob_table_is_generated_from_the_code():
-    """README's knob table equals tests/knobs_table.py's output (regenerate with --write), and
+    """README's knob table equals tests/tools/knobs_table.py's output (regenerate with --write), and
     lists every field once under its env name, with the defaults and preset values of the code."""
-    sys.path.insert(0, os.path.dirname(__file__))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tools"))
     import knobs_table
     readme = open(knobs_table.README).read()
     block = knobs_table.readme_block(readme)
-    assert block == knobs_table.table(), "README knob table is stale: python3 tests/knobs_table.py --write"
+    assert block == knobs_table.table(), "README knob table is stale: python3 tests/tools/knobs_table.py --write"
     names = [line.split("|")[1].strip().strip("`") for line in block.splitlines()[2:] if line.startswith("| `")]
     assert names == [f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)]
     row = next(line for line in block.splitlines() if line.startswith("| `MLP_MULT` |"))

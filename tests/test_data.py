@@ -335,7 +335,7 @@ def test_sample_is_the_same_real_documents_in_both_vocabularies(split):
 
 
 def test_sample_is_cut_from_the_stand_in_shards(tmp_path):
-    """Where ../shared/data exists, tests/make_sample_data.py rebuilds the shipped sample byte for byte:
+    """Where ../shared/data exists, tests/tools/make_sample_data.py rebuilds the shipped sample byte for byte:
     each shard is a prefix of the stand-in's, cut on a document boundary."""
     from conftest import SAMPLE, SHARED_DATA
     if not (SHARED_DATA / "standin_sp8192").is_dir():

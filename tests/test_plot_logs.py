@@ -1,4 +1,4 @@
-"""tests/plot_logs.py (issue 15 item 9) on a real log of the script: the parsed curves against the
+"""tests/tools/plot_logs.py (issue 15 item 9) on a real log of the script: the parsed curves against the
 log's own lines, a PNG written, and a clear error for a file that is not a log."""
 
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "tools"))
 import plot_logs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

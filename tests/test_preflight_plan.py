@@ -24,7 +24,7 @@ import train_gpt as tg
 from conftest import SAMPLE_SHARDS, SAMPLE_TOKENIZER, SHARED_DATA, tiny_env
 
 # The shipped sp8192 sample: its PLAN_LENGTHS_NAME holds the stand-in train shard's 2,677 document
-# lengths (tests/make_sample_data.py), so the full-size plans below run in any clone.
+# lengths (tests/tools/make_sample_data.py), so the full-size plans below run in any clone.
 SP8192 = SAMPLE_SHARDS[8192]
 SP8192_TOKENIZER = SAMPLE_TOKENIZER[8192]
 needs_sp8192 = pytest.mark.skipif(not (SP8192 / tg.PLAN_LENGTHS_NAME).is_file(), reason="needs the shipped sample")

@@ -25,7 +25,7 @@ def test_train_log_code_hash_is_the_shipped_script():
 
 
 def test_submission_json_holds_train_log_s_numbers():
-    """submission.json (tests/summarize.py over the seeds) has train.log's seed with the headline
+    """submission.json (tests/tools/summarize.py over the seeds) has train.log's seed with the headline
     val_bpb of its `legal_ttt_exact` line and the artifact bytes of its `Total submission size` line,
     and its mean is the mean of its seeds."""
     log = (ROOT / "train.log").read_text()

@@ -1,4 +1,4 @@
-"""tests/sweep.py: the paired per-document test against scipy on synthetic losses with a known
+"""tests/tools/sweep.py: the paired per-document test against scipy on synthetic losses with a known
 effect, and grid / select end to end on the tiny preset (resumption, a failing point)."""
 
 import csv

@@ -3,7 +3,7 @@ Hessians on the same next training batches through the document-masked forward (
 dense causal forward (the record's), quantize the same weights with each, and print the roundtrip
 gap (quantized minus unquantized val_bpb) of both.
 
-    OMP_NUM_THREADS=1 BENCH_SEEDS=1337,1338,1339 python3 tests/bench_calib.py
+    OMP_NUM_THREADS=1 BENCH_SEEDS=1337,1338,1339 python3 tests/tools/bench_calib.py
 
 The model is BENCH_MODEL below on top of PRESET=frontier with the sp8192 stand-in data; the
 environment can override any field. Validation data is read only after training and both
@@ -17,10 +17,10 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt as tg  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data")
 BENCH_MODEL = dict(PRESET="frontier", DATA_PATH=os.path.join(DATA, "standin_sp8192"),
                    TOKENIZER_PATH=os.path.join(DATA, "tokenizers", "fineweb_8192_bpe.model"),
                    NUM_LAYERS="4", XSA_LAST_N="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2",

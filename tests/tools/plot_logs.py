@@ -1,7 +1,7 @@
 """Curves from one or more run logs (logs/<RUN_ID>.txt) to a PNG: training loss against step and
 against training time, and the running TTT bpb against chunk (sliding-mode TTT) or batch (LoRA TTT).
 
-    python3 tests/plot_logs.py logs/seed42.txt logs/seed314.txt --out curves.png
+    python3 tests/tools/plot_logs.py logs/seed42.txt logs/seed314.txt --out curves.png
 
 Reads only the log lines after the embedded source (the `step:`, `ttt_chunk:` and `ttt_batch:`
 lines). Needs matplotlib (a tools extra in requirements.txt, like scipy; not used by train_gpt.py).

@@ -1,9 +1,9 @@
 """CPU A/B of the frontier architecture options (issue 9 item 6): each option alone on top of the
 seed stack, and all of them (PRESET=frontier's model), on a small model at equal steps.
 
-    OMP_NUM_THREADS=1 python3 tests/bench_frontier.py --vocab 1024 --out /tmp/bench_sp1024
-    OMP_NUM_THREADS=1 python3 tests/bench_frontier.py --vocab 8192 --out /tmp/bench_sp8192
-    OMP_NUM_THREADS=1 python3 tests/bench_frontier.py --vocab 1024 --out /tmp/bench_sp1024 --timing 7
+    OMP_NUM_THREADS=1 python3 tests/tools/bench_frontier.py --vocab 1024 --out /tmp/bench_sp1024
+    OMP_NUM_THREADS=1 python3 tests/tools/bench_frontier.py --vocab 8192 --out /tmp/bench_sp8192
+    OMP_NUM_THREADS=1 python3 tests/tools/bench_frontier.py --vocab 1024 --out /tmp/bench_sp1024 --timing 7
 
 Data: the stand-in shards in ../shared/data, with the validation stream cut to its first 65,536
 targets (so the three evaluation passes stay short). Runs go one at a time, the configurations in
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 

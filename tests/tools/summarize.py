@@ -1,10 +1,10 @@
 """Multi-seed summary and significance for a submission (rule F1), from the runs' own files.
 
-    python3 tests/summarize.py logs/seed1.json logs/seed2.json logs/seed3.json \
+    python3 tests/tools/summarize.py logs/seed1.json logs/seed2.json logs/seed3.json \
         --baseline-bpb 1.11922988 1.12002032 1.11888882 --name "my record" --author "Ada" --github-id ada \
         --blurb "what changed" --out submission.json
-    python3 tests/summarize.py logs/*.json --baseline-json base/*.json
-    python3 tests/summarize.py --paired new/ttt.npy base/ttt.npy --val-shard data/fineweb_val_000000.bin
+    python3 tests/tools/summarize.py logs/*.json --baseline-json base/*.json
+    python3 tests/tools/summarize.py --paired new/ttt.npy base/ttt.npy --val-shard data/fineweb_val_000000.bin
 
 Reads each run's summary JSON (logs/<RUN_ID>.json) and writes submission.json in the records' format
 (author, github_id, name, blurb, date, track, hardware, versions, per-seed results with steps,
@@ -20,6 +20,7 @@ It lives under tests/ so that its bytes do not count toward the artifact.
 import argparse
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="submission.json")
     a = ap.parse_args(argv)
     if a.paired:
-        sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
         import train_gpt
         val = np.concatenate([np.asarray(train_gpt.read_shard(p)) for p in sorted(a.val_shard or [])])
         print(json.dumps(paired_by_document(a.paired[0], a.paired[1], val), indent=1))

@@ -7,8 +7,8 @@ LOADER_PREFETCH 0 / 2, MUON_SHARDED 0 (1 too under torchrun with world size > 1)
 Triton kernels can run (CUDA with triton), the default mode with FUSED_MLP_ENABLED (kernels=fused_mlp)
 or FUSED_CE_ENABLED (kernels=fused_ce) alone, loader_prefetch 0.
 
-    python3 tests/bench_gpu_step.py                  # one H100/H200; BENCH_BUDGET_S=420 by default
-    python3 tests/bench_gpu_step.py --tiny           # the same code on CPU, PRESET=tiny, seconds
+    python3 tests/tools/bench_gpu_step.py                  # one H100/H200; BENCH_BUDGET_S=420 by default
+    python3 tests/tools/bench_gpu_step.py --tiny           # the same code on CPU, PRESET=tiny, seconds
 
 One `bench_step:` row per variant: ms/step (median of --steps timed steps after --warmup steps, the
 device synchronized around each), tokens/s on this device, peak memory (CUDA: max_memory_allocated
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt as tg  # noqa: E402
 
 MODES = ("default", "max-autotune-no-cudagraphs")

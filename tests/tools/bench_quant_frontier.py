@@ -3,7 +3,7 @@ weights every way and print bytes, roundtrip bpb gap and time per variant.
 
     OMP_NUM_THREADS=1 BENCH_WEIGHTS=/tmp/bq1024.pt DATA_PATH=../shared/data/standin_sp1024 \
       TOKENIZER_PATH=../shared/data/tokenizers/fineweb_1024_bpe.model VOCAB_SIZE=1024 \
-      python3 tests/bench_quant_frontier.py
+      python3 tests/tools/bench_quant_frontier.py
     (the same with standin_sp8192, fineweb_8192_bpe.model, VOCAB_SIZE=8192)
 
 The model is BENCH_MODEL below (4 layers, width 128, MLP 4x) on top of PRESET=tiny; the
@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt as tg  # noqa: E402
 
 BENCH_MODEL = dict(PRESET="tiny", NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2",

@@ -3,7 +3,7 @@ drawn from a random normal, quantized through the real quantizer (SDClip, int7 e
 quant gate; identity Hessians), then packed with each compressor: bytes, compress and decompress
 seconds, and the entropy projection (project_model_bytes) against the measured bytes.
 
-    OMP_NUM_THREADS=1 python3 tests/bench_compress.py
+    OMP_NUM_THREADS=1 python3 tests/tools/bench_compress.py
     BENCH_CLIPS=11.5,14.0;12.0,15.0 (MLP,EMBED sigma pairs; default: the record's and frontier's)
 
 SDClip sets each row's step from its std, so the codes of a Gaussian row have the entropy of its k
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt as tg  # noqa: E402
 
 

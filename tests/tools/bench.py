@@ -1,9 +1,9 @@
 """Throughput benchmark for train_gpt.py: training step, sliding-window eval and one TTT chunk.
 
-    python3 tests/bench.py                                   # default 11L model, real-format shards
+    python3 tests/tools/bench.py                                   # default 11L model, real-format shards
     DATA_PATH=../shared/data/standin_sp1024 TOKENIZER_PATH=../shared/data/tokenizers/fineweb_1024_bpe.model \
-        python3 tests/bench.py --steps 20 --warmup 5
-    PRESET=tiny DATA_PATH=/tmp/pg_tiny TOKENIZER_PATH=/tmp/pg_tiny/tokenizer.model python3 tests/bench.py --steps 3 --warmup 1
+        python3 tests/tools/bench.py --steps 20 --warmup 5
+    PRESET=tiny DATA_PATH=/tmp/pg_tiny TOKENIZER_PATH=/tmp/pg_tiny/tokenizer.model python3 tests/tools/bench.py --steps 3 --warmup 1
 
 Every hyperparameter comes from the environment exactly as for train_gpt.py (same
 Hyperparameters.from_env), so a sweep's settings can be benchmarked as they are. Prints one
@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt as tg  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, vendor datasheets

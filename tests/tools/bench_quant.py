@@ -1,8 +1,8 @@
 """Quantization gap benchmark: train once, then compare quantizers on the same averaged weights.
 
-    PRESET=tiny DATA_PATH=/tmp/pg_tiny TOKENIZER_PATH=/tmp/pg_tiny/tokenizer.model python3 tests/bench_quant.py
+    PRESET=tiny DATA_PATH=/tmp/pg_tiny TOKENIZER_PATH=/tmp/pg_tiny/tokenizer.model python3 tests/tools/bench_quant.py
     DATA_PATH=../shared/data/standin_sp1024 TOKENIZER_PATH=../shared/data/tokenizers/fineweb_1024_bpe.model \
-        NUM_LAYERS=11 ... python3 tests/bench_quant.py
+        NUM_LAYERS=11 ... python3 tests/tools/bench_quant.py
 
 Configuration comes from the environment exactly as for train_gpt.py (INT6_SCALE_FLOOR too). After training and weight
 averaging it prints, per variant, the plain-eval (roundtrip) val_bpb of the dequantized weights,
@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt as tg  # noqa: E402
 
 

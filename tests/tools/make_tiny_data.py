@@ -2,7 +2,7 @@
 synthetic English-like text, and train/val shards (256 x int32 header, uint16 tokens, each
 document written as [BOS] + tokens, as the real export does).
 
-    python3 tests/make_tiny_data.py OUT_DIR [--vocab 512] [--train-docs 3000] [--val-docs 300]
+    python3 tests/tools/make_tiny_data.py OUT_DIR [--vocab 512] [--train-docs 3000] [--val-docs 300]
 
 Writes OUT_DIR/tokenizer.model, OUT_DIR/fineweb_train_00000{0,1}.bin, OUT_DIR/fineweb_val_000000.bin.
 Deterministic for a given seed. Used by the tests and the README's CPU quick start.
@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt  # noqa: E402
 
 WORDS = ("the of and to in is was that for it with as his on be at by had are but from or have an they "

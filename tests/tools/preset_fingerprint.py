@@ -1,7 +1,7 @@
 """Every preset's numbers at tiny dims, to check a restructuring changes none of them (issue 17).
 
-    OMP_NUM_THREADS=1 python3 tests/preset_fingerprint.py OUT.json           # record (about 3 min)
-    OMP_NUM_THREADS=1 python3 tests/preset_fingerprint.py OUT.json --check BEFORE.json
+    OMP_NUM_THREADS=1 python3 tests/tools/preset_fingerprint.py OUT.json           # record (about 3 min)
+    OMP_NUM_THREADS=1 python3 tests/tools/preset_fingerprint.py OUT.json --check BEFORE.json
 
 Each preset runs as `python3 train_gpt.py` on the tests' tiny dataset with the tests' tiny
 overrides (tests/test_presets.py, tests/test_frontier_e2e.py): shapes shrink, what the preset is
@@ -18,8 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS / "tools"))
 sys.path.insert(0, str(TESTS.parent))
 
 from conftest import run_script, tiny_env  # noqa: E402

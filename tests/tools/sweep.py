@@ -1,7 +1,7 @@
 """Env-var sweeps of train_gpt.py: grids and greedy forward selection, judged per document.
 
-    python3 tests/sweep.py grid --base 'PRESET=tiny ITERATIONS=200' --vary MATRIX_LR=0.02,0.04 --out DIR
-    python3 tests/sweep.py select --base 'PRESET=tiny ITERATIONS=200' --candidate 'MUON_ROW_NORMALIZE=1' \
+    python3 tests/tools/sweep.py grid --base 'PRESET=tiny ITERATIONS=200' --vary MATRIX_LR=0.02,0.04 --out DIR
+    python3 tests/tools/sweep.py select --base 'PRESET=tiny ITERATIONS=200' --candidate 'MUON_ROW_NORMALIZE=1' \
         --candidate 'EMBED_WD=0.085' --out DIR [--p 0.05] [--min-delta-bpb 0.0]
     extra arguments after `--` go to the launcher, e.g. `-- --nproc 8` (torchrun) or `-- --jobs 2`.
 
@@ -12,7 +12,7 @@ reported in the table (status `failed:<rc>`) and the sweep goes on.
 
 Fixed-step by default: MAX_WALLCLOCK_SECONDS=0 unless the base sets it, so a sweep compares recipes,
 not machine speed (the 1.0611 record chose its 9 overrides this way, ITERATIONS=4950, seed 42).
-Confirm the final choice on the wall-clock run with several seeds (tests/summarize.py).
+Confirm the final choice on the wall-clock run with several seeds (tests/tools/summarize.py).
 
 Judging: two runs are compared document by document on the same validation documents, in the same
 order (the per-token NLL dumps make this exact): for each document the mean NLL difference (nats per
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_gpt.py")
+SCRIPT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "train_gpt.py"))
 HEADER_BYTES = 256 * 4  # shard header: 256 int32 (magic 20240520, version 1, token count)
 LOSS_PHASES = ("ttt", "sliding")  # TOKEN_LOSSES_DIR files, headline first
 

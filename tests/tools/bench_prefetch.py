@@ -3,7 +3,7 @@ of sleep in its host half per batch) against a step of torch work (STEP_MS of ma
 release the GIL as GPU work would); prints ms/step synchronous and with the prefetch thread,
 interleaved, and the ratio prefetch/sync (ideal max(d, s)/(d + s), 0.5 at equal times).
 
-    OMP_NUM_THREADS=1 python3 tests/bench_prefetch.py   # DELAY_MS=200 STEP_MS=200 STEPS=8 ROUNDS=2
+    OMP_NUM_THREADS=1 python3 tests/tools/bench_prefetch.py   # DELAY_MS=200 STEP_MS=200 STEPS=8 ROUNDS=2
 """
 
 import os
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import train_gpt as tg  # noqa: E402
 
 DELAY, STEP_MS = float(os.environ.get("DELAY_MS", 200)) / 1000, float(os.environ.get("STEP_MS", 200))
 STEPS, ROUNDS = int(os.environ.get("STEPS", 8)), int(os.environ.get("ROUNDS", 2))
 RT = tg.Runtime(False, 0, 1, 0, torch.device("cpu"))
-PATHS = tg.shard_paths(str(Path(__file__).parent / "data" / "sp1024" / "fineweb_train_*.bin"))
+PATHS = tg.shard_paths(str(Path(__file__).resolve().parents[1] / "data" / "sp1024" / "fineweb_train_*.bin"))
 
 
 class Slow(tg.SequentialLoader):

@@ -4,8 +4,8 @@ One row per Hyperparameters field: the environment variable, its default, the pr
 another value, and the field's comment in the source. Sections follow the source's `# ...`
 comment lines inside the class.
 
-    python3 tests/knobs_table.py            # print the table
-    python3 tests/knobs_table.py --write    # replace the block between the README's knobs markers
+    python3 tests/tools/knobs_table.py            # print the table
+    python3 tests/tools/knobs_table.py --write    # replace the block between the README's knobs markers
 
 tests/test_config.py checks that the README's block equals this output.
 """
@@ -16,11 +16,11 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt as tg  # noqa: E402
 
-BEGIN, END = "<!-- knobs:begin (tests/knobs_table.py --write) -->", "<!-- knobs:end -->"
-README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+BEGIN, END = "<!-- knobs:begin (tests/tools/knobs_table.py --write) -->", "<!-- knobs:end -->"
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "README.md")
 PRESET_ORDER = ("frontier", "pr1855", "pr1060", "pr691", "pr639", "pr1306", "tiny")
 BUILT_ON = {"pr1855": "frontier"}  # listed only where it differs from the preset it is built on
 

@@ -2,7 +2,7 @@
 [BOS] + encode(transform(text)) per document, and the validation byte sidecar counted by walking
 the encoded pieces' surfaces (each doc's sidecar sum == len(text.encode('utf-8'))).
 
-    python3 tests/caseops_data.py --docs DOCS.jsonl --tokenizer MODEL --out DIR [--val-docs 50000]
+    python3 tests/tools/caseops_data.py --docs DOCS.jsonl --tokenizer MODEL --out DIR [--val-docs 50000]
 
 DOCS.jsonl: one {"text": ...} per line; the first --val-docs documents are validation. Writes
 DIR/fineweb_val_000000.bin, DIR/fineweb_val_bytes_000000.bin and DIR/fineweb_train_000000.bin.
@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt  # noqa: E402
 
 TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"

@@ -5,7 +5,7 @@ stand-ins hold them in one order), cut on the BOS that starts document DOCS, wri
 shard format, plus both real tokenizers. The sample itself is committed: this records how it was
 made and rebuilds it where ../shared/data exists.
 
-    python3 tests/make_sample_data.py [--src ../shared/data] [--out tests/data]
+    python3 tests/tools/make_sample_data.py [--src ../shared/data] [--out tests/data]
 """
 
 import argparse
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 
