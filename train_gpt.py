@@ -3194,6 +3194,7 @@ PERGROUP_CHUNK_BYTES = 4 << 20  # zpaq streams of at most this many code bytes, 
 COMPRESSED_PER_ENTROPY_BYTE = {"brotli": 1.0062, "zstd": 1.0108, "lzma": 1.0108, "pergroup": 0.9979}  # lzma: taken as zstd
 ZPAQ_LEVEL = 5  # the strongest: within ~0.2% of the entropy of i.i.d. codes, ~0.5 MB/s per thread both ways (README)
 ARTIFACT_FORMAT = "pg-quant-v2"
+QSTATE_KINDS = ("gptq", "int8", "gate", "fp16", "lqer")  # a quantized state: kind -> name -> tensor(s), in this order
 PRUNE_MARGIN_BYTES = 4_096  # pruning aims this far under the cap
 PRUNE_TOLERANCE_BYTES = 2_048  # a pruned blob this close under its budget ends the search
 PRUNE_PRIOR_BYTES_PER_ENTRY = 0.125  # first guess before any measurement: one bit saved per pruned entry
@@ -3202,49 +3203,74 @@ PRUNE_MAX_COMPRESSIONS = 6  # compressions of the search after the unpruned one 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How each tensor is quantized: the quantization knobs of Hyperparameters, as one object.
-    The defaults are the seed stack's: Hessian-weighted clip search, int6, int8 embedding rows."""
-    block_size: int = 128
-    embed_gptq: bool = False  # tied embedding GPTQ'd with the output head's Hessian
-    scale_floor: float = INT6_SCALE_FLOOR  # least step of the clip search
-    clip: str = "search"  # search | sdclip
-    matrix_bits: int = 6
-    embed_bits: int = 6
-    clip_sigmas: tuple[float, float, float, float] = (12.85, 11.5, 13.0, 14.0)  # sdclip k: matrix, mlp, attn, embed
-    quant_gate: bool = False
-    lqer_top_k: int = 0  # 0 = no LQER
-    lqer_rank: int = 4
-    lqer_factor_bits: int = 4
-    lqer_group: int = 64
-    gate_patterns: tuple[str, ...] = GATE_PARAM_PATTERNS  # gates the quant gate covers (QUANT_GATE_PATTERNS)
+    """How each tensor is quantized: the quantization fields of Hyperparameters, by the same names
+    (so no second set of defaults), as one object; from_hparams copies them."""
+    gptq_block_size: int
+    int6_scale_floor: float  # least step of the clip search
+    quant_embed: str  # int8 | gptq (the tied embedding GPTQ'd with the output head's Hessian)
+    quant_clip: str  # search | sdclip
+    matrix_bits: int
+    embed_bits: int
+    matrix_clip_sigmas: float  # sdclip k by tensor type: sigmas()
+    mlp_clip_sigmas: float
+    attn_clip_sigmas: float
+    embed_clip_sigmas: float
+    gated_attn_quant_gate: bool
+    quant_gate_patterns: str  # gates the quant gate covers: gate_patterns
+    lqer_enabled: bool
+    lqer_rank: int
+    lqer_top_k: int
+    lqer_factor_bits: int
+    lqer_asym_group: int
+
+    gate_patterns = Hyperparameters.gate_patterns  # the same parse of QUANT_GATE_PATTERNS
 
     @classmethod
     def from_hparams(cls, h: Hyperparameters) -> "QuantSpec":
-        return cls(h.gptq_block_size, h.quant_embed == "gptq", h.int6_scale_floor, h.quant_clip, h.matrix_bits,
-                   h.embed_bits, (h.matrix_clip_sigmas, h.mlp_clip_sigmas, h.attn_clip_sigmas, h.embed_clip_sigmas),
-                   h.gated_attn_quant_gate, h.lqer_top_k if h.lqer_enabled else 0, h.lqer_rank, h.lqer_factor_bits,
-                   h.lqer_asym_group, h.gate_patterns)
+        return cls(**{f.name: getattr(h, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def embed_gptq(self) -> bool:
+        return self.quant_embed == "gptq"
+
+    @property
+    def lqer_tensors(self) -> int:
+        """Tensors LQER corrects: LQER_TOP_K when on, else 0."""
+        return self.lqer_top_k if self.lqer_enabled else 0
 
     def bits(self, name: str) -> int:
         return self.embed_bits if name.startswith("tok_emb.") else self.matrix_bits
 
     def sigmas(self, name: str) -> float:
         """SDClip's k by tensor type (#1626's per-type clip): embedding, MLP, attention, else matrix."""
-        matrix, mlp, attn, embed = self.clip_sigmas
-        return embed if name.startswith("tok_emb.") else mlp if ".mlp." in name else attn if ".attn." in name else matrix
+        return self.embed_clip_sigmas if name.startswith("tok_emb.") else self.mlp_clip_sigmas if ".mlp." in name \
+            else self.attn_clip_sigmas if ".attn." in name else self.matrix_clip_sigmas
 
 
-def row_scales(W: Tensor, quantile: float, qmax: int, floor: float) -> Tensor:
-    """Per-row step size for clip = that quantile of |row|, rounded to fp16 as stored."""
+def row_clip(W: Tensor, quantile: float = 1.0) -> Tensor:
+    """Per-row clip: that quantile of |row| (max|row| at 1.0); zeros for an empty W."""
+    if not W.numel():
+        return W.new_zeros(W.size(0))
     a = W.abs()
-    clip = a.amax(dim=1) if quantile >= 1.0 else torch.quantile(a, quantile, dim=1)
-    return (clip / qmax).clamp_min(floor).half().float()
+    return a.amax(dim=1) if quantile >= 1.0 else torch.quantile(a, quantile, dim=1)
+
+
+def stored_step(stat: Tensor, levels: float, floor: float) -> Tensor:
+    """The scale rule of every quantizer here: step stat / levels, at least floor, rounded to fp16
+    as stored (returned as float32, so codes are rounded with the step the artifact holds)."""
+    return (stat / levels).clamp_min(floor).half().float()
+
+
+def quantize_rows(x: Tensor, step: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """Codes clamp(round(x / step), lo, hi) with one step per row of the 2-D x: (q int8, step fp16).
+    dequantize_rows inverts it up to rounding."""
+    return torch.clamp(torch.round(x / step[:, None]), lo, hi).to(torch.int8), step.half()
 
 
 def sdclip_scales(W: Tensor, k: float, qmax: int) -> Tensor:
     """SDClip (PR #1394): per-row step k * std(row) / qmax, rounded to fp16 as stored. For Gaussian
     rows the code entropy is about bits - log2(k) + 1.05, so k sets the compressed size directly."""
-    return (k * W.std(dim=1) / qmax).clamp_min(SDCLIP_SCALE_FLOOR).half().float()
+    return stored_step(k * W.std(dim=1), qmax, SDCLIP_SCALE_FLOOR)
 
 
 def inverse_hessian_factor(Hp: Tensor, name: str) -> Tensor | None:
@@ -3297,7 +3323,7 @@ def gptq_quantize(W: Tensor, H: Tensor | None = None, block_size: int = 128,
         return gptq_quantize(W0, None, block_size, clip_quantiles, scale_floor, bits, sdclip_k, name)
     Hp.diagonal().add_(GPTQ_DAMP * Hp.diagonal().mean())
     if sdclip_k <= 0:
-        scales = torch.stack([row_scales(W, q, qmax, scale_floor) for q in clip_quantiles])  # (K, rows)
+        scales = torch.stack([stored_step(row_clip(W, q), qmax, scale_floor) for q in clip_quantiles])  # (K, rows)
     s = scales[:, :, None]
     Wk = W[:, perm].expand(len(scales), rows, cols).clone()  # (K, rows, cols), permuted
     Q = torch.zeros_like(Wk)
@@ -3321,21 +3347,20 @@ def gptq_quantize(W: Tensor, H: Tensor | None = None, block_size: int = 128,
 
 
 def quantize_int8_rows(W: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row int8 with a high-quantile clip (embedding tables)."""
+    """Per-row int8 with a high-quantile clip (embedding tables); entries beyond the clip are clipped
+    first (with the INT8_SCALE_FLOOR step, the clip can be below 127 steps)."""
     W = W.detach().float()
-    clip = torch.quantile(W.abs(), INT8_CLIP_QUANTILE, dim=1) if W.numel() else W.new_zeros(W.size(0))
-    s = (clip / INT8_MAX).clamp_min(INT8_SCALE_FLOOR).half().float()  # round with the scale as stored
-    q = torch.clamp(torch.round(W.clamp(-clip[:, None], clip[:, None]) / s[:, None]), -INT8_MAX, INT8_MAX)
-    return q.to(torch.int8), s.half()
+    clip = row_clip(W, INT8_CLIP_QUANTILE)
+    return quantize_rows(W.clamp(-clip[:, None], clip[:, None]), stored_step(clip, INT8_MAX, INT8_SCALE_FLOOR),
+                         -INT8_MAX, INT8_MAX)
 
 
 def quantize_gate_rows(W: Tensor) -> tuple[Tensor, Tensor]:
     """The quant gate (PR #1736): symmetric int8 per row (a 1-D gate is one row), step max|row|/127."""
     W = W.detach().float()
     rows = W.reshape(W.size(0) if W.ndim > 1 else 1, -1)
-    s = (rows.abs().amax(dim=1) / INT8_MAX).clamp_min(SDCLIP_SCALE_FLOOR).half().float()
-    q = torch.clamp(torch.round(rows / s[:, None]), -INT8_MAX, INT8_MAX)
-    return q.to(torch.int8).view(W.shape), s.half()
+    q, s = quantize_rows(rows, stored_step(row_clip(rows), INT8_MAX, SDCLIP_SCALE_FLOOR), -INT8_MAX, INT8_MAX)
+    return q.view(W.shape), s
 
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
@@ -3359,15 +3384,14 @@ def quantize_groups(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
     flat = x.detach().float().flatten()
     flat = F.pad(flat, (0, -flat.numel() % group)).view(-1, group)
     half = 2 ** (bits - 1)
-    s = (flat.abs().amax(dim=1) / (half - 0.5)).clamp_min(SDCLIP_SCALE_FLOOR).half().float()
-    q = torch.clamp(torch.round(flat / s[:, None]), -half, half - 1)
-    return q.to(torch.int8).flatten()[:x.numel()].view(x.shape), s.half()
+    q, s = quantize_rows(flat, stored_step(row_clip(flat), half - 0.5, SDCLIP_SCALE_FLOOR), -half, half - 1)
+    return q.flatten()[:x.numel()].view(x.shape), s
 
 
 def dequantize_groups(q: Tensor, s: Tensor) -> Tensor:
     group = -(-q.numel() // s.numel())
-    flat = F.pad(q.float().flatten(), (0, s.numel() * group - q.numel())).view(s.numel(), group)
-    return (flat * s.float()[:, None]).flatten()[:q.numel()].view(q.shape)
+    flat = F.pad(q.float().flatten(), (0, s.numel() * group - q.numel()))
+    return dequantize_rows(flat, s)[:q.numel()].view(q.shape)
 
 
 def lqer_correction(E: Tensor, spec: QuantSpec) -> tuple[Tensor, ...]:
@@ -3377,7 +3401,8 @@ def lqer_correction(E: Tensor, spec: QuantSpec) -> tuple[Tensor, ...]:
     U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
     r = min(spec.lqer_rank, S.numel())
     A, B = U[:, :r] * S[:r], Vh[:r]
-    return (*quantize_groups(A, LQER_A_BITS, A.numel()), *quantize_groups(B, spec.lqer_factor_bits, spec.lqer_group))
+    return (*quantize_groups(A, LQER_A_BITS, A.numel()),
+            *quantize_groups(B, spec.lqer_factor_bits, spec.lqer_asym_group))
 
 
 def lqer_delta(factors: tuple[Tensor, ...]) -> Tensor:
@@ -3388,10 +3413,10 @@ def lqer_delta(factors: tuple[Tensor, ...]) -> Tensor:
 def apply_lqer(state: dict[str, Tensor], qstate: dict, spec: QuantSpec) -> dict:
     """Correct the LQER_TOP_K GPTQ'd tensors with the largest ||W - W_hat||_F; a correction that
     would not lower that error (possible after the factors' rounding) is dropped."""
-    if spec.lqer_top_k > len(qstate["gptq"]):
+    if spec.lqer_tensors > len(qstate["gptq"]):
         raise ConfigError(f"LQER_TOP_K={spec.lqer_top_k}: only {len(qstate['gptq'])} GPTQ'd matrices")
     residual = {n: state[n].detach().float() - dequantize_rows(*qs) for n, qs in qstate["gptq"].items()}
-    top = sorted(residual, key=lambda n: (-residual[n].norm().item(), n))[:spec.lqer_top_k]
+    top = sorted(residual, key=lambda n: (-residual[n].norm().item(), n))[:spec.lqer_tensors]
     for name in top:
         factors = lqer_correction(residual[name], spec)
         if (residual[name] - lqer_delta(factors)).norm() < residual[name].norm():
@@ -3401,7 +3426,7 @@ def apply_lqer(state: dict[str, Tensor], qstate: dict, spec: QuantSpec) -> dict:
 
 def quant_kind(name: str, t: Tensor, spec: QuantSpec) -> str:
     """Where quantize_state puts a tensor: gate, gptq, int8 or fp16."""
-    if spec.quant_gate and is_gate_param(name, t, spec.gate_patterns):  # first: a gate may look like a matrix
+    if spec.gated_attn_quant_gate and is_gate_param(name, t, spec.gate_patterns):  # first: a gate may be a matrix
         return "gate"
     if is_int6_matrix(name, t) or (spec.embed_gptq and name == "tok_emb.weight"):
         return "gptq"
@@ -3409,19 +3434,21 @@ def quant_kind(name: str, t: Tensor, spec: QuantSpec) -> str:
 
 
 def gptq_tensor(name: str, t: Tensor, hessians: dict[str, Tensor], spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    k = spec.sigmas(name) if spec.clip == "sdclip" else 0.0
-    return gptq_quantize(t, hessians.get(name), spec.block_size, scale_floor=spec.scale_floor,
+    k = spec.sigmas(name) if spec.quant_clip == "sdclip" else 0.0
+    return gptq_quantize(t, hessians.get(name), spec.gptq_block_size, scale_floor=spec.int6_scale_floor,
                          bits=spec.bits(name), sdclip_k=k, name=name)
 
 
-def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: QuantSpec = QuantSpec(),
+def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: QuantSpec | None = None,
                    gptq: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict:
     """Block matrices -> GPTQ (identity Hessian when none was collected); with embed_gptq the tied
     embedding too, with the output head's Hessian; with quant_gate the gate weights -> int8 rows;
     other tensors with more than PASSTHROUGH_MAX_NUMEL entries (embedding tables) -> int8 rows; the
     rest -> fp16. Then LQER corrections of the worst GPTQ'd tensors, if on. `gptq`: the GPTQ'd
-    matrices already computed (split_gptq), by name; the result is the same either way."""
-    out: dict[str, dict] = {"gptq": {}, "int8": {}, "gate": {}, "fp16": {}, "lqer": {}}
+    matrices already computed (split_gptq), by name; the result is the same either way. spec None:
+    the defaults of Hyperparameters."""
+    spec = QuantSpec.from_hparams(Hyperparameters()) if spec is None else spec
+    out: dict[str, dict] = {kind: {} for kind in QSTATE_KINDS}
     for name, t in state.items():
         kind = quant_kind(name, t, spec)
         if kind == "gate":
@@ -3432,7 +3459,7 @@ def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: 
             out["int8"][name] = quantize_int8_rows(t)
         else:
             out["fp16"][name] = t.detach().half()
-    return apply_lqer(state, out, spec) if spec.lqer_top_k else out
+    return apply_lqer(state, out, spec) if spec.lqer_tensors else out
 
 
 def gptq_cost(rows: int, cols: int) -> int:
@@ -3560,9 +3587,8 @@ def pergroup_pack(qstate: dict, cfg: ModelConfig) -> bytes:
         raise ConfigError("QUANT_COMPRESSOR=pergroup needs the zpaq package: pip install zpaq")
     names = sorted((n for n, (q, *_) in qstate["gptq"].items() if q.ndim == 2 and pergroup_role(n) is not None),
                    key=_pergroup_order)
-    rest = {**qstate, "gptq": dict(qstate["gptq"])}
-    for name in names:  # the codes leave the remainder; their scales stay
-        rest["gptq"][name] = (torch.zeros(0, dtype=torch.int8), *qstate["gptq"][name][1:])
+    # the codes leave the remainder; their scales stay
+    rest = with_gptq(qstate, {n: (torch.zeros(0, dtype=torch.int8), *qstate["gptq"][n][1:]) for n in names})
     codes = b"".join(qstate["gptq"][n][0].detach().cpu().T.contiguous().numpy().tobytes() for n in names)
     table = json.dumps([[n, list(qstate["gptq"][n][0].shape)] for n in names]).encode()
     chunks = [codes[i:i + PERGROUP_CHUNK_BYTES] for i in range(0, len(codes), PERGROUP_CHUNK_BYTES)]
@@ -3597,6 +3623,20 @@ def pergroup_unpack(blob: bytes) -> tuple[ModelConfig, dict]:
     return cfg, qstate
 
 
+def qstate_entries(qstate: dict) -> typing.Iterator[tuple[str, str, int, Tensor]]:
+    """(kind, name, index, tensor) of every tensor of a quantized state, in its order (an fp16 entry
+    is one tensor, index 0; the others are tuples: codes, scales, LQER factors)."""
+    for kind, group in qstate.items():
+        for name, ts in group.items():
+            for i, t in enumerate(ts if isinstance(ts, tuple) else (ts,)):
+                yield kind, name, i, t
+
+
+def with_gptq(qstate: dict, changed: dict[str, tuple]) -> dict:
+    """A shallow copy of qstate with those GPTQ entries replaced (the tensors are shared, not copied)."""
+    return {**qstate, "gptq": {**qstate["gptq"], **changed}}
+
+
 def _payload_order(entry: tuple) -> tuple:
     kind, name, i, t = entry
     return t.dtype != torch.int8, name, kind, i
@@ -3608,9 +3648,8 @@ def artifact_payload(qstate: dict, cfg: ModelConfig) -> bytes:
     byte-shuffled (all first bytes, then all second bytes; #1218), since the high bytes of fp16
     values repeat and compress well on their own. Grouping the codes by role (#1855) lost on our
     measurement (README), so name order it is (QUANT_COMPRESSOR=pergroup groups them: pergroup_pack)."""
-    entries = sorted(((kind, name, i, t.detach().cpu().contiguous())
-                      for kind, group in qstate.items() for name, ts in group.items()
-                      for i, t in enumerate(ts if isinstance(ts, tuple) else (ts,))), key=_payload_order)
+    entries = sorted(((kind, name, i, t.detach().cpu().contiguous()) for kind, name, i, t in qstate_entries(qstate)),
+                     key=_payload_order)
     table = [[kind, name, i, str(t.dtype).split(".")[-1], list(t.shape)] for kind, name, i, t in entries]
     header = json.dumps({"format": ARTIFACT_FORMAT, "config": cfg.as_dict(), "tensors": table}).encode()
     codes = b"".join(t.numpy().tobytes() for *_, t in entries if t.dtype == torch.int8)
@@ -3630,7 +3669,7 @@ def parse_payload(raw: bytes) -> tuple[ModelConfig, dict]:
     int8_bytes = sum(math.prod(shape) for *_, dt, shape in header["tensors"] if dt == "int8")
     codes = np.frombuffer(raw, np.int8, count=int8_bytes, offset=4 + n)
     halves = np.frombuffer(raw, np.uint8, offset=4 + n + int8_bytes).reshape(2, -1).T.copy().view(np.float16).ravel()
-    qstate: dict[str, dict] = {"gptq": {}, "int8": {}, "gate": {}, "fp16": {}, "lqer": {}}
+    qstate: dict[str, dict] = {kind: {} for kind in QSTATE_KINDS}
     parts: dict[tuple[str, str], dict[int, Tensor]] = {}
     pos = {"int8": 0, "float16": 0}
     for kind, name, i, dt, shape in header["tensors"]:
@@ -3646,15 +3685,13 @@ def payload_entropy_bytes(qstate: dict) -> float:
     """The payload's information by the per-tensor order-0 entropy of its codes: sum over the int8
     tensors of numel x H(code histogram) / 8, plus every fp16 byte at face value."""
     total = 0.0
-    for group in qstate.values():
-        for ts in group.values():
-            for t in ts if isinstance(ts, tuple) else (ts,):
-                if t.dtype != torch.int8:
-                    total += t.numel() * t.element_size()
-                elif t.numel():
-                    p = torch.bincount(t.detach().cpu().flatten().long() + 128, minlength=256).double() / t.numel()
-                    p = p[p > 0]
-                    total += t.numel() * float(-(p * p.log2()).sum()) / 8
+    for *_, t in qstate_entries(qstate):
+        if t.dtype != torch.int8:
+            total += t.numel() * t.element_size()
+        elif t.numel():
+            p = torch.bincount(t.detach().cpu().flatten().long() + 128, minlength=256).double() / t.numel()
+            p = p[p > 0]
+            total += t.numel() * float(-(p * p.log2()).sum()) / 8
     return total
 
 
@@ -3665,8 +3702,11 @@ def project_model_bytes(qstate: dict, compressor: str) -> int:
     return int(payload_entropy_bytes(qstate) * min(COMPRESSED_PER_ENTROPY_BYTE[m] for m in methods))
 
 
-def pack_artifact(qstate: dict, cfg: ModelConfig, compressor: str) -> bytes:
-    return pergroup_pack(qstate, cfg) if compressor == "pergroup" else compress(artifact_payload(qstate, cfg), compressor)
+def pack_artifact(qstate: dict, cfg: ModelConfig, compressor: str, raw: bytes | None = None) -> bytes:
+    """The artifact's bytes with one compressor; `raw`: artifact_payload(qstate, cfg) if already made."""
+    if compressor == "pergroup":
+        return pergroup_pack(qstate, cfg)
+    return compress(artifact_payload(qstate, cfg) if raw is None else raw, compressor)
 
 
 def prune_candidates(qstate: dict, hessians: dict[str, Tensor]) -> tuple[list[str], Tensor, Tensor, Tensor]:
@@ -3712,14 +3752,14 @@ def prune_to_fit(qstate: dict, hessians: dict[str, Tensor], cfg: ModelConfig, co
     names, owner, rows, cols = prune_candidates(qstate, hessians)
 
     def pack_pruned(n: int) -> bytes:
-        pruned = {**qstate, "gptq": dict(qstate["gptq"])}
+        changed = {}
         for k, name in enumerate(names):
             sel = owner[:n] == k
             if sel.any():
-                q = pruned["gptq"][name][0].cpu().clone()
+                q = qstate["gptq"][name][0].cpu().clone()
                 q[rows[:n][sel], cols[:n][sel]] = 0
-                pruned["gptq"][name] = (q, pruned["gptq"][name][1])
-        return pack_artifact(pruned, cfg, compressor)
+                changed[name] = (q, qstate["gptq"][name][1])
+        return pack_artifact(with_gptq(qstate, changed), cfg, compressor)
 
     total, size0, target = len(owner), len(blob), budget_bytes - PRUNE_TOLERANCE_BYTES // 2
     over, under, best, tries = (0, size0), None, None, 0
@@ -3765,7 +3805,7 @@ def build_artifact(state: dict[str, Tensor], hessians: dict[str, Tensor], h: Hyp
     blobs, compressed = {}, {}
     for method in COMPRESSORS if h.quant_compressor == "auto" else (h.quant_compressor,):
         t0 = time.perf_counter()
-        blobs[method] = pergroup_pack(qstate, cfg) if method == "pergroup" else compress(raw, method)
+        blobs[method] = pack_artifact(qstate, cfg, method, raw)
         compressed[method] = (len(blobs[method]), time.perf_counter() - t0)
     method = min(blobs, key=lambda m: (len(blobs[m]), m))
     blob, pruned = blobs[method], 0
@@ -3815,11 +3855,15 @@ def code_bytes() -> int:
     return os.path.getsize(os.path.abspath(__file__))
 
 
+def size_report(path: str, code: int, model: int, limit: int = SIZE_LIMIT_BYTES) -> dict:
+    """The artifact's byte counts as logged and in the summary JSON (rule D1: total under limit)."""
+    return dict(path=path, code_bytes=code, model_bytes=model, total_bytes=code + model, limit_bytes=limit)
+
+
 def write_artifact(blob: bytes, path: str, limit: int = SIZE_LIMIT_BYTES) -> dict:
     """Check code + model bytes against the decimal cap, then write atomically (tmp + rename).
     Over the cap: nothing is written and the run fails."""
-    sizes = dict(path=path, code_bytes=code_bytes(), model_bytes=len(blob), limit_bytes=limit)
-    sizes["total_bytes"] = sizes["code_bytes"] + sizes["model_bytes"]
+    sizes = size_report(path, code_bytes(), len(blob), limit)
     if sizes["total_bytes"] >= limit:
         raise ConfigError(f"artifact: code {sizes['code_bytes']} + model {sizes['model_bytes']} = "
                           f"{sizes['total_bytes']} bytes is not under the {limit}-byte cap; nothing written")
@@ -4104,8 +4148,7 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
         raise ConfigError(error or "artifact: rank 0 could not write the artifact")
     counts = torch.tensor([sizes.get("code_bytes", 0), sizes.get("model_bytes", 0)], device=rt.device)
     code, model = rt.all_reduce_(counts).tolist()  # rank 0's sizes, on every rank
-    sizes = dict(path=ARTIFACT_NAME, code_bytes=code, model_bytes=model, total_bytes=code + model,
-                 limit_bytes=SIZE_LIMIT_BYTES)
+    sizes = size_report(ARTIFACT_NAME, code, model)
     quant_ms = 1000 * (time.perf_counter() - t0)
     if result is not None:
         result.quant_time_ms = quant_ms
@@ -4944,9 +4987,7 @@ def preflight_plan(h: Hyperparameters):
 
 
 def artifact_sizes(path: str) -> dict:
-    model = os.path.getsize(path)
-    return dict(path=path, code_bytes=code_bytes(), model_bytes=model, total_bytes=model + code_bytes(),
-                limit_bytes=SIZE_LIMIT_BYTES)
+    return size_report(path, code_bytes(), os.path.getsize(path))
 
 
 def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Sequence[str] = ()):

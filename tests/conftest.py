@@ -2,6 +2,7 @@
 a tiny SentencePiece dataset made on the spot, and a runner for the script as a subprocess.
 Every test is CPU-only and deterministic; `../shared/data` is used only when present."""
 
+import dataclasses
 import os
 import random
 import subprocess
@@ -131,3 +132,9 @@ def end_worker(rt, code: int = 0):
     if dist.is_initialized():
         dist.destroy_process_group()
     tg.exit_process(code)
+
+
+def quant_spec(**fields) -> "tg.QuantSpec":
+    """The QuantSpec of the default Hyperparameters with these fields changed (by their env names,
+    lower-cased), validated as a run's would be."""
+    return tg.QuantSpec.from_hparams(dataclasses.replace(tg.Hyperparameters(), **fields))

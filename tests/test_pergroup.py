@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import quant_spec
 from test_quant_frontier import ALL_OPTIONS, trained_like_state
 
 pytest.importorskip("zpaq")
@@ -48,7 +49,7 @@ def test_roundtrip_is_bit_exact_and_the_reader_detects_the_container():
 def test_groups_by_role_then_layer_transposed():
     state = {f"blocks.{i}.{r}.weight": torch.randn(8, 16) for i in (10, 2) for r in ("mlp.fc", "attn.c_q")}
     state["tok_emb.weight"] = torch.randn(70_000 // 16, 16)
-    qstate = tg.quantize_state(state, {}, tg.QuantSpec(clip="sdclip", embed_gptq=True, embed_bits=7))
+    qstate = tg.quantize_state(state, {}, quant_spec(quant_clip="sdclip", quant_embed="gptq", embed_bits=7))
     blob = tg.pack_artifact(qstate, CFG, "pergroup")
     n = int(np.frombuffer(blob, "<u4", count=1, offset=4)[0])
     lengths = np.frombuffer(blob, "<u4", count=n, offset=8)

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, tiny_env
+from conftest import ROOT, quant_spec, tiny_env
 
 
 BLOCK_LINEAR = re.compile(r"^blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight$")
@@ -264,6 +264,78 @@ def test_int8_rows_error_at_most_half_stored_step():
     assert (err <= s.float()[:, None] / 2 + 1e-6).all(), int((err > s.float()[:, None] / 2 + 1e-6).sum())
 
 
+def numpy_row_codes(x: np.ndarray, stat: np.ndarray, levels: float, floor: float, lo: int, hi: int):
+    """The row quantizers' rule computed in numpy float32: step = fp16(max(stat / levels, floor)),
+    codes = clip(round-half-even(x / step), lo, hi)."""
+    step = np.maximum(stat.astype(np.float32) / np.float32(levels), np.float32(floor)).astype(np.float16)
+    codes = np.clip(np.round(x.astype(np.float32) / step.astype(np.float32)[:, None]), lo, hi).astype(np.int8)
+    return codes, step
+
+
+def row_case() -> torch.Tensor:
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(12, 40, generator=g) * torch.logspace(-6, 1, 12)[:, None]
+    W[3] = 0.0  # a zero row: the floor step, all codes 0
+    W[5, :5] = torch.tensor([31.75, 0.125, 0.375, -0.625, 0.875])  # step 0.25 exactly: ties round half to even
+    return W
+
+
+def test_row_quantizers_match_a_numpy_reference_bit_for_bit():
+    """quantize_gate_rows, quantize_groups (LQER) and quantize_int8_rows are one rule (stored_step +
+    quantize_rows) with their own statistic, levels, floor and range: each equals numpy's codes and
+    fp16 steps exactly, zero rows included."""
+    W = row_case()
+    a = W.numpy()
+    q, s = tg.quantize_gate_rows(W)
+    rq, rs = numpy_row_codes(a, np.abs(a).max(1), 127, tg.SDCLIP_SCALE_FLOOR, -127, 127)
+    assert q.dtype == torch.int8 and s.dtype == torch.float16
+    assert np.array_equal(q.numpy(), rq) and np.array_equal(s.numpy(), rs)
+    assert (q[3] == 0).all() and s[3].item() == np.float16(tg.SDCLIP_SCALE_FLOOR)
+    assert s[5].item() == 0.25 and q[5, :5].tolist() == [127, 0, 2, -2, 4]
+    for bits, group in ((2, a.size), (4, 64), (4, 7)):
+        flat = np.pad(a.ravel(), (0, -a.size % group)).reshape(-1, group)
+        half = 2 ** (bits - 1)
+        rq, rs = numpy_row_codes(flat, np.abs(flat).max(1), half - 0.5, tg.SDCLIP_SCALE_FLOOR, -half, half - 1)
+        q, s = tg.quantize_groups(W, bits, group)
+        assert q.shape == W.shape and np.array_equal(q.numpy().ravel(), rq.ravel()[:a.size])
+        assert np.array_equal(s.numpy(), rs), (bits, group)
+    clip = torch.quantile(W.abs(), tg.INT8_CLIP_QUANTILE, dim=1).numpy()
+    rq, rs = numpy_row_codes(np.clip(a, -clip[:, None], clip[:, None]), clip, 127, tg.INT8_SCALE_FLOOR, -127, 127)
+    q, s = tg.quantize_int8_rows(W)
+    assert np.array_equal(q.numpy(), rq) and np.array_equal(s.numpy(), rs)
+
+
+def test_dequantize_groups_is_codes_times_group_step():
+    """When the group divides the entries (LQER's B at every preset), dequantize_groups is each code
+    times its group's stored step."""
+    W = row_case()
+    q, s = tg.quantize_groups(W, 4, 60)
+    expect = (q.numpy().reshape(-1, 60).astype(np.float32) * s.numpy().astype(np.float32)[:, None]).reshape(W.shape)
+    assert np.array_equal(tg.dequantize_groups(q, s).numpy(), expect)
+    q, s = tg.quantize_gate_rows(W[0])  # a 1-D tensor is one row
+    assert np.array_equal(tg.dequantize_rows(q, s).numpy(), q.numpy().astype(np.float32) * np.float32(s.item()))
+
+
+def test_quant_spec_is_the_hyperparameters_fields_by_name():
+    """QuantSpec's fields are Hyperparameters fields (same name and type, no defaults of its own);
+    from_hparams copies each; the derived values follow from them."""
+    hyper = {f.name: f for f in tg.dataclasses.fields(tg.Hyperparameters)}
+    fields = tg.dataclasses.fields(tg.QuantSpec)
+    assert all(f.name in hyper and f.type == hyper[f.name].type for f in fields), [f.name for f in fields]
+    assert all(f.default is tg.dataclasses.MISSING and f.default_factory is tg.dataclasses.MISSING for f in fields)
+    h = tg.Hyperparameters(gptq_block_size=32, int6_scale_floor=0.01, quant_embed="gptq", quant_clip="sdclip",
+                           matrix_bits=5, embed_bits=7, matrix_clip_sigmas=1.0, mlp_clip_sigmas=2.0,
+                           attn_clip_sigmas=3.0, embed_clip_sigmas=4.0, gated_attn_quant_gate=True,
+                           quant_gate_patterns="attn_gate", lqer_enabled=True, lqer_rank=2, lqer_top_k=5,
+                           lqer_factor_bits=3, lqer_asym_group=16)
+    spec = tg.QuantSpec.from_hparams(h)
+    assert all(getattr(spec, f.name) == getattr(h, f.name) for f in fields)
+    assert spec.embed_gptq and spec.lqer_tensors == 5 and spec.gate_patterns == ("attn_gate",)
+    assert (spec.bits("tok_emb.weight"), spec.bits("blocks.0.mlp.fc.weight")) == (7, 5)
+    off = tg.QuantSpec.from_hparams(tg.Hyperparameters(lqer_top_k=5))
+    assert not off.embed_gptq and off.lqer_tensors == 0  # LQER_TOP_K counts only with LQER_ENABLED=1
+
+
 # ---------------------------------------------------------------------------------------------
 # Classification, pack/unpack, compressors, format
 
@@ -301,7 +373,7 @@ def test_quantize_state_classification(hparams):
 def test_pack_unpack_bitwise(hparams, compressor, magic):
     state = classification_state(hparams)
     hessians = {n: torch.eye(state[n].size(1)) * 2 for n in list(state) if BLOCK_LINEAR.match(n)}
-    qstate = tg.quantize_state(state, hessians, tg.QuantSpec(block_size=32))
+    qstate = tg.quantize_state(state, hessians, quant_spec(gptq_block_size=32))
     cfg = dataclasses.replace(tg.ModelConfig.of(hparams), vocab_size=1152)
     blob = tg.pack_artifact(qstate, cfg, compressor)
     assert blob.startswith(magic)
@@ -337,7 +409,7 @@ def test_on_grid_weights_round_trip_exactly():
     X = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)
     state = {"blocks.0.attn.c_q.weight": W6, "blocks.0.attn.c_k.weight": W6.clone(),
              "tok_emb.weight": W8, "blocks.0.attn_scale": torch.randn(64, generator=g).half().float()}
-    qstate = tg.quantize_state(state, {"blocks.0.attn.c_q.weight": X.T @ X}, tg.QuantSpec(block_size=16))
+    qstate = tg.quantize_state(state, {"blocks.0.attn.c_q.weight": X.T @ X}, quant_spec(gptq_block_size=16))
     assert set(qstate["int8"]) == {"tok_emb.weight"}
     _, back = tg.unpack_artifact(tg.pack_artifact(qstate, TINY_CFG, "zstd"))
     for n, t in state.items():
@@ -360,7 +432,7 @@ def test_corrupt_or_truncated_artifact_is_a_config_error():
     each a ConfigError saying so, never the decompressor's or numpy's exception."""
     g = torch.Generator().manual_seed(3)
     state = {"tok_emb.weight": torch.randn(32, 16, generator=g), "blocks.0.attn_scale": torch.randn(16, generator=g)}
-    qstate = tg.quantize_state(state, {}, tg.QuantSpec(block_size=16))
+    qstate = tg.quantize_state(state, {}, quant_spec(gptq_block_size=16))
     tg.unpack_artifact(tg.pack_artifact(qstate, TINY_CFG, "zstd"))  # the uncut artifact loads
     raw = tg.decompress(tg.pack_artifact(qstate, TINY_CFG, "zstd"))
     blobs = [bytes(torch.randint(0, 256, (4000,), generator=g, dtype=torch.uint8).tolist())]
@@ -448,7 +520,7 @@ def test_embed_gptq_puts_the_tied_embedding_in_int6(hparams, tiny_model):
     state = {n: p.detach() for n, p in tiny_model.state_dict().items()}
     H = torch.eye(hparams.model_dim)
     default = tg.quantize_state(state, {"tok_emb.weight": H})
-    embed = tg.quantize_state(state, {"tok_emb.weight": H}, tg.QuantSpec(embed_gptq=True))
+    embed = tg.quantize_state(state, {"tok_emb.weight": H}, quant_spec(quant_embed="gptq"))
     assert "tok_emb.weight" not in default["gptq"] and "tok_emb.weight" in embed["gptq"]
     q, s = embed["gptq"]["tok_emb.weight"]
     assert torch.equal((q, s)[0], tg.gptq_quantize(state["tok_emb.weight"], H)[0])
@@ -463,7 +535,7 @@ def test_int6_scale_floor_is_a_knob(tiny_model):
     W = state[name]
     assert W.abs().amax() < 1.0  # a small matrix: the default floor binds on every row
     records = tg.quantize_state({name: W}, {})["gptq"][name]
-    fine = tg.quantize_state({name: W}, {}, tg.QuantSpec(scale_floor=1e-6))["gptq"][name]
+    fine = tg.quantize_state({name: W}, {}, quant_spec(int6_scale_floor=1e-6))["gptq"][name]
     assert torch.all(records[1].float() == torch.tensor(1 / 31).half().float())
     assert torch.all(fine[1].float() <= (W.abs().amax(1) / 31).half().float())  # the row's own clip, never the floor
     assert torch.all(fine[1].float() < 1 / 31)

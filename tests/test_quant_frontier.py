@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import tiny_env
+from conftest import quant_spec, tiny_env
 
 
 def gaussian_rows(rows: int = 24, cols: int = 96, seed: int = 0) -> torch.Tensor:
@@ -70,7 +70,8 @@ def test_sdclip_scale_and_half_step_bound(bits, k):
 
 
 def test_sdclip_k_per_tensor_type():
-    spec = tg.QuantSpec(clip="sdclip", clip_sigmas=(1.0, 2.0, 3.0, 4.0))
+    spec = quant_spec(quant_clip="sdclip", matrix_clip_sigmas=1.0, mlp_clip_sigmas=2.0,
+                      attn_clip_sigmas=3.0, embed_clip_sigmas=4.0)
     assert [spec.sigmas(n) for n in ("blocks.0.mlp.fc.weight", "blocks.3.attn.c_q.weight", "tok_emb.weight",
                                      "blocks.0.other.weight")] == [2.0, 3.0, 4.0, 1.0]
     state = trained_like_state()
@@ -85,7 +86,7 @@ def test_sdclip_k_per_tensor_type():
 def test_int7_embedding_gptq_bounds_and_hessian(clip):
     state = trained_like_state()
     W = state["tok_emb.weight"]
-    spec = tg.QuantSpec(embed_gptq=True, embed_bits=7, clip=clip, scale_floor=1e-6)
+    spec = quant_spec(quant_embed="gptq", embed_bits=7, quant_clip=clip, int6_scale_floor=1e-6)
     qstate = tg.quantize_state(state, {}, spec)
     q, s = qstate["gptq"]["tok_emb.weight"]
     assert q.dtype == torch.int8 and q.abs().max() <= 63
@@ -111,9 +112,10 @@ def test_int7_embedding_gptq_bounds_and_hessian(clip):
 
 def test_lqer_lowers_error_of_the_worst_tensors_and_leaves_others():
     state = trained_like_state()
-    base_spec = tg.QuantSpec(matrix_bits=6)
+    base_spec = quant_spec(matrix_bits=6)
     plain = tg.quantize_state(state, {}, base_spec)
-    spec = tg.dataclasses.replace(base_spec, lqer_top_k=3, lqer_rank=4, lqer_factor_bits=4, lqer_group=64)
+    spec = tg.dataclasses.replace(base_spec, lqer_enabled=True, lqer_top_k=3, lqer_rank=4,
+                                  lqer_factor_bits=4, lqer_asym_group=64)
     corrected = tg.quantize_state(state, {}, spec)
     resid = {n: (state[n] - tg.dequantize_rows(*qs)).norm().item() for n, qs in plain["gptq"].items()}
     worst = sorted(resid, key=resid.get, reverse=True)[:3]
@@ -133,7 +135,7 @@ def test_lqer_lowers_error_of_the_worst_tensors_and_leaves_others():
 def test_quant_gate_int8_rows_by_name_and_size():
     state = trained_like_state()
     off = tg.quantize_state(state, {})
-    on = tg.quantize_state(state, {}, tg.QuantSpec(quant_gate=True))
+    on = tg.quantize_state(state, {}, quant_spec(gated_attn_quant_gate=True))
     gates = {"blocks.0.attn.attn_gate_w", "blocks.1.attn.attn_gate_w", "blocks.1.attn.attn_gate.weight",
              "skip_gates"}  # smear_gate: 12 < 32 entries, fp16
     assert set(on["gate"]) == gates and not off["gate"] and gates - set(off["gptq"]) <= set(off["fp16"])
@@ -152,7 +154,8 @@ def test_quant_gate_int8_rows_by_name_and_size():
 # ---------------------------------------------------------------------------------------------
 # Payload, compressors, auto, pruning
 
-ALL_OPTIONS = tg.QuantSpec(clip="sdclip", embed_gptq=True, embed_bits=7, quant_gate=True, lqer_top_k=2)
+ALL_OPTIONS = quant_spec(quant_clip="sdclip", quant_embed="gptq", embed_bits=7, gated_attn_quant_gate=True,
+                         lqer_enabled=True, lqer_top_k=2)
 
 
 @pytest.mark.parametrize("method", tg.COMPRESSORS)
@@ -193,7 +196,8 @@ def test_prune_to_fit_new_formats_few_compressions(tiny_model, monkeypatch, slac
         for p in tiny_model.parameters():
             p.normal_(0, 0.5)
     state = {n: p.detach() for n, p in tiny_model.state_dict().items()}
-    spec = tg.QuantSpec(clip="sdclip", embed_gptq=True, embed_bits=7, quant_gate=True, lqer_top_k=2)
+    spec = quant_spec(quant_clip="sdclip", quant_embed="gptq", embed_bits=7, gated_attn_quant_gate=True,
+                      lqer_enabled=True, lqer_top_k=2)
     qstate = tg.quantize_state(state, {}, spec)
     cfg = tg.GPT(tiny_model.cfg).cfg
     full = tg.pack_artifact(qstate, cfg, "brotli")
@@ -303,7 +307,7 @@ def test_every_option_artifact_loads_with_eval_artifact_alone(tiny_data, tmp_pat
 def test_quant_gate_patterns_choose_which_gates_are_int8():
     """QUANT_GATE_PATTERNS=attn_gate (PRESET=frontier, the record's): skip_gates stay fp16."""
     state = trained_like_state()
-    attn_only = tg.quantize_state(state, {}, tg.QuantSpec(quant_gate=True, gate_patterns=("attn_gate",)))
+    attn_only = tg.quantize_state(state, {}, quant_spec(gated_attn_quant_gate=True, quant_gate_patterns="attn_gate"))
     assert set(attn_only["gate"]) == {"blocks.0.attn.attn_gate_w", "blocks.1.attn.attn_gate_w",
                                       "blocks.1.attn.attn_gate.weight"}
     assert torch.equal(attn_only["fp16"]["skip_gates"], state["skip_gates"].half())

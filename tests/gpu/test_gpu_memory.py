@@ -29,7 +29,7 @@ def test_training_peak_memory_at_default_config(tmp_path):
     tg.select_attention_backend(h.attn_backend, "cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    base = tg.build_model(tg.model_config(h), rt)
+    base = tg.build_model(tg.ModelConfig.of(h), rt)
     model = tg.maybe_compile(base, h, rt)
     params, opts, geometry = list(base.parameters()), tg.build_optimizers(base, h, rt), tg.batch_geometry(h, rt)
     assert geometry == (48, 2)

@@ -25,7 +25,7 @@ def strict_fp32(monkeypatch):
 def record_model(dtype: torch.dtype, seed: int = 0) -> tg.GPT:
     """The default (record) shape, weights moved off their init so every branch carries signal."""
     torch.manual_seed(seed)
-    model = tg.GPT(tg.model_config(tg.Hyperparameters.from_env({})), dtype)
+    model = tg.GPT(tg.ModelConfig.of(tg.Hyperparameters.from_env({})), dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))

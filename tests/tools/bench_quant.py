@@ -28,7 +28,8 @@ import train_gpt as tg  # noqa: E402
 
 def rtn_state(state: dict, hessians: dict, block: int, embed_gptq: bool = False,
               scale_floor: float = tg.INT6_SCALE_FLOOR) -> dict:
-    out = tg.quantize_state(state, {}, tg.QuantSpec(block_size=block, scale_floor=scale_floor))
+    spec = tg.QuantSpec.from_hparams(tg.Hyperparameters(gptq_block_size=block, int6_scale_floor=scale_floor))
+    out = tg.quantize_state(state, {}, spec)
     for name in out["gptq"]:
         out["gptq"][name] = tg.gptq_quantize(state[name], None, block, clip_quantiles=(1.0,), scale_floor=scale_floor)
     return out
@@ -64,7 +65,10 @@ def main() -> int:
         if fn is rtn_state:
             qstate = fn(state, hess[source], h.gptq_block_size, embed, h.int6_scale_floor)
         else:
-            qstate = fn(state, hess[source], tg.QuantSpec(h.gptq_block_size, embed, h.int6_scale_floor))
+            spec = tg.QuantSpec.from_hparams(tg.Hyperparameters(gptq_block_size=h.gptq_block_size,
+                                                                int6_scale_floor=h.int6_scale_floor,
+                                                                quant_embed="gptq" if embed else "int8"))
+            qstate = fn(state, hess[source], spec)
         quant_s = time.perf_counter() - t0
         raw = tg.artifact_payload(qstate, cfg)
         _, deq = tg.unpack_artifact(tg.compress(raw, "zstd"))

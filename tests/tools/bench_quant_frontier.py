@@ -85,14 +85,14 @@ def layout_payload(qstate: dict, layout: str) -> bytes:
 
 VARIANTS = {  # name -> QuantSpec changes against the seed stack's defaults
     "today": {},
-    "sdclip": dict(clip="sdclip"),
-    "sdclip+emb7": dict(clip="sdclip", embed_gptq=True, embed_bits=7),
-    "sdclip+emb7+lqer": dict(clip="sdclip", embed_gptq=True, embed_bits=7, lqer_top_k=3),
-    "sdclip+emb7_noH": dict(clip="sdclip", embed_gptq=True, embed_bits=7),  # the embedding without its Hessian
-    "sdclip+emb8": dict(clip="sdclip", embed_gptq=True, embed_bits=8),
-    "sdclip+lqer": dict(clip="sdclip", lqer_top_k=3),
-    "today+emb7": dict(embed_gptq=True, embed_bits=7),
-    "today+emb7+lqer": dict(embed_gptq=True, embed_bits=7, lqer_top_k=3),
+    "sdclip": dict(quant_clip="sdclip"),
+    "sdclip+emb7": dict(quant_clip="sdclip", quant_embed="gptq", embed_bits=7),
+    "sdclip+emb7+lqer": dict(quant_clip="sdclip", quant_embed="gptq", embed_bits=7, lqer_enabled=True, lqer_top_k=3),
+    "sdclip+emb7_noH": dict(quant_clip="sdclip", quant_embed="gptq", embed_bits=7),  # the embedding without its Hessian
+    "sdclip+emb8": dict(quant_clip="sdclip", quant_embed="gptq", embed_bits=8),
+    "sdclip+lqer": dict(quant_clip="sdclip", lqer_enabled=True, lqer_top_k=3),
+    "today+emb7": dict(quant_embed="gptq", embed_bits=7),
+    "today+emb7+lqer": dict(quant_embed="gptq", embed_bits=7, lqer_enabled=True, lqer_top_k=3),
 }
 
 
