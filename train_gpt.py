@@ -772,6 +772,12 @@ class Runtime:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
+    def clock(self) -> float:
+        """Seconds on the eval clock (`clock`: time.perf_counter unless a test swaps it) once the
+        device's queue has drained, so a difference of two times what ran between them."""
+        self.sync()
+        return clock()
+
     def max_memory_mib(self) -> tuple[float, float]:
         if not self.is_cuda:
             return 0.0, 0.0
@@ -2444,15 +2450,44 @@ class TokenLosses:
             np.save(path, out.cpu().numpy())
 
 
+class ScoreSums:
+    """An eval's running (nll nats, tokens, bytes) over its scored targets, float64 on the device,
+    for every mode: a batch adds its masked sums (no boolean indexing, so no host sync), a sub-run's
+    sums (a TTT chunk's score_windows, a LoRA batch) are added whole, and result() all-reduces once."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, nll: Tensor, mask: Tensor, target_bytes: Tensor, idx: Tensor, losses: TokenLosses | None = None):
+        """One batch: nll, target_bytes and idx (the inputs' stream positions) all (B, T), mask the scored ones."""
+        self.sums[0] += torch.where(mask, nll.double(), 0.0).sum()
+        self.sums[1] += mask.sum()
+        self.sums[2] += torch.where(mask, target_bytes, 0).sum()
+        if losses is not None:
+            losses.record(idx[mask] + 1, nll[mask])
+
+    def merge(self, sums: Tensor):
+        self.sums += sums
+
+    def rank_bpb(self) -> float:
+        """This rank's bits per byte so far (progress lines; no collective)."""
+        s = self.sums.tolist()
+        return EvalResult(s[0], int(s[1]), int(s[2])).val_bpb
+
+    def result(self, rt: Runtime, t0: float) -> EvalResult:
+        return to_result(self.sums, rt, t0)
+
+
 def score_windows(nll_fn, val: ValidationData, wins: np.ndarray, batch: int, rt: Runtime,
-                  losses: TokenLosses | None = None) -> Tensor:
-    """Sum (nll, tokens, bytes) over the scored positions of this rank's share of `wins`,
-    under inference_mode. Batches are padded to a fixed shape (masked rows) for compile. The
-    window table goes to the device once: a copy per batch would wait for the GPU's queue."""
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    mine = wins[rank_slice(len(wins), rt)]
+                  losses: TokenLosses | None = None, limit: int | None = None) -> Tensor:
+    """Sum (nll, tokens, bytes) over the scored positions of this rank's share of `wins` (its
+    first `limit` windows; None: all), under inference_mode. Batches are padded to a fixed shape
+    (masked rows) for compile. The window table goes to the device once: a copy per batch would
+    wait for the GPU's queue."""
+    acc = ScoreSums(rt.device)
+    mine = wins[rank_slice(len(wins), rt)][:limit]
     if len(mine) == 0:
-        return sums
+        return acc.sums
     L = int((wins[:, 2] - wins[:, 0]).max())  # doc windows can be shorter: masked, clamped at the stream end
     ar = torch.arange(L, device=rt.device)
     table = torch.from_numpy(mine).to(rt.device)  # (n, 3) int64
@@ -2473,12 +2508,8 @@ def score_windows(nll_fn, val: ValidationData, wins: np.ndarray, batch: int, rt:
             nll = (nll_fn(x, y, ctx) if getattr(nll_fn, "needs_context", False) else nll_fn(x, y)).double()
             mask = (pos >= rows[:, 1:2]) & (pos < rows[:, 2:3])
             mask &= (torch.arange(batch, device=rt.device) < real)[:, None]
-            sums[0] += torch.where(mask, nll, 0.0).sum()  # no boolean indexing: no host sync per batch
-            sums[1] += mask.sum()
-            sums[2] += torch.where(mask, val.target_bytes(x, y, idx + 1), 0).sum()
-            if losses is not None:
-                losses.record(idx[mask] + 1, nll[mask])
-    return sums
+            acc.add(nll, mask, val.target_bytes(x, y, idx + 1), idx, losses)
+    return acc.sums
 
 
 def to_result(sums: Tensor, rt: Runtime, t0: float) -> EvalResult:
@@ -2524,14 +2555,14 @@ def slot_nll_function(model: GPT, steps: int, lr: float):
 
 
 def evaluate(nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime, stride: int,
-             losses: TokenLosses | None = None) -> EvalResult:
-    """Plain eval is stride == EVAL_SEQ_LEN (disjoint windows); sliding eval uses EVAL_STRIDE."""
-    rt.sync()
-    t0 = time.perf_counter()
+             losses: TokenLosses | None = None, limit: int | None = None) -> EvalResult:
+    """Plain eval is stride == EVAL_SEQ_LEN (disjoint windows); sliding eval uses EVAL_STRIDE.
+    limit: at most that many windows per rank, the first of its share (None: all)."""
+    t0 = rt.clock()
     wins = sliding_windows(len(val.tokens) - 1, h.eval_seq_len, stride)
     if h.doc_masking:
-        check_window_segments(val, wins[rank_slice(len(wins), rt)], h.eval_batch_seqs, h.bos_id)
-    return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses), rt, t0)
+        check_window_segments(val, wins[rank_slice(len(wins), rt)][:limit], h.eval_batch_seqs, h.bos_id)
+    return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses, limit), rt, t0)
 
 
 def check_window_segments(val: ValidationData, wins: np.ndarray, batch: int, bos_id: int):
@@ -2577,6 +2608,23 @@ def ttt_plan_epochs(epochs: int, chunks_left: int, score_s: float, epoch_s: floa
     return most_that_fits(epochs, chunks_left * score_s, max(chunks_left - 1, 0) * epoch_s, time_left_s)
 
 
+def base_ttt_step(opt: torch.optim.Optimizer, params: list, rt: Runtime, clip: float,
+                  accumulate: typing.Callable[[], None], lr: float | None = None):
+    """One optimizer step on the base weights, for score-first TTT (ttt_train_chunk) and phased
+    global TTT (global_ttt): gradients zeroed in place (every rank all-reduces the same buffers,
+    with or without rows of its own), accumulate() runs this rank's backward passes, then the sum
+    over ranks, the norm clipped when clip > 0, and the step (at `lr`; None: the groups' own)."""
+    opt.zero_grad(set_to_none=False)
+    accumulate()
+    all_reduce_grads(params, rt, op="sum")
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    opt.step()
+
+
 def ttt_train_chunk(model: GPT, opt, params: list, val: ValidationData, starts: np.ndarray, epochs: int,
                     h: Hyperparameters, rt: Runtime, trace: list | None, chunk: int):
     """SGD on the whole sequences starting at `starts` (already scored), TTT_BATCH_SEQS per step
@@ -2586,35 +2634,20 @@ def ttt_train_chunk(model: GPT, opt, params: list, val: ValidationData, starts: 
         for b in range(0, len(starts), h.ttt_batch_seqs):
             batch = starts[b:b + h.ttt_batch_seqs]
             mine = batch[rank_slice(len(batch), rt)]
-            opt.zero_grad(set_to_none=False)
-            if len(mine):
-                idx = torch.from_numpy(mine).to(rt.device)[:, None] + torch.arange(L, device=rt.device)
-                loss = model(val.tokens[idx], val.tokens[idx + 1], reduction="none").sum()
-                (loss / (len(batch) * L)).backward()
-                if trace is not None:
-                    trace.append(("train", chunk, int(idx.max()) + 1))
-            all_reduce_grads(params, rt, op="sum")
-            if h.ttt_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
-            opt.step()
+
+            def accumulate():
+                if len(mine):
+                    idx = torch.from_numpy(mine).to(rt.device)[:, None] + torch.arange(L, device=rt.device)
+                    loss = model(val.tokens[idx], val.tokens[idx + 1], reduction="none").sum()
+                    (loss / (len(batch) * L)).backward()
+                    if trace is not None:
+                        trace.append(("train", chunk, int(idx.max()) + 1))
+            base_ttt_step(opt, params, rt, h.ttt_grad_clip, accumulate)
 
 
-def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime,
-                 losses: TokenLosses | None = None, trace: list | None = None,
-                 deadline: float | None = None) -> EvalResult:
-    """Legal score-first test-time training (rules A1-A5). The stride windows are grouped into
-    chunks of TTT_CHUNK_TOKENS by their first scored position. For each chunk in order: score all
-    of its windows under inference_mode (the only numbers that count), then, except for the last
-    chunk, train on that chunk's already-scored tokens for TTT_EPOCHS with SGD (cosine LR over
-    chunks). No token is trained on before it is scored, and none is scored twice. With a
-    deadline (clock seconds), each chunk's epochs are re-planned from the robust pace of the
-    chunks so far: down when it would overrun, back up to TTT_EPOCHS when it fits again."""
-    rt.sync()
-    t0 = clock()
-    total, C = len(val.tokens) - 1, h.ttt_chunk_tokens
-    wins = sliding_windows(total, h.eval_seq_len, h.eval_stride)
-    chunk_of = wins[:, 1] // C
-    n_chunks = int(chunk_of[-1]) + 1
+def ttt_base_optimizer(model: GPT, h: Hyperparameters) -> tuple[list, torch.optim.Optimizer]:
+    """ttt_evaluate's trained weights (all but the first TTT_FREEZE_BLOCKS blocks), their gradient
+    buffers made zero, and their TTT_OPTIMIZER (SGD with momentum, or AdamW)."""
     for i, block in enumerate(model.blocks):
         block.requires_grad_(i >= h.ttt_freeze_blocks)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -2624,49 +2657,82 @@ def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt
         opt = torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=0.0)
     else:
         opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    return params, opt
+
+
+@dataclass
+class EpochPlanner:
+    """ttt_evaluate's epochs per chunk: TTT_EPOCHS, and with a deadline (clock seconds) re-planned
+    after each trained chunk from the robust pace of the chunks so far, the fewest over ranks."""
+    epochs: int
+    deadline: float | None
+    score_times: list = dataclasses.field(default_factory=list)
+    epoch_times: list = dataclasses.field(default_factory=list)
+    trained: list = dataclasses.field(default_factory=list)  # epochs run on each trained chunk
+    epoch_s: float | None = None
+    changes: int = 0
+
+    def after_chunk(self, c: int, n_chunks: int, t_chunk: float, t_train: float, now: float,
+                    h: Hyperparameters, rt: Runtime):
+        """Chunk c was scored from t_chunk, trained from t_train until now (clock seconds)."""
+        self.trained.append(self.epochs)
+        self.score_times.append(t_train - t_chunk)
+        if self.epochs:
+            self.epoch_times.append((now - t_train) / self.epochs)
+        score_s, self.epoch_s = robust_pace(self.score_times), robust_pace(self.epoch_times) or self.epoch_s
+        if self.deadline is None or score_s is None:
+            return
+        left_s = self.deadline - now
+        planned = ttt_plan_epochs(h.ttt_epochs, n_chunks - 1 - c, score_s, self.epoch_s or 0.0, left_s)
+        planned = -int(rt.all_reduce_(torch.tensor([-float(planned)], device=rt.device), "max").item())
+        if planned != self.epochs:
+            log(f"ttt:plan chunk:{c + 1}/{n_chunks} epochs:{self.epochs}->{planned} score_s:{score_s:.3f} "
+                f"epoch_s:{self.epoch_s or 0.0:.3f} time_left:{left_s:.1f}s")
+            self.epochs, self.changes = planned, self.changes + 1
+
+
+def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime,
+                 losses: TokenLosses | None = None, trace: list | None = None,
+                 deadline: float | None = None, limit: int | None = None) -> EvalResult:
+    """Legal score-first test-time training (rules A1-A5). The stride windows are grouped into
+    chunks of TTT_CHUNK_TOKENS by their first scored position. For each chunk in order: score all
+    of its windows under inference_mode (the only numbers that count), then, except for the last
+    chunk, train on that chunk's already-scored tokens for TTT_EPOCHS with SGD (cosine LR over
+    chunks). No token is trained on before it is scored, and none is scored twice. With a
+    deadline (clock seconds), each chunk's epochs are re-planned from the robust pace of the
+    chunks so far: down when it would overrun, back up to TTT_EPOCHS when it fits again.
+    limit: only the first that many chunks (None: all), the LR schedule still over all of them."""
+    t0 = rt.clock()
+    total, C = len(val.tokens) - 1, h.ttt_chunk_tokens
+    wins = sliding_windows(total, h.eval_seq_len, h.eval_stride)
+    chunk_of = wins[:, 1] // C
+    n_chunks = int(chunk_of[-1]) + 1
+    params, opt = ttt_base_optimizer(model, h)
     log(f"ttt:start chunks:{n_chunks} chunk_tokens:{C} windows:{len(wins)} stride:{h.eval_stride} "
         f"optimizer:{h.ttt_optimizer} lr:{h.ttt_lr} epochs:{h.ttt_epochs} freeze_blocks:{h.ttt_freeze_blocks} "
         f"params_trained:{sum(p.numel() for p in params)} protocol:score_first")
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    epochs, score_times, epoch_times, trained_epochs = h.ttt_epochs, [], [], []
-    epoch_s, plan_changes = None, 0
-    for c in range(n_chunks):
+    acc, planner = ScoreSums(rt.device), EpochPlanner(h.ttt_epochs, deadline)
+    for c in range(n_chunks if limit is None else min(limit, n_chunks)):
         t_chunk = clock()
-        sums += score_windows(nll_fn, val, wins[chunk_of == c], h.eval_batch_seqs, rt, losses)
+        acc.merge(score_windows(nll_fn, val, wins[chunk_of == c], h.eval_batch_seqs, rt, losses))
         if trace is not None:
             trace.append(("score", c, int(wins[chunk_of == c][:, 2].max())))
         if c == n_chunks - 1:
             break  # the last chunk is never trained on
-        rt.sync()
-        t_train = clock()
+        t_train = rt.clock()
         for group in opt.param_groups:
             group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
         starts = np.arange(c * C, min((c + 1) * C, total), h.eval_seq_len)  # C, total: multiples of L
-        ttt_train_chunk(model, opt, params, val, starts, epochs, h, rt, trace, c)
-        trained_epochs.append(epochs)
-        rt.sync()
-        now = clock()
-        score_times.append(t_train - t_chunk)
-        if epochs:
-            epoch_times.append((now - t_train) / epochs)
-        score_s, epoch_s = robust_pace(score_times), robust_pace(epoch_times) or epoch_s
-        if deadline is not None and score_s is not None:
-            planned = ttt_plan_epochs(h.ttt_epochs, n_chunks - 1 - c, score_s, epoch_s or 0.0, deadline - now)
-            planned = -int(rt.all_reduce_(torch.tensor([-float(planned)], device=rt.device), "max").item())
-            if planned != epochs:
-                log(f"ttt:plan chunk:{c + 1}/{n_chunks} epochs:{epochs}->{planned} score_s:{score_s:.3f} "
-                    f"epoch_s:{epoch_s or 0.0:.3f} time_left:{deadline - now:.1f}s")
-                epochs, plan_changes = planned, plan_changes + 1
+        ttt_train_chunk(model, opt, params, val, starts, planner.epochs, h, rt, trace, c)
+        planner.after_chunk(c, n_chunks, t_chunk, t_train, rt.clock(), h, rt)
         if rt.is_main and (c % max(1, n_chunks // 10) == 0 or c == n_chunks - 2):  # about every 10%
-            s = sums.tolist()
-            log(f"ttt_chunk:{c + 1}/{n_chunks} rank0_bpb:{EvalResult(s[0], int(s[1]), int(s[2])).val_bpb:.6f} "
-                f"time:{clock() - t0:.1f}s")
+            log(f"ttt_chunk:{c + 1}/{n_chunks} rank0_bpb:{acc.rank_bpb():.6f} time:{clock() - t0:.1f}s")
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None
-    result = to_result(sums, rt, t0)
-    result.notes = dict(chunks=n_chunks, epochs_requested=h.ttt_epochs, epochs_min=min(trained_epochs, default=0),
-                        epochs_total=sum(trained_epochs), plan_changes=plan_changes, score_first=True,
+    result = acc.result(rt, t0)
+    result.notes = dict(chunks=n_chunks, epochs_requested=h.ttt_epochs, epochs_min=min(planner.trained, default=0),
+                        epochs_total=sum(planner.trained), plan_changes=planner.changes, score_first=True,
                         last_chunk_trained=False)
     return result
 
@@ -2706,12 +2772,12 @@ def doc_windows(spans: np.ndarray, seq_len: int, chunk: int) -> np.ndarray:
 
 
 def evaluate_docs(nll_fn, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime,
-                  losses: TokenLosses | None = None) -> EvalResult:
-    """Document-isolated scoring without adaptation: the `doc` phase, next to `sliding`."""
-    rt.sync()
-    t0 = time.perf_counter()
+                  losses: TokenLosses | None = None, limit: int | None = None) -> EvalResult:
+    """Document-isolated scoring without adaptation: the `doc` phase, next to `sliding`.
+    limit: at most that many windows per rank, the first of its share (None: all)."""
+    t0 = rt.clock()
     wins = doc_windows(spans, h.eval_seq_len, h.ttt_chunk_size)
-    return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses), rt, t0)
+    return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses, limit), rt, t0)
 
 
 class BatchedLoRA:
@@ -2870,7 +2936,7 @@ def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters:
     pinned copy each) except TokenLosses' masked record when per-token losses are kept. A
     compiled forward gets at least 2 rows and 2 positions (padding rows/positions are masked),
     so dynamo's 0/1 specialisation adds no graph for a last lone row."""
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    acc = ScoreSums(rt.device)
     opt = opt if opt is not None else lora_optimizer(adapters, h)
     least = 2 if forward is not None and lora_ttt_compiled(h, rt) else 1
     forward = forward or (lambda x, y: model(x, y, reduction="none", doc_mask=False))
@@ -2889,11 +2955,7 @@ def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters:
         w = rows[3].float()
 
         def score(nll: Tensor):
-            sums[0] += torch.where(mask, nll.double(), 0.0).sum()
-            sums[1] += mask.sum()
-            sums[2] += torch.where(mask, val.target_bytes(x, y, y_pos), 0).sum()
-            if losses is not None:
-                losses.record(idx[mask] + 1, nll[mask])
+            acc.add(nll, mask, val.target_bytes(x, y, y_pos), idx, losses)
 
         def adapt(nll: Tensor):
             opt.zero_grad(set_to_none=True)
@@ -2902,7 +2964,7 @@ def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters:
         n_steps = steps if weight.any() else 0
         with torch.set_grad_enabled(n_steps > 0):
             score_first(lambda: forward(x, y), score, adapt, n_steps)  # 1 doc a row
-    return sums
+    return acc.sums
 
 
 def global_pieces(spans: np.ndarray, h: Hyperparameters) -> tuple[np.ndarray, np.ndarray]:
@@ -2932,20 +2994,17 @@ def global_ttt(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparam
     for k in range(total):
         step = pieces[step_of == k % n_steps]
         mine = step[rank_slice(len(step), rt)]
-        opt.zero_grad(set_to_none=False)
-        for b in range(0, len(mine), h.global_ttt_batch_seqs):
-            rows = torch.from_numpy(mine[b:b + h.global_ttt_batch_seqs]).to(rt.device)
-            idx, valid = rows[:, :1] + pos, pos < rows[:, 1:]
-            x, y = torch.where(valid, val.tokens[idx.clamp(max=len(val.tokens) - 2)], 0), val.tokens[(idx + 1).clamp(
-                max=len(val.tokens) - 1)]
-            nll = model(x, y, reduction="none", doc_mask=False)  # one document a row: plain causal (F1b)
-            (torch.where(valid, nll, 0.0).sum() / int(step[:, 1].sum())).backward()
-        all_reduce_grads(params, rt, op="sum")
-        if h.global_ttt_grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * k / max(total - 1, 1)))
-        opt.step()
+
+        def accumulate():
+            for b in range(0, len(mine), h.global_ttt_batch_seqs):
+                rows = torch.from_numpy(mine[b:b + h.global_ttt_batch_seqs]).to(rt.device)
+                idx, valid = rows[:, :1] + pos, pos < rows[:, 1:]
+                x = torch.where(valid, val.tokens[idx.clamp(max=len(val.tokens) - 2)], 0)
+                y = val.tokens[(idx + 1).clamp(max=len(val.tokens) - 1)]
+                nll = model(x, y, reduction="none", doc_mask=False)  # one document a row: plain causal (F1b)
+                (torch.where(valid, nll, 0.0).sum() / int(step[:, 1].sum())).backward()
+        lr = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * k / max(total - 1, 1)))
+        base_ttt_step(opt, params, rt, h.global_ttt_grad_clip, accumulate, lr)
     model.requires_grad_(False)
     for p in params:
         p.grad = None
@@ -3070,44 +3129,116 @@ def run_global_phase(model: GPT, val: ValidationData, prefix: np.ndarray, p: int
     if reason:
         log(f"ttt:phase {p + 1}/{n_phases} skipped: {reason}")
         return None
-    rt.sync()
-    t = clock()
+    t = rt.clock()
     global_ttt(model, val, prefix, h, rt)
-    rt.sync()
-    dt = clock() - t
+    dt = rt.clock() - t
     log(f"ttt:phase {p + 1}/{n_phases} docs:{len(prefix)} tokens:{tokens} lr:{h.global_ttt_lr} time:{dt:.1f}s")
     return dt / max(tokens, 1)
 
 
+@dataclass
+class LoraPlanner:
+    """lora_ttt_evaluate's grad steps per chunk and its global phases' estimates: TTT_GRAD_STEPS
+    throughout without a deadline; with one, first chosen before any batch from the record's pace
+    (lora_prior_steps), then re-planned after every batch from this rank's robust pace."""
+    steps: int
+    deadline: float | None
+    paces: list = dataclasses.field(default_factory=list)  # seconds per unit of work, step cost removed
+    steps_used: list = dataclasses.field(default_factory=list)  # grad steps of each batch run
+    token_s: float | None = None  # the last global phase's seconds per token trained
+    changes: int = 0
+    phases_run: int = 0
+
+    @property
+    def pace(self) -> float | None:
+        return robust_pace(self.paces)
+
+    def prior(self, h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, rt: Runtime):
+        """Before any batch: the whole schedule at the prior (record) pace."""
+        self.steps, projected = lora_prior_steps(h, spans, plan, rt.world_size, self.deadline - clock(), rt)
+        mode = "compiled" if lora_ttt_compiled(h, rt) else "eager"
+        log(f"ttt:plan prior grad_steps:{h.ttt_grad_steps}->{self.steps} projected:{projected:.1f}s "
+            f"time_left:{self.deadline - clock():.1f}s (record rates, {mode})")
+        self.changes += self.steps != h.ttt_grad_steps
+
+    def after_batch(self, dt: float, work: int, work_left: int, phase_tokens: int, label: str,
+                    h: Hyperparameters, rt: Runtime):
+        """A batch of `work` took dt seconds; work_left is this rank's still to run, phase_tokens the
+        global phases' still ahead; label names the batch in a plan line."""
+        self.paces.append(dt / work / (1 + STEP_COST * self.steps))
+        self.steps_used.append(self.steps)
+        pace = self.pace
+        if self.deadline is None or pace is None:
+            return
+        planned = lora_plan_steps(h, pace, work_left, phase_tokens, self.token_s, self.deadline - clock())
+        if planned != self.steps:
+            log(f"ttt:plan rank:{rt.rank} batch:{label} grad_steps:{self.steps}->{planned} "
+                f"pace:{pace * 1e6:.3f}us/token time_left:{self.deadline - clock():.1f}s")
+            self.steps, self.changes = planned, self.changes + 1
+
+    def phase_estimate(self, tokens: int, work_left: int) -> tuple[float | None, float]:
+        """(estimated seconds of a phase training `tokens`, room for it before the deadline once
+        this rank's work_left is run); (None, 0.0) without a deadline or a pace."""
+        pace = self.pace
+        if self.deadline is None or pace is None:
+            return None, 0.0
+        est_s = tokens * (self.token_s or pace * (1 + STEP_COST))
+        return est_s, self.deadline - clock() - work_left * pace * (1 + STEP_COST * self.steps)
+
+
+def first_batches(mine: list[list[int]], limit: int | None) -> list[list[int]]:
+    """A rank's batches per phase segment, at most `limit` in all in queue order (None: all)."""
+    if limit is None:
+        return mine
+    out = []
+    for batches in mine:
+        out.append(batches[:max(limit - sum(map(len, out)), 0)])
+    return out
+
+
+def log_lora_start(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule):
+    log(f"ttt:start mode:lora docs:{len(spans)} batches:{len(plan.queue)} batch_docs:{h.ttt_batch_size} "
+        f"chunk:{h.ttt_chunk_size} context:{h.eval_seq_len} rank:{h.ttt_lora_rank} alpha:{h.ttt_lora_alpha} "
+        f"lr:{h.ttt_lora_lr} grad_steps:{h.ttt_grad_steps} warm_start_a:{int(h.ttt_warm_start_a)} "
+        f"phases:{len(plan.phase_docs)} phase_docs:{[len(d) for d in plan.phase_docs]} "
+        f"phase_select:{h.phased_ttt_select} balance:{h.ttt_balance} protocol:score_first")
+
+
+def lora_global_phase(model: GPT, val: ValidationData, spans: np.ndarray, plan: LoraSchedule, seg: int,
+                      adapters: list[BatchedLoRA], planner: LoraPlanner, tokens: int, work_left: int,
+                      h: Hyperparameters, rt: Runtime):
+    """The global phase after segment `seg` on the base model alone (run_global_phase decides
+    whether it runs), then the same adapter objects back, so the compiled forward's guards hold."""
+    est_s, room_s = planner.phase_estimate(tokens, work_left)
+    detach_lora(model)
+    ran = run_global_phase(model, val, spans[plan.phase_docs[seg]], seg, len(plan.phase_docs),
+                           schedule_done_after(plan, seg), h, rt, est_s, room_s)
+    for (module, _, _), a in zip(lora_hosts(model, h), adapters):
+        module.lora = a
+    if ran is not None:
+        planner.token_s, planner.phases_run = ran, planner.phases_run + 1
+
+
 def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime,
-                      losses: TokenLosses | None = None, deadline: float | None = None) -> EvalResult:
+                      losses: TokenLosses | None = None, deadline: float | None = None,
+                      limit: int | None = None) -> EvalResult:
     """Batched per-document LoRA TTT (PR #1530 -> #1855), with PHASED_TTT_NUM_PHASES global SGD
     pauses (PR #1626), score-first per chunk (rules A1-A5). Who runs what is lora_schedule's
     plan (deterministic, no side channel); at a pause every rank has scored every batch of the
     segments so far, then all ranks train the base on the phase's documents (all scored).
     Adapters: B and the AdamW state reset per batch, A too unless TTT_WARM_START_A (then A is new
-    per segment). With a deadline, the grad steps per chunk are first chosen before any batch from
-    the record's pace (lora_prior_steps), then re-planned after every batch from the measured robust pace, and a phase that would not fit is skipped; both can come back later."""
-    rt.sync()
-    t0 = clock()
-    C, L = h.ttt_chunk_size, h.eval_seq_len
+    per segment). With a deadline, LoraPlanner sets the grad steps per chunk and a phase that
+    would not fit is skipped; both can come back later. limit: at most that many batches per rank
+    (None: all); the global phases still run as planned."""
+    t0 = rt.clock()
     plan = lora_schedule(spans, h, rt.world_size)
-    queue, work, mine = plan.queue, plan.work, plan.mine[rt.rank]
+    queue, work, mine = plan.queue, plan.work, first_batches(plan.mine[rt.rank], limit)
     n_phases = len(plan.phase_docs)
     phase_tokens = [int(spans[d, 1].sum()) * h.global_ttt_epochs for d in plan.phase_docs]
-    log(f"ttt:start mode:lora docs:{len(spans)} batches:{len(queue)} batch_docs:{h.ttt_batch_size} chunk:{C} "
-        f"context:{L} rank:{h.ttt_lora_rank} alpha:{h.ttt_lora_alpha} lr:{h.ttt_lora_lr} grad_steps:{h.ttt_grad_steps} "
-        f"warm_start_a:{int(h.ttt_warm_start_a)} phases:{n_phases} phase_docs:{[len(d) for d in plan.phase_docs]} "
-        f"phase_select:{h.phased_ttt_select} balance:{h.ttt_balance} "
-        f"protocol:score_first")
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    steps, paces, token_s, plan_changes, phases_run, steps_used = h.ttt_grad_steps, [], None, 0, 0, []
-    if deadline is not None:  # before any batch: the whole schedule at the prior (record) pace
-        steps, projected = lora_prior_steps(h, spans, plan, rt.world_size, deadline - clock(), rt)
-        log(f"ttt:plan prior grad_steps:{h.ttt_grad_steps}->{steps} projected:{projected:.1f}s "
-            f"time_left:{deadline - clock():.1f}s (record rates, {'compiled' if lora_ttt_compiled(h, rt) else 'eager'})")
-        plan_changes += steps != h.ttt_grad_steps
-    pace = None
+    log_lora_start(h, spans, plan)
+    acc, planner = ScoreSums(rt.device), LoraPlanner(h.ttt_grad_steps, deadline)
+    if deadline is not None:
+        planner.prior(h, spans, plan, rt)
     model.requires_grad_(False)
     # Allocated once at TTT_BATCH_SIZE rows and re-initialised in place per batch (A from the same
     # seeded draws a fresh attach_lora would make, B and the AdamW state zero): tensor identities
@@ -3117,49 +3248,29 @@ def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyp
     opt, forward = lora_optimizer(adapters, h), lora_forward(model, h, rt)
     try:
         for seg, batches in enumerate(mine):
+            later = sum(work[b] for s in mine[seg + 1:] for b in s)  # this rank's work after the segment
             for j, bi in enumerate(batches):
                 key = len(queue) + seg * rt.world_size + rt.rank if h.ttt_warm_start_a else bi
                 fresh_a = j == 0 or not h.ttt_warm_start_a
                 reset_lora(adapters, torch.Generator(rt.device).manual_seed(h.seed + 1_000_003 * key) if fresh_a else None)
                 zero_optimizer_state(opt)
                 t_batch = clock()
-                sums += lora_ttt_batch(model, val, spans[queue[bi]], adapters, steps, h, rt, losses, opt, forward)
-                rt.sync()
-                paces.append((clock() - t_batch) / work[bi] / (1 + STEP_COST * steps))
-                steps_used.append(steps)
-                pace = robust_pace(paces)
-                if deadline is not None and pace is not None:
-                    left = sum(work[b] for b in batches[j + 1:]) + sum(work[b] for s in mine[seg + 1:] for b in s)
-                    planned = lora_plan_steps(h, pace, left, sum(phase_tokens[seg:]), token_s, deadline - clock())
-                    if planned != steps:
-                        log(f"ttt:plan rank:{rt.rank} batch:{bi + 1}/{len(queue)} grad_steps:{steps}->{planned} "
-                            f"pace:{pace * 1e6:.3f}us/token time_left:{deadline - clock():.1f}s")
-                        steps, plan_changes = planned, plan_changes + 1
-                if rt.is_main and len(steps_used) % progress_every == 0:
-                    tot = sums.tolist()
-                    log(f"ttt_batch:{bi + 1}/{len(queue)} grad_steps:{steps} time:{clock() - t0:.1f}s "
-                        f"rank0_bpb:{EvalResult(tot[0], int(tot[1]), int(tot[2])).val_bpb:.6f}")
-            pace = robust_pace(paces)
+                acc.merge(lora_ttt_batch(model, val, spans[queue[bi]], adapters, planner.steps, h, rt, losses, opt,
+                                         forward))
+                planner.after_batch(rt.clock() - t_batch, work[bi], sum(work[b] for b in batches[j + 1:]) + later,
+                                    sum(phase_tokens[seg:]), f"{bi + 1}/{len(queue)}", h, rt)
+                if rt.is_main and len(planner.steps_used) % progress_every == 0:
+                    log(f"ttt_batch:{bi + 1}/{len(queue)} grad_steps:{planner.steps} time:{clock() - t0:.1f}s "
+                        f"rank0_bpb:{acc.rank_bpb():.6f}")
             if seg < n_phases:
-                est_s, room_s = None, 0.0
-                if deadline is not None and pace is not None:
-                    left = sum(work[b] for s in mine[seg + 1:] for b in s)
-                    est_s = phase_tokens[seg] * (token_s or pace * (1 + STEP_COST))
-                    room_s = deadline - clock() - left * pace * (1 + STEP_COST * steps)
-                detach_lora(model)  # the global phase trains the base model alone
-                ran = run_global_phase(model, val, spans[plan.phase_docs[seg]], seg, n_phases,
-                                       schedule_done_after(plan, seg), h, rt, est_s, room_s)
-                for (module, _, _), a in zip(lora_hosts(model, h), adapters):
-                    module.lora = a  # the same objects back: the compiled forward's guards hold
-                if ran is not None:
-                    token_s, phases_run = ran, phases_run + 1
+                lora_global_phase(model, val, spans, plan, seg, adapters, planner, phase_tokens[seg], later, h, rt)
     finally:
         detach_lora(model)
         model.requires_grad_(True)
-    result = to_result(sums, rt, t0)
-    result.notes = dict(mode="lora", docs=len(spans), batches=len(queue), chunk_size=C,
-                        grad_steps_requested=h.ttt_grad_steps, grad_steps_min=min(steps_used, default=0),
-                        plan_changes=plan_changes, phases_planned=n_phases, phases_run=phases_run,
+    result = acc.result(rt, t0)
+    result.notes = dict(mode="lora", docs=len(spans), batches=len(queue), chunk_size=h.ttt_chunk_size,
+                        grad_steps_requested=h.ttt_grad_steps, grad_steps_min=min(planner.steps_used, default=0),
+                        plan_changes=planner.changes, phases_planned=n_phases, phases_run=planner.phases_run,
                         score_first=True)
     return result
 

@@ -253,6 +253,32 @@ def test_ttt_changes_score_and_zero_epochs_equals_sliding(h, model, runtime, tmp
     assert ttt0.loss_sum == pytest.approx(sliding.loss_sum, rel=1e-12, abs=0)
 
 
+def test_limit_scores_the_first_windows_and_chunks_of_the_full_run(h, model, runtime, tmp_path):
+    """evaluate(limit=k) scores exactly the first k windows (7: not a multiple of the batch of 5),
+    with the full run's per-token losses bit for bit and NaN elsewhere; ttt_evaluate(limit=2)
+    scores the first 2 chunks as the full TTT run does (chunk 1 after training on chunk 0)."""
+    val = make_val(h.vocab_size, TOTAL + 1)
+    full, f_nll = sliding_losses(tmp_path, model, val, h, runtime)
+    k = 7
+    part, p_nll = run_losses(tmp_path, "part", lambda tl: tg.evaluate(tg.nll_function(model), val, h, runtime,
+                                                                        h.eval_stride, tl, limit=k), val, runtime)
+    wins = tg.sliding_windows(TOTAL, L, STRIDE)[:k]
+    scored = np.zeros(len(p_nll), dtype=bool)
+    for _, lo, hi in wins:
+        scored[lo + 1:hi + 1] = True  # window targets are one after its positions
+    assert part.tokens == scored.sum() == int((wins[:, 2] - wins[:, 1]).sum()) < full.tokens
+    assert p_nll[scored].tobytes() == f_nll[scored].tobytes() and np.isnan(p_nll[~scored]).all()
+    assert part.loss_sum == pytest.approx(float(f_nll[scored].astype(np.float64).sum()), rel=1e-6)
+
+    _, t_nll = ttt_losses(tmp_path, model, val, h, runtime)
+    m = copy.deepcopy(model)
+    two, t2_nll = run_losses(tmp_path, "ttt2", lambda tl: tg.ttt_evaluate(m, tg.nll_function(m), val, h, runtime, tl,
+                                                                           limit=2), val, runtime)
+    first = 2 * CHUNK + 1
+    assert two.tokens == 2 * CHUNK and two.notes["epochs_total"] == 2  # chunks 0 and 1 trained on
+    assert t2_nll[1:first].tobytes() == t_nll[1:first].tobytes() and np.isnan(t2_nll[first:]).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # Causal SLOT (non-record): the flip test, and a non-causal SLOT that fails it
 

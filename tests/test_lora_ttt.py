@@ -324,6 +324,25 @@ def test_lora_ttt_adapts_and_first_chunks_match_zero_steps(h):
     assert (r0.tokens, r0.bytes) == (r1.tokens, r1.bytes) == (r2.tokens, r2.bytes)
 
 
+def test_lora_limit_scores_the_first_batches_of_the_full_run(h):
+    """lora_ttt_evaluate(limit=2) on one rank scores exactly the documents of the queue's first 2
+    batches, once each, with the full run's per-token losses bit for bit (the second batch after
+    the first global phase, as in the full run: warm-start A, 2 phases)."""
+    from doc_streams import CountingLosses
+    h = dataclasses.replace(h, ttt_warm_start_a=True, phased_ttt_num_phases=2)
+    val = make_val(doc_stream(h.vocab_size), h.vocab_size)
+    spans = tg.document_spans(val.tokens.numpy(), BOS)
+    model = noisy_model(h)
+    full, lf = run_doc(model, val, h, RT, lora=True)
+    losses = CountingLosses(val.stream_len, RT.device)
+    part = tg.lora_ttt_evaluate(copy.deepcopy(model), val, spans, h, RT, losses, limit=2)
+    docs = np.concatenate(tg.ttt_queue(spans, h.ttt_batch_size)[:2])
+    idx = np.concatenate([np.arange(s + 1, s + n + 1) for s, n in spans[docs]])
+    assert part.tokens == len(idx) == int(losses.count.sum()) < full.tokens and (losses.count[idx] == 1).all()
+    assert losses.nll.numpy()[idx].tobytes() == lf.nll.numpy()[idx].tobytes()
+    assert part.notes["phases_run"] == 2 and part.loss_sum == pytest.approx(float(lf.nll[idx].double().sum()), rel=1e-6)
+
+
 def test_global_phase_trains_only_the_prefix_documents(h):
     """The phase's SGD reads exactly the targets of the prefix documents (all already scored)."""
     val = make_val(doc_stream(h.vocab_size), h.vocab_size)
