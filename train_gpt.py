@@ -30,6 +30,7 @@ import ast
 import collections
 import contextlib
 import copy
+import functools
 import dataclasses
 import datetime
 import difflib
@@ -98,6 +99,12 @@ RECORD_ENV_ALIASES: dict[str, typing.Callable[[str, typing.Mapping[str, str]], d
         "GLOBAL_TTT_WARMUP_CHUNKS", v, {"0": {}}, "global TTT has no LR warm-up here (cosine from GLOBAL_TTT_LR)"),
     "VAL_BATCH_SIZE": lambda v, env: _alias_choice(
         "VAL_BATCH_SIZE", v, {}, "no validation during training here; EVAL_BATCH_SEQS sets windows per eval forward"),
+    # Records' knobs with one meaning here (issue 17: no field holds a single value).
+    "VAL_LOSS_EVERY": lambda v, env: _alias_fixed(
+        "VAL_LOSS_EVERY", v, "0", "validation data is read only after training and serialization (rule C1); "
+        "the log has train_loss every TRAIN_LOG_EVERY steps"),
+    "PARALLEL_FINAL_LANE": lambda v, env: _alias_fixed(
+        "PARALLEL_FINAL_LANE", v, "mean", "the two parallel lanes always merge as their mean (the records')"),
     "TIE_EMBEDDINGS": lambda v, env: _alias_choice(
         "TIE_EMBEDDINGS", v, {"1": {}}, "the embedding is always tied to the output head here"),
     # The 1.0611 record's launch line (frontier.md 7, issue 19 item 6); they also need a frontier
@@ -141,9 +148,9 @@ class Hyperparameters:
     caseops_enabled: bool = False  # val bytes from the fineweb_val_bytes_*.bin sidecar (CaseOps tokenizer)
     run_id: str = ""  # log/summary name; empty = <YYYYMMDD>_<preset>_seed<SEED> (then _2, _3.. if logs/ has it)
     seed: int = 1337  # init, data order (coprime loader), TTT and calibration sampling
-    preset: str = ""  # a name of PRESETS ("" = the defaults, #1060's stack = pr1060); applied before env overrides
-    device: str = "auto"  # auto | cuda | cpu
-    train_loader: str = "coprime"  # coprime (multi-shard, SEED-dependent order; #1060) | sequential | packed (#1855's)
+    preset: typing.Literal["", "tiny", "frontier", "pr691", "pr639", "pr1306", "pr1060", "pr1855"] = ""  # a name of PRESETS ("" = the defaults, #1060's stack = pr1060); applied before env overrides
+    device: typing.Literal["auto", "cuda", "cpu"] = "auto"  # auto | cuda | cpu
+    train_loader: typing.Literal["sequential", "coprime", "packed"] = "coprime"  # coprime (multi-shard, SEED-dependent order; #1060) | sequential | packed (#1855's)
     loader_prefetch: int = 0  # training batches a background thread prepares ahead (host side, pinned on CUDA); 0 = none
     eval_artifact: str = ""  # skip training: score this artifact on DATA_PATH's val shards
     token_losses_dir: str = ""  # write <dir>/{sliding,ttt}.npy per-token NLL arrays
@@ -166,7 +173,7 @@ class Hyperparameters:
     bigram_dim: int = 112
     ve_layers: str = "9,10"  # comma list of layers that get value embeddings ("" disables)
     ve_dim: int = 128
-    attn_backend: str = "auto"  # auto (fa3 > fa2 > sdpa) | fa3 | fa2 | sdpa
+    attn_backend: typing.Literal["auto", "fa3", "fa2", "sdpa"] = "auto"  # auto (fa3 > fa2 > sdpa) | fa3 | fa2 | sdpa
     fused_mlp_enabled: bool = False  # training MLP as Triton matmuls with the LeakyReLU^2 epilogues (#1530; CUDA + triton, else eager)
     fused_ce_enabled: bool = False  # training loss as a Triton softcapped CE over vocab blocks (#1787; CUDA + triton, else eager)
     # frontier architecture (frontier.md section 2; the records' env names, all off in the seed presets)
@@ -176,7 +183,6 @@ class Hyperparameters:
     loop_end: int = 5  # last physical layer of the looped span (inclusive)
     enable_looping_at: float = 0.35  # loop on from this fraction of the budget (wall clock if capped, else ITERATIONS)
     parallel_start_layer: int = 0  # two-lane parallel residuals from this physical decoder layer (0 = off; #1530)
-    parallel_final_lane: str = "mean"  # how the two lanes merge after the last layer (the records': mean)
     doc_masking: bool = False  # attention never crosses a BOS (FA3 varlen or a masked SDPA; #1530)
     bos_id: int = -1  # document separator id; -1 = the tokenizer's bos_id()
     smear_gate_enabled: bool = False  # windowed SmearGate with the BOS fix, replaces the per-channel one (#1667, #1855)
@@ -193,9 +199,8 @@ class Hyperparameters:
     warmup_steps: int = 20  # compile warm-up steps, rolled back and not timed
     max_wallclock_seconds: float = 600.0  # training cap (0 = none, ITERATIONS ends the run)
     train_log_every: int = 500
-    val_loss_every: int = 0  # records' knob; only 0: no validation during training (rule C1)
     compile: int = -1  # -1 = on for CUDA only; 1 = on everywhere (CPU: inductor C++); 0 = off
-    compile_mode: str = "default"  # torch.compile mode of maybe_compile (training model, eval forwards): default | max-autotune-no-cudagraphs | max-autotune
+    compile_mode: typing.Literal["default", "max-autotune-no-cudagraphs", "max-autotune"] = "default"  # torch.compile mode of maybe_compile (training model, eval forwards): default | max-autotune-no-cudagraphs | max-autotune
     # optimizers
     matrix_lr: float = 0.025  # Muon, block matrices
     scalar_lr: float = 0.025  # AdamW, gains/mixes/small projections
@@ -210,10 +215,10 @@ class Hyperparameters:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3  # global L2 norm of the gradient (0 = off); which gradient: GRAD_CLIP_MODE
-    grad_clip_mode: str = "averaged"  # averaged (after the cross-rank mean; #414's DDP) | local (each rank's, before it; #549 -> #1855)
+    grad_clip_mode: typing.Literal["averaged", "local"] = "averaged"  # averaged (after the cross-rank mean; #414's DDP) | local (each rank's, before it; #549 -> #1855)
     # frontier optimizer options (frontier.md section 3); off in the seed presets
     muon_row_normalize: bool = False  # MuonEq-R: each row of the Nesterov update to unit L2 norm before NS
-    muon_ns_coeffs: str = "classic"  # classic (one quintic for every step) | polar_express (one per step, 5 steps)
+    muon_ns_coeffs: typing.Literal["classic", "polar_express"] = "classic"  # classic (one quintic for every step) | polar_express (one per step, 5 steps)
     muon_sharded: bool = False  # W > 1: Muon grads bf16 reduce-scattered, NS on each rank's share (0: fp32 all-reduce)
     warmdown_frac: float = 0.0  # warmdown as a fraction of the training budget (0 = WARMDOWN_ITERS decides)
     min_lr: float = 0.0  # floor of the LR multiplier once the warmdown starts (frontier: 0.1)
@@ -223,20 +228,20 @@ class Hyperparameters:
     ema_warmup: bool = True  # decay min(EMA_DECAY, (1+step)/(10+step)): early steps do not keep the init
     swa_every: int = 50  # steps between SWA snapshots during the warmdown
     swa_start_scale: float = 0.2  # SWA collects once the LR scale is below this
-    weight_average: str = "ema"  # ema | swa | blend (mean of the two): what gets quantized
+    weight_average: typing.Literal["ema", "swa", "blend"] = "ema"  # ema | swa | blend (mean of the two): what gets quantized
     # quantization and artifact
-    gptq_calib: str = "train"  # train (inside the cap) | selfgen (model-generated text) | none (GPTQ-lite)
+    gptq_calib: typing.Literal["train", "selfgen", "none"] = "train"  # train (inside the cap) | selfgen (model-generated text) | none (GPTQ-lite)
     gptq_calib_batches: int = 64  # train: micro-batches per rank; selfgen: sequences in all
-    gptq_calib_attention: str = "masked"  # Hessian forward with DOC_MASKING: masked (as trained) | dense (the record's)
+    gptq_calib_attention: typing.Literal["masked", "dense"] = "masked"  # Hessian forward with DOC_MASKING: masked (as trained) | dense (the record's)
     gptq_selfgen_temp: float = 0.8  # sampling temperature of self-generated calibration text
     gptq_reserve_seconds: float = 14.0  # taken out of MAX_WALLCLOCK_SECONDS for calibration (#1060: 14 s)
     gptq_block_size: int = 128
     gptq_split: bool = True  # with WORLD_SIZE > 1 each rank GPTQs a cost-balanced share (0: rank 0 alone); same bytes
-    quant_compressor: str = "zstd"  # zstd (22) | lzma (9e) | brotli (11) | pergroup (zpaq) | auto (smallest of the first 3)
+    quant_compressor: typing.Literal["zstd", "lzma", "brotli", "pergroup", "auto"] = "zstd"  # zstd (22) | lzma (9e) | brotli (11) | pergroup (zpaq) | auto (smallest of the first 3)
     int6_scale_floor: float = 1 / 31  # least int6 step per row (records: 1/31; lower = finer, bigger)
-    quant_embed: str = "int8"  # tied embedding: int8 rows | gptq (int6 with the output head's Hessian)
+    quant_embed: typing.Literal["int8", "gptq"] = "int8"  # tied embedding: int8 rows | gptq (int6 with the output head's Hessian)
     # frontier quantization and compression (frontier.md section 4, issue 10)
-    quant_clip: str = "search"  # search (per-row clip quantiles, least Hessian-weighted error) | sdclip (k*std(row))
+    quant_clip: typing.Literal["search", "sdclip"] = "search"  # search (per-row clip quantiles, least Hessian-weighted error) | sdclip (k*std(row))
     matrix_bits: int = 6  # GPTQ bits of the block matrices, 2-8
     embed_bits: int = 6  # QUANT_EMBED=gptq: GPTQ bits of the tied embedding, 2-8 (the 1.06 records: 7)
     matrix_clip_sigmas: float = 12.85  # sdclip k of block matrices that are neither MLP nor attention
@@ -260,14 +265,14 @@ class Hyperparameters:
     ttt_chunk_tokens: int = 32_768
     ttt_freeze_blocks: int = 0
     ttt_momentum: float = 0.9  # SGD momentum
-    ttt_optimizer: str = "sgd"  # sliding: sgd (the records') | adamw (betas BETA1/BETA2, no WD); doc: adam (LoRA AdamW)
+    ttt_optimizer: typing.Literal["sgd", "adamw", "adam"] = "sgd"  # sliding: sgd (the records') | adamw (betas BETA1/BETA2, no WD); doc: adam (LoRA AdamW)
     ttt_batch_seqs: int = 32  # global sequences per SGD step
     ttt_grad_clip: float = 1.0
     slot_enabled: bool = False  # causal SLOT phase after sliding: a non-record technique (rule A7)
     slot_steps: int = 8  # AdamW steps on each window's delta
     slot_lr: float = 0.005
     # document-isolated eval, batched LoRA TTT, phased global TTT (frontier.md 5.1, 5.3-5.5, 7)
-    eval_mode: str = "sliding"  # sliding (window + chunked full-model TTT) | doc (per-document chunks + LoRA TTT)
+    eval_mode: typing.Literal["sliding", "doc"] = "sliding"  # sliding (window + chunked full-model TTT) | doc (per-document chunks + LoRA TTT)
     ttt_chunk_size: int = 48  # doc mode: tokens scored per chunk of a document (TTT_CHUNK_TOKENS: sliding mode)
     ttt_batch_size: int = 64  # doc mode: documents per LoRA batch, each with its own adapters
     ttt_grad_steps: int = 1  # doc mode: AdamW steps per scored chunk (the planner may lower it; 0 = score only)
@@ -285,8 +290,8 @@ class Hyperparameters:
     ttt_compile_dynamic: bool = True  # compiled LoRA TTT forward with dynamic shapes (rows, length); 0: static
     phased_ttt_prefix_docs: int = 2500  # global SGD phases cover the first this many documents of the queue
     phased_ttt_num_phases: int = 0  # 0 = plain LoRA TTT; N = global SGD at N boundaries over the prefix
-    phased_ttt_select: str = "shortest"  # phase p trains on the b shortest scored docs (the record) | prefix (queue's b longest)
-    ttt_balance: str = "lpt"  # batches to ranks per phase segment: lpt (most work first, least-loaded rank) | round_robin
+    phased_ttt_select: typing.Literal["shortest", "prefix"] = "shortest"  # phase p trains on the b shortest scored docs (the record) | prefix (queue's b longest)
+    ttt_balance: typing.Literal["lpt", "round_robin"] = "lpt"  # batches to ranks per phase segment: lpt (most work first, least-loaded rank) | round_robin
     ttt_split_batches: bool = False  # lpt, > 1 rank: halve heavy batches (A seeds then differ from 1 rank without warm start)
     global_ttt_lr: float = 0.001  # SGD on the base weights, cosine over the phase's steps
     global_ttt_momentum: float = 0.9
@@ -298,7 +303,7 @@ class Hyperparameters:
     eval_phases: str = "auto"  # auto (prequant, roundtrip, doc|sliding, slot, ttt as enabled) | a comma list of EVAL_PHASE_ORDER
     record: bool = False  # record attempt: exit 3 (after writing logs) if the compliance audit fails
     # preflight (issue 8): time every phase on the real machine, print go/no-go, write no artifact
-    preflight: str = "0"  # 1: only the preflight run (exit 0 GO, 4 NO-GO); plan: model the run on any CPU; reads no val token
+    preflight: typing.Literal["0", "1", "plan"] = "0"  # 1: only the preflight run (exit 0 GO, 4 NO-GO); plan: model the run on any CPU; reads no val token
     preflight_steps: int = 30  # timed training steps after the compile step
     preflight_eval_windows: int = 512  # sliding windows timed (on training tokens), projected to the val stream
     preflight_world_size: int = 8  # PREFLIGHT=plan: ranks of the modelled run
@@ -307,9 +312,21 @@ class Hyperparameters:
     preflight_val_docs: int = 50_000  # PREFLIGHT=plan: its documents (lengths: the train shard's, cycled and scaled)
 
     def __post_init__(self):
-        def need(cond: bool, var: str, msg: str):
-            if not cond:
-                raise ConfigError(f"{var}={getattr(self, var.lower())}: {msg}")
+        """Every value checked in one place: the choices declared on the fields (typing.Literal),
+        then each part's ranges and cross-field rules. A bad value is one ConfigError naming it."""
+        hints = field_hints()
+        for f in dataclasses.fields(self):
+            allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
+            self._need(not allowed or getattr(self, f.name) in allowed, f.name.upper(), f"must be one of {allowed}")
+        for check in (self._check_sizes, self._check_model, self._check_quant, self._check_train, self._check_eval):
+            check(self._need)
+
+    def _need(self, cond: bool, var: str, msg: str):
+        if not cond:
+            raise ConfigError(f"{var}={getattr(self, var.lower())}: {msg}")
+
+    def _check_sizes(self, need: typing.Callable[[bool, str, str], None]):
+        """Counts and sizes that must be positive."""
         for var in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
                     "TRAIN_BATCH_TOKENS", "MICRO_BATCH_SEQS", "ITERATIONS", "EVAL_SEQ_LEN", "EVAL_BATCH_SEQS",
                     "TTT_CHUNK_TOKENS", "TTT_BATCH_SEQS", "GPTQ_CALIB_BATCHES", "GPTQ_BLOCK_SIZE", "SWA_EVERY",
@@ -319,12 +336,13 @@ class Hyperparameters:
                     "PREFLIGHT_EVAL_WINDOWS", "PREFLIGHT_WORLD_SIZE", "PREFLIGHT_GPU_GIB",
                     "PREFLIGHT_VAL_TOKENS", "PREFLIGHT_VAL_DOCS"):
             need(getattr(self, var.lower()) > 0, var, "must be > 0")
+
+    def _check_model(self, need: typing.Callable[[bool, str, str], None]):
+        """The network's shape."""
         need(all(s.strip().isdigit() for s in self.ve_layers.split(",") if s.strip()), "VE_LAYERS",
              "must be a comma-separated list of layer ids")
         need(set(self.gate_patterns) <= set(GATE_PARAM_PATTERNS), "QUANT_GATE_PATTERNS",
              f"must be a comma-separated subset of {','.join(GATE_PARAM_PATTERNS)}")
-        need(self.val_loss_every == 0, "VAL_LOSS_EVERY", "must be 0: validation data is read only after "
-             "training and serialization (rule C1); the log has train_loss every TRAIN_LOG_EVERY steps")
         need(self.model_dim % self.num_heads == 0, "MODEL_DIM", "must be divisible by NUM_HEADS")
         need(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS", "must be divisible by NUM_KV_HEADS")
         need(0 < self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
@@ -342,6 +360,9 @@ class Hyperparameters:
         need(self.sparse_attn_gate_init_std >= 0, "SPARSE_ATTN_GATE_INIT_STD", "must be >= 0")
         need(all(0 <= i < self.num_layers for i in self.ve_layer_ids), "VE_LAYERS",
              "layer ids must be in [0, NUM_LAYERS)")
+
+    def _check_quant(self, need: typing.Callable[[bool, str, str], None]):
+        """Quantization and calibration."""
         need(self.int6_scale_floor > 0, "INT6_SCALE_FLOOR", "must be > 0")
         for var in ("MATRIX_BITS", "EMBED_BITS", "LQER_FACTOR_BITS"):
             need(2 <= getattr(self, var.lower()) <= 8, var, "must be in 2..8")
@@ -349,8 +370,9 @@ class Hyperparameters:
         need(not self.lqer_enabled or 0 < self.lqer_top_k <= gptq_matrices, "LQER_TOP_K",
              f"must be in [1, {gptq_matrices}], the GPTQ'd matrices (6 per layer, +1 with QUANT_EMBED=gptq)")
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE", "must be 0 or >= 2")
-        need(self.muon_ns_coeffs in ("classic", "polar_express"), "MUON_NS_COEFFS",
-             "must be one of ('classic', 'polar_express')")
+
+    def _check_train(self, need: typing.Callable[[bool, str, str], None]):
+        """Optimizer, schedule and loader."""
         need(self.muon_ns_coeffs == "classic" or self.muon_backend_steps <= len(POLAR_EXPRESS_COEFFS),
              "MUON_BACKEND_STEPS", f"must be <= {len(POLAR_EXPRESS_COEFFS)} with MUON_NS_COEFFS=polar_express "
              "(one coefficient triple per step)")
@@ -360,6 +382,9 @@ class Hyperparameters:
         need(self.embed_wd >= 0 or self.embed_wd == -1.0, "EMBED_WD", "must be >= 0, or -1 for ADAM_WD's value")
         need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
              f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+
+    def _check_eval(self, need: typing.Callable[[bool, str, str], None]):
+        """Evaluation phases, TTT and preflight."""
         need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", "must be in (0, EVAL_SEQ_LEN]")
         need(self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
              f"must be a multiple of EVAL_SEQ_LEN={self.eval_seq_len}")
@@ -372,18 +397,6 @@ class Hyperparameters:
              "must be > 0 with LoRA TTT on (EVAL_MODE=doc, TTT_ENABLED=1)")
         need(self.phased_ttt_num_phases <= self.phased_ttt_prefix_docs, "PHASED_TTT_NUM_PHASES",
              f"must be <= PHASED_TTT_PREFIX_DOCS={self.phased_ttt_prefix_docs}: each phase needs a document")
-        for var, allowed in (("DEVICE", ("auto", "cuda", "cpu")), ("TRAIN_LOADER", tuple(TRAIN_LOADERS)),
-                             ("GRAD_CLIP_MODE", ("averaged", "local")), ("COMPILE_MODE", COMPILE_MODES),
-                             ("ATTN_BACKEND", ("auto", "fa3", "fa2", "sdpa")), ("PRESET", ("", *PRESETS)),
-                             ("PARALLEL_FINAL_LANE", ("mean",)),
-                             ("WEIGHT_AVERAGE", ("ema", "swa", "blend")), ("GPTQ_CALIB", ("train", "selfgen", "none")),
-                             ("GPTQ_CALIB_ATTENTION", ("masked", "dense")),
-                             ("QUANT_COMPRESSOR", ("zstd", "lzma", "brotli", "pergroup", "auto")), ("QUANT_EMBED", ("int8", "gptq")),
-                             ("QUANT_CLIP", ("search", "sdclip")),
-                             ("TTT_OPTIMIZER", ("sgd", "adamw", "adam")), ("EVAL_MODE", ("sliding", "doc")),
-                             ("PHASED_TTT_SELECT", ("shortest", "prefix")), ("TTT_BALANCE", ("lpt", "round_robin")),
-                             ("PREFLIGHT", ("0", "1", "plan"))):
-            need(getattr(self, var.lower()) in allowed, var, f"must be one of {allowed}")
         need(self.eval_phases == "auto" or (bool(self.eval_phase_list) and set(self.eval_phase_list) <= set(EVAL_PHASE_ORDER)
                                             and len(set(self.eval_phase_list)) == len(self.eval_phase_list)),
              "EVAL_PHASES", f"must be auto or a comma list of distinct phases of {','.join(EVAL_PHASE_ORDER)}")
@@ -434,7 +447,7 @@ class Hyperparameters:
     def from_env(cls, env: typing.Mapping[str, str] = os.environ) -> "Hyperparameters":
         """Defaults <- PRESET <- environment. Unknown owned names and malformed values raise;
         the records' names in RECORD_ENV_ALIASES are translated first (env_aliases)."""
-        hints = typing.get_type_hints(cls)
+        hints = field_hints()
         names = {f.name.upper(): f.name for f in dataclasses.fields(cls)}
         def unknown_line(k: str) -> str:
             close = difflib.get_close_matches(k, names, n=1, cutoff=TYPO_CUTOFF)
@@ -460,6 +473,12 @@ class Hyperparameters:
                               "optimizer (the 1.06 records' meaning), which is AdamW here: only adam; sgd|adamw "
                               "pick EVAL_MODE=sliding's full-model TTT optimizer")
         return h
+
+
+@functools.cache
+def field_hints() -> dict[str, typing.Any]:
+    """Hyperparameters' field types, resolved once (the annotations are strings)."""
+    return typing.get_type_hints(Hyperparameters)
 
 
 TYPO_CUTOFF = 0.85  # difflib ratio: ITERATONS~ITERATIONS 0.95, SEEED~SEED 0.89; no launcher/shell name reaches 0.8
@@ -536,7 +555,7 @@ def _in_force(env: typing.Mapping[str, str], var: str) -> typing.Any:
     """The value VAR gets from env, else from env's PRESET, else the default (for the aliases' checks)."""
     name = var.lower()
     if var in env:
-        return _parse_env(var, env[var], typing.get_type_hints(Hyperparameters)[name])
+        return _parse_env(var, env[var], field_hints()[name])
     field = next(f for f in dataclasses.fields(Hyperparameters) if f.name == name)
     return PRESETS.get(env.get("PRESET", ""), {}).get(name, field.default)
 
@@ -570,6 +589,13 @@ def _alias_choice(alias: str, raw: str, choices: dict[str, dict[str, str]], othe
     return choices[raw]
 
 
+def _alias_fixed(alias: str, raw: str, only: str, why: str) -> dict[str, str]:
+    """A records' knob whose one value here is `only`: no effect; any other value raises."""
+    if raw != only:
+        raise ConfigError(f"{alias}={raw}: must be {only}: {why}")
+    return {}
+
+
 def _alias_same_as(alias: str, raw: str, ours: str, env: typing.Mapping[str, str]) -> dict[str, str]:
     """A record name for one of our variables that launch lines also set: agreeing is no effect."""
     if ours not in env:
@@ -597,6 +623,8 @@ def _alias_train_batches(alias: str, raw: str, env: typing.Mapping[str, str]) ->
 
 def _parse_env(var: str, raw: str, kind: type) -> typing.Any:
     try:
+        if typing.get_origin(kind) is typing.Literal:
+            return raw  # the field's choices are checked in __post_init__
         if kind is bool:
             if raw not in ("0", "1"):
                 raise ValueError("expected 0 or 1")
@@ -3313,13 +3341,13 @@ PRUNE_MAX_COMPRESSIONS = 6  # compressions of the search after the unpruned one 
 
 
 @dataclass(frozen=True)
-class QuantSpec:
+class QuantSpec(View):
     """How each tensor is quantized: the quantization fields of Hyperparameters, by the same names
-    (so no second set of defaults), as one object; from_hparams copies them."""
+    (so no second set of defaults), as one object; of(h) copies them."""
     gptq_block_size: int
     int6_scale_floor: float  # least step of the clip search
-    quant_embed: str  # int8 | gptq (the tied embedding GPTQ'd with the output head's Hessian)
-    quant_clip: str  # search | sdclip
+    quant_embed: typing.Literal["int8", "gptq"]  # gptq: the tied embedding GPTQ'd with the output head's Hessian
+    quant_clip: typing.Literal["search", "sdclip"]
     matrix_bits: int
     embed_bits: int
     matrix_clip_sigmas: float  # sdclip k by tensor type: sigmas()
@@ -3336,9 +3364,6 @@ class QuantSpec:
 
     gate_patterns = Hyperparameters.gate_patterns  # the same parse of QUANT_GATE_PATTERNS
 
-    @classmethod
-    def from_hparams(cls, h: Hyperparameters) -> "QuantSpec":
-        return cls(**{f.name: getattr(h, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def embed_gptq(self) -> bool:
@@ -3558,7 +3583,7 @@ def quantize_state(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: 
     rest -> fp16. Then LQER corrections of the worst GPTQ'd tensors, if on. `gptq`: the GPTQ'd
     matrices already computed (split_gptq), by name; the result is the same either way. spec None:
     the defaults of Hyperparameters."""
-    spec = QuantSpec.from_hparams(Hyperparameters()) if spec is None else spec
+    spec = QuantSpec.of(Hyperparameters()) if spec is None else spec
     out: dict[str, dict] = {kind: {} for kind in QSTATE_KINDS}
     for name, t in state.items():
         kind = quant_kind(name, t, spec)
@@ -3910,7 +3935,7 @@ def build_artifact(state: dict[str, Tensor], hessians: dict[str, Tensor], h: Hyp
     """Quantized state -> artifact blob: quantize (QuantSpec from h; `gptq`: the GPTQ'd matrices
     already computed, see split_gptq), serialize, compress once with QUANT_COMPRESSOR (auto: once
     with each, the smallest kept), then prune to fit budget_bytes (None: no pruning)."""
-    qstate = quantize_state(state, hessians, QuantSpec.from_hparams(h), gptq)
+    qstate = quantize_state(state, hessians, QuantSpec.of(h), gptq)
     cfg = ModelConfig.of(h)
     raw = artifact_payload(qstate, cfg)
     blobs, compressed = {}, {}
@@ -4239,7 +4264,7 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
     error, sizes, gptq = "", {}, None
     state = {n: p.detach() for n, p in base_model.state_dict().items()}
     if h.gptq_split and rt.distributed:
-        gptq = split_gptq(state, hessians, QuantSpec.from_hparams(h), rt)
+        gptq = split_gptq(state, hessians, QuantSpec.of(h), rt)
     if rt.is_main:
         try:
             budget = SIZE_LIMIT_BYTES - PRUNE_MARGIN_BYTES - code_bytes()
@@ -4570,7 +4595,7 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
     result = TrainResult(h.preflight_steps + 1, 0.0, 0, "preflight", 0.0)
     hessians = calibrate(base_model, loader, h, rt, result)
     m["calib_s"], m["selfgen_s"] = result.calib_time_ms / 1000, result.selfgen_time_ms / 1000
-    state, spec = {n: p.detach() for n, p in base_model.state_dict().items()}, QuantSpec.from_hparams(h)
+    state, spec = {n: p.detach() for n, p in base_model.state_dict().items()}, QuantSpec.of(h)
     gptq, m["gptq_s"] = timed(rt, lambda: {n: gptq_tensor(n, t, hessians, spec) for n, t in state.items()
                                            if quant_kind(n, t, spec) == "gptq"})  # all of it: GPTQ_SPLIT's share apart
     built, t = timed(rt, lambda: build_artifact(state, hessians, h, gptq=gptq))  # as serialize(), without pruning
@@ -4917,7 +4942,7 @@ def gptq_split_share(h: Hyperparameters, world_size: int) -> float:
     on the full-size model's GPTQ'd shapes, built on the meta device; 1 without it or on one rank."""
     if not h.gptq_split or world_size <= 1:
         return 1.0
-    spec = QuantSpec.from_hparams(h)
+    spec = QuantSpec.of(h)
     with torch.device("meta"):
         state = GPT(ModelConfig.of(h), torch.bfloat16).state_dict()
     shapes = {n: tuple(t.shape) for n, t in state.items() if quant_kind(n, t, spec) == "gptq"}

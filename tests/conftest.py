@@ -137,4 +137,4 @@ def end_worker(rt, code: int = 0):
 def quant_spec(**fields) -> "tg.QuantSpec":
     """The QuantSpec of the default Hyperparameters with these fields changed (by their env names,
     lower-cased), validated as a run's would be."""
-    return tg.QuantSpec.from_hparams(dataclasses.replace(tg.Hyperparameters(), **fields))
+    return tg.QuantSpec.of(dataclasses.replace(tg.Hyperparameters(), **fields))

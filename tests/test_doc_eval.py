@@ -135,7 +135,7 @@ def artifact(tiny_data, tmp_path_factory):
     base = tmp_path_factory.mktemp("doc_e2e")
     h = tg.Hyperparameters.from_env(doc_env(tiny_data))
     state = {k: v.detach() for k, v in noisy_model(h).state_dict().items()}
-    blob = tg.pack_artifact(tg.quantize_state(state, {}, tg.QuantSpec.from_hparams(h)), tg.ModelConfig.of(h), "zstd")
+    blob = tg.pack_artifact(tg.quantize_state(state, {}, tg.QuantSpec.of(h)), tg.ModelConfig.of(h), "zstd")
     (base / "model.ptz").write_bytes(blob)
     (base / "data").mkdir()
     tokens = tg.read_shard(str(tiny_data / "fineweb_val_000000.bin"))[:E2E_TOKENS]

@@ -33,7 +33,7 @@ def model_and_hessians(h: tg.Hyperparameters) -> tuple[tg.GPT, dict]:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))  # zero-initialized projections would quantize to all zeros
-    spec = tg.QuantSpec.from_hparams(h)
+    spec = tg.QuantSpec.of(h)
     names = [n for n, t in model.state_dict().items() if tg.quant_kind(n, t, spec) == "gptq"]
     g = torch.Generator().manual_seed(1)
     hessians = {}
@@ -95,7 +95,7 @@ def test_two_gloo_processes_write_the_artifact_bytes_of_one(tmp_path, monkeypatc
     assert (tmp_path / "rank0" / tg.ARTIFACT_NAME).read_bytes() == one
     assert not (tmp_path / "rank1" / tg.ARTIFACT_NAME).exists()
     # each rank GPTQ'd exactly its share, and the shares cover every matrix once
-    spec = tg.QuantSpec.from_hparams(h)
+    spec = tg.QuantSpec.of(h)
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if tg.quant_kind(n, t, spec) == "gptq"}
     owner = tg.gptq_assignment(shapes, 2)
     done = [(tmp_path / f"rank{r}" / "gptq_names.txt").read_text().split("\n") for r in range(2)]
@@ -110,7 +110,7 @@ def frontier_shapes() -> tuple[dict[str, tuple[int, int]], tg.Hyperparameters]:
                                      "VOCAB_SIZE": "8192"})
     with torch.device("meta"):
         state = tg.GPT(tg.ModelConfig.of(h), torch.bfloat16).state_dict()
-    spec = tg.QuantSpec.from_hparams(h)
+    spec = tg.QuantSpec.of(h)
     return {n: tuple(t.shape) for n, t in state.items() if tg.quant_kind(n, t, spec) == "gptq"}, h
 
 

@@ -328,11 +328,11 @@ def test_quant_spec_is_the_hyperparameters_fields_by_name():
                            attn_clip_sigmas=3.0, embed_clip_sigmas=4.0, gated_attn_quant_gate=True,
                            quant_gate_patterns="attn_gate", lqer_enabled=True, lqer_rank=2, lqer_top_k=5,
                            lqer_factor_bits=3, lqer_asym_group=16)
-    spec = tg.QuantSpec.from_hparams(h)
+    spec = tg.QuantSpec.of(h)
     assert all(getattr(spec, f.name) == getattr(h, f.name) for f in fields)
     assert spec.embed_gptq and spec.lqer_tensors == 5 and spec.gate_patterns == ("attn_gate",)
     assert (spec.bits("tok_emb.weight"), spec.bits("blocks.0.mlp.fc.weight")) == (7, 5)
-    off = tg.QuantSpec.from_hparams(tg.Hyperparameters(lqer_top_k=5))
+    off = tg.QuantSpec.of(tg.Hyperparameters(lqer_top_k=5))
     assert not off.embed_gptq and off.lqer_tensors == 0  # LQER_TOP_K counts only with LQER_ENABLED=1
 
 
@@ -496,7 +496,7 @@ def test_reloaded_model_matches_dequantized_weights(hparams, runtime):
     batches = token_batches(cfg.vocab_size, n=2)
     hessians = tg.collect_hessians(model, batches, runtime)
     state = {n: t.detach() for n, t in model.state_dict().items()}
-    qstate = tg.quantize_state(state, hessians, tg.QuantSpec.from_hparams(hparams))
+    qstate = tg.quantize_state(state, hessians, tg.QuantSpec.of(hparams))
     assert qstate["gptq"] and qstate["int8"] and qstate["fp16"]
     blob = tg.pack_artifact(qstate, cfg, "zstd")
 

@@ -167,7 +167,7 @@ def test_each_compressor_roundtrips_bit_exactly(method):
     state = trained_like_state()
     qstate = tg.quantize_state(state, {}, ALL_OPTIONS)
     assert qstate["lqer"] and qstate["gate"] and "tok_emb.weight" in qstate["gptq"]
-    cfg = {"vocab_size": 320, "mlp_mult": 3.0, "ve_layers": "0,1", "ln_scale": True}
+    cfg = tg.ModelConfig.of(tg.Hyperparameters(vocab_size=320, ve_layers="0,1"))
     cfg_back, back = tg.unpack_artifact(tg.pack_artifact(qstate, cfg, method))
     assert cfg_back == cfg
     expected = tg.dequantize_state(qstate)
@@ -312,7 +312,7 @@ def test_quant_gate_patterns_choose_which_gates_are_int8():
                                       "blocks.1.attn.attn_gate.weight"}
     assert torch.equal(attn_only["fp16"]["skip_gates"], state["skip_gates"].half())
     h = tg.Hyperparameters.from_env({"PRESET": "frontier"})
-    assert tg.QuantSpec.from_hparams(h).gate_patterns == ("attn_gate",)
-    assert tg.QuantSpec.from_hparams(tg.Hyperparameters()).gate_patterns == tg.GATE_PARAM_PATTERNS
+    assert tg.QuantSpec.of(h).gate_patterns == ("attn_gate",)
+    assert tg.QuantSpec.of(tg.Hyperparameters()).gate_patterns == tg.GATE_PARAM_PATTERNS
     with pytest.raises(tg.ConfigError, match="^QUANT_GATE_PATTERNS=attn_gate,skip: must be a comma-separated subset"):
         tg.Hyperparameters.from_env({"QUANT_GATE_PATTERNS": "attn_gate,skip"})

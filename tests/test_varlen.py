@@ -198,7 +198,7 @@ def masked_artifact(tiny_data, tmp_path_factory):
     base = tmp_path_factory.mktemp("varlen_e2e")
     h = tg.Hyperparameters.from_env(doc_env(tiny_data, DOC_MASKING=1, BOS_ID=BOS))
     state = {k: v.detach() for k, v in noisy_model(h).state_dict().items()}
-    blob = tg.pack_artifact(tg.quantize_state(state, {}, tg.QuantSpec.from_hparams(h)),
+    blob = tg.pack_artifact(tg.quantize_state(state, {}, tg.QuantSpec.of(h)),
                             tg.ModelConfig.of(h), "zstd")
     (base / "model.ptz").write_bytes(blob)
     (base / "data").mkdir()

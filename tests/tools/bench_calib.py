@@ -54,7 +54,7 @@ def one_seed(seed: str, rt) -> dict:
                 "dense": tg.collect_hessians(base, dense, rt, doc_mask=False)}
     train_s = time.perf_counter() - t0
     val = tg.load_validation(h, sp, rt, h.eval_seq_len).to(rt.device)  # only now: after both calibrations
-    cfg, spec = tg.ModelConfig.of(h), tg.QuantSpec.from_hparams(h)
+    cfg, spec = tg.ModelConfig.of(h), tg.QuantSpec.of(h)
     state = {n: p.detach().clone() for n, p in base.state_dict().items()}
 
     def bpb(weights: dict) -> float:

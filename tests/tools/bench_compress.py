@@ -35,7 +35,7 @@ def main() -> int:
                                          "EMBED_CLIP_SIGMAS": str(embed)})
         state = frontier_state(h)
         t0 = time.perf_counter()
-        qstate = tg.quantize_state(state, {}, tg.QuantSpec.from_hparams(h))
+        qstate = tg.quantize_state(state, {}, tg.QuantSpec.of(h))
         cfg = tg.ModelConfig.of(h)
         raw = tg.artifact_payload(qstate, cfg)
         print(f"bench_compress:clips mlp:{mlp} embed:{embed} params:{sum(t.numel() for t in state.values())} "

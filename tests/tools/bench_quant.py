@@ -28,7 +28,7 @@ import train_gpt as tg  # noqa: E402
 
 def rtn_state(state: dict, hessians: dict, block: int, embed_gptq: bool = False,
               scale_floor: float = tg.INT6_SCALE_FLOOR) -> dict:
-    spec = tg.QuantSpec.from_hparams(tg.Hyperparameters(gptq_block_size=block, int6_scale_floor=scale_floor))
+    spec = tg.QuantSpec.of(tg.Hyperparameters(gptq_block_size=block, int6_scale_floor=scale_floor))
     out = tg.quantize_state(state, {}, spec)
     for name in out["gptq"]:
         out["gptq"][name] = tg.gptq_quantize(state[name], None, block, clip_quantiles=(1.0,), scale_floor=scale_floor)
@@ -65,7 +65,7 @@ def main() -> int:
         if fn is rtn_state:
             qstate = fn(state, hess[source], h.gptq_block_size, embed, h.int6_scale_floor)
         else:
-            spec = tg.QuantSpec.from_hparams(tg.Hyperparameters(gptq_block_size=h.gptq_block_size,
+            spec = tg.QuantSpec.of(tg.Hyperparameters(gptq_block_size=h.gptq_block_size,
                                                                 int6_scale_floor=h.int6_scale_floor,
                                                                 quant_embed="gptq" if embed else "int8"))
             qstate = fn(state, hess[source], spec)

@@ -114,7 +114,7 @@ def main() -> int:
         return tg.evaluate(tg.nll_function(model), val, h, rt, h.eval_seq_len).val_bpb
     pre = bpb(state)
     print(f"bench_quant_frontier:prequant val_bpb:{pre:.5f} vocab:{h.vocab_size} params:{sum(t.numel() for t in state.values())}")
-    base = tg.QuantSpec.from_hparams(h)
+    base = tg.QuantSpec.of(h)
     chosen = os.environ.get("BENCH_VARIANTS", ",".join(VARIANTS)).split(",")  # a subset, by name
     for name, changes in ((n, VARIANTS[n]) for n in chosen):
         t0 = time.perf_counter()
