@@ -2346,6 +2346,47 @@ def muon_momentum(step: int, h: Hyperparameters) -> float:
     return (1 - f) * h.muon_momentum_warmup_start + f * h.muon_momentum
 
 
+class Schedule:
+    """Everything that follows training progress, built once per run: the wall-clock cap (less the
+    calibration reserve), the LR multiplier (lr_scale), Muon's momentum (muon_momentum) and the step
+    at which depth recurrence switches on. `used` is the budget fraction both read: the wall clock
+    when capped, ITERATIONS otherwise."""
+
+    def __init__(self, h: Hyperparameters):
+        self.h = h
+        self.reserve_ms = 1000 * h.gptq_reserve_seconds if h.gptq_calib == "train" else 0.0
+        self.cap_ms = max(1000 * h.max_wallclock_seconds - self.reserve_ms, 1.0) if h.max_wallclock_seconds > 0 else 0.0
+
+    def used(self, step: int, elapsed_ms: float) -> float:
+        return elapsed_ms / self.cap_ms if self.cap_ms > 0 else step / self.h.iterations
+
+    def lr_scale(self, step: int, elapsed_ms: float) -> float:
+        return lr_scale(step, elapsed_ms, self.cap_ms, self.h)
+
+    def muon_momentum(self, step: int) -> float:
+        return muon_momentum(step, self.h)
+
+    def update_looping(self, model: GPT, step: int, elapsed_ms: float):
+        """Depth recurrence switch-on (#1412 -> #1493): at the first step that has used ENABLE_LOOPING_AT."""
+        used = self.used(step, elapsed_ms)
+        if self.h.num_loops and not model.looping and used >= self.h.enable_looping_at:
+            set_looping(model, True, f"loop:on step:{step} budget_used:{used:.4f} "
+                                     f"layers:{','.join(map(str, model.loop_order))}")
+
+    def finish_looping(self, model: GPT):
+        """The artifact reloads looped: calibration and evaluation must run as it will."""
+        if self.h.num_loops and not model.looping:
+            set_looping(model, True, f"loop:on after training (ENABLE_LOOPING_AT={self.h.enable_looping_at} "
+                                     "not reached): calibration and eval run looped")
+
+
+def set_looping(model: GPT, on: bool, note: str = ""):
+    """The one writer of the model's looping state (training, warm-up, preflight), logged when `note`."""
+    model.looping = on
+    if note:
+        log(note)
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, muon: Muon | None, rt: Runtime) -> Tensor:
     """torch's clip_grad_norm_ of the averaged gradients (returns the norm before clipping). MUON_SHARDED: the Muon matrices' averaged
     gradients are muon.shards, each on its owner rank, so their squared norms are summed over ranks
@@ -4094,7 +4135,7 @@ def train_step(model, opts: list, loader, h: Hyperparameters, rt: Runtime, geome
     for opt in opts:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
-    opts[-1].param_groups[0]["momentum"] = muon_momentum(step, h)
+    opts[-1].param_groups[0]["momentum"] = muon_momentum(step, h)  # = Schedule.muon_momentum
     if h.grad_clip_norm > 0 and h.grad_clip_mode == "averaged":
         clip_grad_norm(params, h.grad_clip_norm, muon, rt)
     for opt in opts:
@@ -4109,7 +4150,7 @@ def warm_up(model, opts: list, base_model: GPT, h: Hyperparameters, rt: Runtime,
     saved = copy.deepcopy(base_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
     loader = make_train_loader(h, rt)
     for looping in (False, True) if h.num_loops else (base_model.looping,):  # both graphs of depth recurrence
-        base_model.looping = looping
+        set_looping(base_model, looping)
         for i in range(h.warmup_steps):
             train_step(model, opts, loader, h, rt, geometry, params, 1.0, 0)
             log(f"warmup_step:{i + 1}/{h.warmup_steps}" + (f" looping:{int(looping)}" if h.num_loops else ""))
@@ -4142,19 +4183,17 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
 
 
 def _train_loop(model, base_model: GPT, h: Hyperparameters, rt: Runtime, params, opts, geometry, loader):
-    averager = WeightAverager(base_model, h.ema_decay, h.ema_warmup)
-    reserve_ms = 1000 * h.gptq_reserve_seconds if h.gptq_calib == "train" else 0.0
-    cap_ms = max(1000 * h.max_wallclock_seconds - reserve_ms, 1.0) if h.max_wallclock_seconds > 0 else 0.0
-    log(f"train:cap_ms:{cap_ms:.0f} calib_reserve_ms:{reserve_ms if cap_ms else 0:.0f} loader:{h.train_loader}")
+    averager, schedule = WeightAverager(base_model, h.ema_decay, h.ema_warmup), Schedule(h)
+    cap_ms = schedule.cap_ms
+    log(f"train:cap_ms:{cap_ms:.0f} calib_reserve_ms:{schedule.reserve_ms if cap_ms else 0:.0f} loader:{h.train_loader}")
     step, stop = 0, "iterations"
-    base_model.looping = False
+    set_looping(base_model, False)
     rt.sync()
     t0 = time.perf_counter()
     while step < h.iterations:
         elapsed_ms = 1000 * (time.perf_counter() - t0)
-        scale = lr_scale(step, elapsed_ms, cap_ms, h)
-        if h.num_loops and not base_model.looping:
-            switch_looping(base_model, step, elapsed_ms, cap_ms, h)
+        scale = schedule.lr_scale(step, elapsed_ms)
+        schedule.update_looping(base_model, step, elapsed_ms)
         loss = train_step(model, opts, loader, h, rt, geometry, params, scale, step)
         averager.update_ema(base_model)
         step += 1
@@ -4174,23 +4213,12 @@ def _train_loop(model, base_model: GPT, h: Hyperparameters, rt: Runtime, params,
     train_ms = 1000 * (time.perf_counter() - t0)
     if stop == "wallclock":
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
-    if h.num_loops and not base_model.looping:
-        base_model.looping = True  # the artifact reloads looped: calibration and evaluation must match it
-        log(f"loop:on after training (ENABLE_LOOPING_AT={h.enable_looping_at} not reached): calibration and eval run looped")
+    schedule.finish_looping(base_model)
     mem = rt.max_memory_mib()
     peak = f"allocated: {mem[0]:.0f} MiB reserved: {mem[1]:.0f} MiB" if rt.is_cuda else "n/a (CPU)"
     log(f"train:done steps:{step} train_time:{train_ms:.0f}ms tokens:{step * h.train_batch_tokens} "
         f"swa_snapshots:{averager.swa_count} peak memory {peak}")
     return TrainResult(step, train_ms, step * h.train_batch_tokens, stop, cap_ms), averager, loader
-
-
-def switch_looping(base_model: GPT, step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameters):
-    """Depth recurrence switch-on (#1412 -> #1493): the loop starts at the first step that has used
-    ENABLE_LOOPING_AT of the budget, the wall clock when capped, ITERATIONS otherwise."""
-    used = elapsed_ms / cap_ms if cap_ms > 0 else step / h.iterations
-    if used >= h.enable_looping_at:
-        base_model.looping = True
-        log(f"loop:on step:{step} budget_used:{used:.4f} layers:{','.join(map(str, base_model.loop_order))}")
 
 
 def apply_weight_average(base_model: GPT, averager: WeightAverager, mode: str):
@@ -5036,7 +5064,7 @@ def plan_phase_memory(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule)
     W = h.preflight_world_size
     with torch.device("meta"):
         model = GPT(ModelConfig.of(h), torch.bfloat16)
-    model.looping = True  # training after ENABLE_LOOPING_AT, and every eval phase
+    set_looping(model, True)  # training after ENABLE_LOOPING_AT, and every eval phase
     params = list(model.parameters())
     ids = lambda n, T: torch.zeros((n, T), dtype=torch.long, device="meta")  # noqa: E731
     out = []

@@ -111,15 +111,18 @@ def test_switch_on_by_fraction_of_the_budget():
     m = tg.GPT(tg.ModelConfig.of(hp(PRESET="tiny", NUM_LOOPS=1, LOOP_START=0, LOOP_END=1, ITERATIONS=100,
                                   ENABLE_LOOPING_AT=0.35)))
     h = hp(PRESET="tiny", NUM_LOOPS=1, LOOP_START=0, LOOP_END=1, ITERATIONS=100, ENABLE_LOOPING_AT=0.35)
+    uncapped, capped = tg.Schedule(h), tg.Schedule(dataclasses.replace(h, max_wallclock_seconds=10.0,
+                                                                        gptq_reserve_seconds=0.0))
+    assert (uncapped.cap_ms, capped.cap_ms) == (0.0, 10_000.0)
     m.looping = False
-    tg.switch_looping(m, 34, 1e9, 0.0, h)  # no cap: steps count, 34/100 < 0.35
+    uncapped.update_looping(m, 34, 1e9)  # no cap: steps count, 34/100 < 0.35
     assert not m.looping
-    tg.switch_looping(m, 35, 0.0, 0.0, h)
+    uncapped.update_looping(m, 35, 0.0)
     assert m.looping
     m.looping = False
-    tg.switch_looping(m, 1, 3400.0, 10_000.0, h)  # capped: the wall clock counts, not the step
+    capped.update_looping(m, 1, 3400.0)  # capped: the wall clock counts, not the step
     assert not m.looping
-    tg.switch_looping(m, 1, 3500.0, 10_000.0, h)
+    capped.update_looping(m, 1, 3500.0)
     assert m.looping
 
 
