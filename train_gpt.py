@@ -4099,9 +4099,37 @@ class TrainResult:
     tokens: int
     stop: str  # wallclock | iterations
     cap_ms: float
+
+
+@dataclass
+class Calibration:
+    """calibrate()'s Hessians and where their time counts."""
+    hessians: dict[str, Tensor]
     calib_time_ms: float = 0.0  # calibration on training data: counts with training (rule B2)
     selfgen_time_ms: float = 0.0  # data-free generation after training: eval-side work (rule B4)
+
+
+@dataclass
+class RunRecord:
+    """What a run produced, filled by run() in run order (training, calibration, the artifact, the
+    eval phases) and read only by the compliance report and the summary. An EVAL_ARTIFACT run has
+    no training or calibration."""
+    train: TrainResult | None = None
+    calib: Calibration | None = None
     quant_time_ms: float = 0.0  # quantization + compression + write: data-free, eval-side (rule B4)
+    sizes: dict = dataclasses.field(default_factory=dict)  # size_report of the artifact
+    results: dict[str, EvalResult | None] = dataclasses.field(default_factory=dict)  # by phase, None = skipped
+    eval_ms: float = 0.0
+    val_positions: int | None = None  # the validation stream's targets (None: the roundtrip phase's count)
+
+    @property
+    def calib_time_ms(self) -> float:
+        return self.calib.calib_time_ms if self.calib else 0.0
+
+    @property
+    def post_train_ms(self) -> float:
+        """Data-free work after training (self-generation, quantization): it counts with eval (rule B4)."""
+        return (self.calib.selfgen_time_ms if self.calib else 0.0) + self.quant_time_ms
 
 
 def batch_geometry(h: Hyperparameters, rt: Runtime) -> tuple[int, int]:
@@ -4249,22 +4277,23 @@ def generate_sequences(model: GPT, n_seqs: int, seq_len: int, temperature: float
     return out
 
 
-def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, result: TrainResult) -> dict[str, Tensor]:
-    """Hessians for GPTQ: from training batches inside the training budget (rules B2, C3), or
-    from text the model generates itself after training (no data; rule B4), or none."""
+def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, train_ms: float = 0.0) -> Calibration:
+    """Hessians for GPTQ: from training batches inside the training budget (rules B2, C3; logged
+    with the `train_ms` before them), or from text the model generates itself after training (no
+    data; rule B4), or none."""
     if h.gptq_calib == "none":
         log("calib:source:none (identity Hessians: GPTQ-lite round-to-nearest with clip search)")
-        return {}
+        return Calibration({})
     if h.gptq_calib == "selfgen":
         rt.sync()
         t0 = time.perf_counter()
         seqs = generate_sequences(base_model, h.gptq_calib_batches, h.train_seq_len, h.gptq_selfgen_temp, h.seed, rt)
         hessians = collect_hessians(base_model, ((s, None) for s in seqs), rt, h.gptq_calib_attention == "masked")
         rt.sync()
-        result.selfgen_time_ms = 1000 * (time.perf_counter() - t0)
+        result = Calibration(hessians, selfgen_time_ms=1000 * (time.perf_counter() - t0))
         log(f"calib:source:selfgen sequences:{h.gptq_calib_batches} temp:{h.gptq_selfgen_temp} layers:{len(hessians)} "
             f"selfgen_time:{result.selfgen_time_ms:.0f}ms (data-free, after training)")
-        return hessians
+        return result
     rt.sync()
     t0 = time.perf_counter()
     seqs, masked = batch_geometry(h, rt)[0], h.gptq_calib_attention == "masked"
@@ -4273,21 +4302,21 @@ def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, result: 
         batches = ((x.reshape(-1, h.train_seq_len), y.reshape(-1, h.train_seq_len)) for x, y in batches)
     hessians = collect_hessians(base_model, batches, rt, masked)
     rt.sync()
-    result.calib_time_ms = 1000 * (time.perf_counter() - t0)
-    total = result.train_time_ms + result.calib_time_ms
+    result = Calibration(hessians, calib_time_ms=1000 * (time.perf_counter() - t0))
+    total = train_ms + result.calib_time_ms
     cap = 1000 * h.max_wallclock_seconds
     log(f"calib:source:train batches:{h.gptq_calib_batches} attention:{h.gptq_calib_attention} layers:{len(hessians)} "
         f"calib_time:{result.calib_time_ms:.0f}ms train+calib:{total:.0f}ms cap:{cap:.0f}ms "
         f"within_cap:{cap <= 0 or total <= cap}")
-    return hessians
+    return result
 
 
-def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, rt: Runtime,
-              result: TrainResult | None = None) -> dict:
+def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, rt: Runtime) -> tuple[dict, float]:
     """Quantize (data-free after calibration), compress, check the cap, write. With GPTQ_SPLIT and
     several ranks, every rank GPTQs its share of the matrices first (split_gptq; the same bytes as
     one process); the rest (LQER, the other tensors, compression, pruning) is on rank 0, while the
-    other ranks wait in the all-reduce below (the process group's timeout covers it)."""
+    other ranks wait in the all-reduce below (the process group's timeout covers it). Returns the
+    sizes (size_report) and the milliseconds it took."""
     t0 = time.perf_counter()
     error, sizes, gptq = "", {}, None
     state = {n: p.detach() for n, p in base_model.state_dict().items()}
@@ -4314,8 +4343,6 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
     code, model = rt.all_reduce_(counts).tolist()  # rank 0's sizes, on every rank
     sizes = size_report(ARTIFACT_NAME, code, model)
     quant_ms = 1000 * (time.perf_counter() - t0)
-    if result is not None:
-        result.quant_time_ms = quant_ms
     log(f"quant:time:{quant_ms:.0f}ms")
     if rt.is_main:
         label = f"int{h.matrix_bits}+{built.compressor}"
@@ -4323,7 +4350,7 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
         log(f"Code size: {sizes['code_bytes']} bytes")
         log(f"Total submission size {label}: {sizes['total_bytes']} bytes "
             f"(limit {SIZE_LIMIT_BYTES}, under_cap:{sizes['total_bytes'] < SIZE_LIMIT_BYTES})")
-    return sizes
+    return sizes, quant_ms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4470,21 +4497,20 @@ def eval_deadline_seconds(h: Hyperparameters) -> float:
     return h.eval_budget_seconds * (1 - EVAL_MARGIN)
 
 
-def compliance_report(h: Hyperparameters, rt: Runtime, train: TrainResult | None, sizes: dict,
-                      results: dict[str, EvalResult | None], eval_ms: float, val_positions: int | None = None) -> dict:
+def compliance_report(h: Hyperparameters, rt: Runtime, record: RunRecord) -> dict:
     """The rules a reviewer checks, from this run's own numbers; `broken` lists what fails. Every
-    phase run must score all `val_positions` (the validation stream's targets; None: the roundtrip
-    phase's count); a skipped phase (None) is listed as such."""
+    phase run must score all of record.val_positions; a skipped phase (None) is listed as such."""
     broken, c = [], dict(record_attempt=h.record, hardware=f"{rt.world_size}x {rt.device_name()}")
+    train, sizes, results, eval_ms = record.train, record.sizes, record.results, record.eval_ms
     if train is not None:
-        total = train.train_time_ms + train.calib_time_ms
-        c.update(train_time_ms=round(train.train_time_ms), calib_time_ms=round(train.calib_time_ms),
+        total = train.train_time_ms + record.calib_time_ms
+        c.update(train_time_ms=round(train.train_time_ms), calib_time_ms=round(record.calib_time_ms),
                  calib_source=h.gptq_calib, train_plus_calib_ms=round(total), train_limit_ms=TRAIN_LIMIT_MS,
-                 selfgen_time_ms=round(train.selfgen_time_ms))
+                 selfgen_time_ms=round(record.calib.selfgen_time_ms if record.calib else 0.0))
         if total > TRAIN_LIMIT_MS:
             broken.append(f"B1/B2 train+calib {total:.0f}ms > {TRAIN_LIMIT_MS}ms")
     # Data-free work after training (self-generation, quantization) counts with eval: the safe reading of B4.
-    post_ms = eval_ms + (train.selfgen_time_ms + train.quant_time_ms if train is not None else 0.0)
+    post_ms = eval_ms + record.post_train_ms
     c.update(eval_time_ms=round(eval_ms), eval_plus_post_train_ms=round(post_ms), eval_limit_ms=EVAL_LIMIT_MS,
              artifact_total_bytes=sizes["total_bytes"], limit_bytes=SIZE_LIMIT_BYTES,
              val_opened="evaluation only (after training and serialization)")
@@ -4493,7 +4519,7 @@ def compliance_report(h: Hyperparameters, rt: Runtime, train: TrainResult | None
     if sizes["total_bytes"] >= SIZE_LIMIT_BYTES:
         broken.append(f"D1 artifact {sizes['total_bytes']} bytes >= {SIZE_LIMIT_BYTES}")
     ran = {k: r for k, r in results.items() if r is not None}
-    c["val_positions"] = results["roundtrip"].tokens if val_positions is None else val_positions
+    c["val_positions"] = results["roundtrip"].tokens if record.val_positions is None else record.val_positions
     c["val_scored"] = {k: r.tokens for k, r in ran.items()}
     c["phases_skipped"] = [k for k, r in results.items() if r is None]
     broken += [f"A3/C4 {k} scored {r.tokens} of {c['val_positions']} positions"
@@ -4526,29 +4552,28 @@ def budget_cuts(results: dict[str, EvalResult | None]) -> list[str]:
     return cuts
 
 
-def write_summary(h: Hyperparameters, rt: Runtime, train: TrainResult | None, sizes: dict,
-                  results: dict[str, EvalResult | None], eval_ms: float, val_positions: int | None = None):
-    report = compliance_report(h, rt, train, sizes, results, eval_ms, val_positions)
+def write_summary(h: Hyperparameters, rt: Runtime, record: RunRecord):
+    report = compliance_report(h, rt, record)
     if rt.is_main:
-        _write_summary_json(h, rt, train, sizes, results, eval_ms, report)
+        _write_summary_json(h, rt, record, report)
     if h.record and not report["ok"]:
         raise RuleBroken("record attempt breaks rules: " + "; ".join(report["broken"]))
 
 
-def _write_summary_json(h: Hyperparameters, rt: Runtime, train: TrainResult | None, sizes: dict,
-                        results: dict[str, EvalResult | None], eval_ms: float, report: dict):
+def _write_summary_json(h: Hyperparameters, rt: Runtime, record: RunRecord, report: dict):
+    train, results, calib = record.train, record.results, record.calib or Calibration({})
     headline = [k for k, r in results.items() if k != "slot" and r is not None][-1]  # the last scoring phase run
     summary = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, device=rt.device_name(),
                    date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(), versions=run_versions(),
                    config=dataclasses.asdict(h),
                    train=None if train is None else dict(steps=train.steps, train_time_ms=round(train.train_time_ms, 1),
-                                                         calib_time_ms=round(train.calib_time_ms, 1),
-                                                         selfgen_time_ms=round(train.selfgen_time_ms, 1),
-                                                         quant_time_ms=round(train.quant_time_ms, 1),
+                                                         calib_time_ms=round(calib.calib_time_ms, 1),
+                                                         selfgen_time_ms=round(calib.selfgen_time_ms, 1),
+                                                         quant_time_ms=round(record.quant_time_ms, 1),
                                                          tokens=train.tokens, stop=train.stop,
                                                          step_avg_ms=round(train.train_time_ms / max(train.steps, 1), 2)),
-                   artifact=sizes, eval={k: None if r is None else r.as_dict() for k, r in results.items()},
-                   eval_time_ms=round(eval_ms, 1), compliance=report, headline_phase=headline,
+                   artifact=record.sizes, eval={k: None if r is None else r.as_dict() for k, r in results.items()},
+                   eval_time_ms=round(record.eval_ms, 1), compliance=report, headline_phase=headline,
                    budget_cuts=budget_cuts(results),
                    val_bpb=results[headline].val_bpb)
     path = os.path.join("logs", f"{h.run_id}.json")
@@ -4620,9 +4645,9 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
     m["step_s"], m["loss_nan"] = t / h.preflight_steps, float(not all(math.isfinite(x.item()) for x in losses))
     m["peak_alloc_mib"], m["peak_reserved_mib"] = rt.max_memory_mib()
     log(f"preflight:trained steps:{h.preflight_steps + 1} last_train_loss:{losses[-1].item():.4f}")
-    result = TrainResult(h.preflight_steps + 1, 0.0, 0, "preflight", 0.0)
-    hessians = calibrate(base_model, loader, h, rt, result)
-    m["calib_s"], m["selfgen_s"] = result.calib_time_ms / 1000, result.selfgen_time_ms / 1000
+    calib = calibrate(base_model, loader, h, rt)
+    hessians = calib.hessians
+    m["calib_s"], m["selfgen_s"] = calib.calib_time_ms / 1000, calib.selfgen_time_ms / 1000
     state, spec = {n: p.detach() for n, p in base_model.state_dict().items()}, QuantSpec.of(h)
     gptq, m["gptq_s"] = timed(rt, lambda: {n: gptq_tensor(n, t, hessians, spec) for n, t in state.items()
                                            if quant_kind(n, t, spec) == "gptq"})  # all of it: GPTQ_SPLIT's share apart
@@ -5182,22 +5207,25 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
         return preflight_plan(h)
     if h.preflight == "1":
         return preflight(h, rt)
+    record = RunRecord()
     if h.eval_artifact:
-        results, eval_ms, positions = evaluate_final(h, rt, sp, h.eval_artifact, started=started, artifact=artifact)
-        return write_summary(h, rt, None, artifact_sizes(h.eval_artifact), results, eval_ms, positions)
+        record.sizes = artifact_sizes(h.eval_artifact)
+        record.results, record.eval_ms, record.val_positions = evaluate_final(
+            h, rt, sp, h.eval_artifact, started=started, artifact=artifact)
+        return write_summary(h, rt, record)
     base_model = build_model(ModelConfig.of(h), rt)
     model = maybe_compile(base_model, h, rt)
-    result, averager, loader = train(model, base_model, h, rt)
+    record.train, averager, loader = train(model, base_model, h, rt)
     apply_weight_average(base_model, averager, h.weight_average)
-    hessians = calibrate(base_model, loader, h, rt, result)
-    sizes = serialize(base_model, hessians, h, rt, result)
+    record.calib = calibrate(base_model, loader, h, rt, record.train.train_time_ms)
+    record.sizes, record.quant_time_ms = serialize(base_model, record.calib.hessians, h, rt)
     try:
-        results, eval_ms, positions = evaluate_final(h, rt, sp, ARTIFACT_NAME, base_model,
-                                                     (result.selfgen_time_ms + result.quant_time_ms) / 1000)
+        record.results, record.eval_ms, record.val_positions = evaluate_final(
+            h, rt, sp, ARTIFACT_NAME, base_model, record.post_train_ms / 1000)
     except ConfigError as e:  # e.g. a bad val shard: its contents are first read here (rule C1)
         raise ConfigError(f"{e}; the artifact {ARTIFACT_NAME} is complete: score it with "
                           f"EVAL_ARTIFACT={ARTIFACT_NAME} once the data is fixed") from None
-    write_summary(h, rt, result, sizes, results, eval_ms, positions)
+    write_summary(h, rt, record)
 
 
 def process_start() -> float:

@@ -85,10 +85,11 @@ def _results(tokens: int) -> dict:
 def test_compliance_report(hparams, runtime, train_ms, calib_ms, eval_ms, quant_ms, total_bytes, tokens, broken):
     """Training data work counts with training; data-free post-training work (quantization,
     self-generation) counts with evaluation (the safe reading of rule B4)."""
-    train = tg.TrainResult(10, train_ms, 1, "wallclock", 0.0, calib_ms, quant_time_ms=quant_ms)
-    results = _results(100)
-    results["sliding"] = tg.EvalResult(1.0, tokens, tokens)
-    report = tg.compliance_report(hparams, runtime, train, {"total_bytes": total_bytes}, results, eval_ms)
+    record = tg.RunRecord(train=tg.TrainResult(10, train_ms, 1, "wallclock", 0.0),
+                          calib=tg.Calibration({}, calib_time_ms=calib_ms), quant_time_ms=quant_ms,
+                          sizes={"total_bytes": total_bytes}, results=_results(100), eval_ms=eval_ms)
+    record.results["sliding"] = tg.EvalResult(1.0, tokens, tokens)
+    report = tg.compliance_report(hparams, runtime, record)
     assert [b.split()[0] for b in report["broken"]] == broken
     assert report["ok"] == (not broken)
     assert report["train_plus_calib_ms"] == train_ms + calib_ms

@@ -282,10 +282,10 @@ def test_packed_training_gives_varlen_one_row_cut_at_train_seq_len(tiny_data, mo
     cap = tg.varlen_capacity(1, 4096, 128)
     assert all(L == 128 and cu[-1] == 4096 and len(cu) == cap + 1 for cu, L, _ in ref.calls)
     n = len(ref.calls)
-    tg.calibrate(base, loader, h, RT, result)
+    tg.calibrate(base, loader, h, RT, result.train_time_ms)
     assert len(ref.calls) > n
     n = len(ref.calls)
-    dense = tg.calibrate(base, loader, dataclasses.replace(h, gptq_calib_attention="dense"), RT, result)
+    dense = tg.calibrate(base, loader, dataclasses.replace(h, gptq_calib_attention="dense"), RT).hessians
     assert len(ref.calls) == n and "blocks.0.attn.c_q.weight" in dense
 
 

@@ -47,7 +47,7 @@ def main() -> int:
     hess = {"none": {}}
     for source in ("train", "selfgen"):
         t0 = time.perf_counter()
-        hess[source] = tg.calibrate(base, loader, tg.dataclasses.replace(h, gptq_calib=source), rt, result)
+        hess[source] = tg.calibrate(base, loader, tg.dataclasses.replace(h, gptq_calib=source), rt).hessians
         print(f"bench_quant:calib:{source} seconds:{time.perf_counter() - t0:.1f}")
     state = {n: p.detach() for n, p in base.state_dict().items()}
     variants = {"rtn": (rtn_state, "none", False), "lite": (tg.quantize_state, "none", False),

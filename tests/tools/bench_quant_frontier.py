@@ -45,7 +45,7 @@ def train_or_load(h, rt, path: str) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     result, averager, loader = tg.train(base, base, h, rt)
     tg.apply_weight_average(base, averager, h.weight_average)
-    hessians = tg.calibrate(base, loader, h, rt, result)
+    hessians = tg.calibrate(base, loader, h, rt).hessians
     print(f"bench_quant_frontier:trained steps:{result.steps} seconds:{time.perf_counter() - t0:.0f}")
     state = {n: p.detach().clone() for n, p in base.state_dict().items()}
     torch.save({"state": state, "hessians": hessians}, path)
