@@ -4216,8 +4216,7 @@ def _train_loop(model, base_model: GPT, h: Hyperparameters, rt: Runtime, params,
     log(f"train:cap_ms:{cap_ms:.0f} calib_reserve_ms:{schedule.reserve_ms if cap_ms else 0:.0f} loader:{h.train_loader}")
     step, stop = 0, "iterations"
     set_looping(base_model, False)
-    rt.sync()
-    t0 = time.perf_counter()
+    t0 = rt.clock()
     while step < h.iterations:
         elapsed_ms = 1000 * (time.perf_counter() - t0)
         scale = schedule.lr_scale(step, elapsed_ms)
@@ -4237,8 +4236,7 @@ def _train_loop(model, base_model: GPT, h: Hyperparameters, rt: Runtime, params,
         if cap_ms > 0 and rt.any_rank(elapsed_ms >= cap_ms):
             stop = "wallclock"
             break
-    rt.sync()
-    train_ms = 1000 * (time.perf_counter() - t0)
+    train_ms = 1000 * (rt.clock() - t0)
     if stop == "wallclock":
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
     schedule.finish_looping(base_model)
@@ -4285,24 +4283,20 @@ def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, train_ms
         log("calib:source:none (identity Hessians: GPTQ-lite round-to-nearest with clip search)")
         return Calibration({})
     if h.gptq_calib == "selfgen":
-        rt.sync()
-        t0 = time.perf_counter()
+        t0 = rt.clock()
         seqs = generate_sequences(base_model, h.gptq_calib_batches, h.train_seq_len, h.gptq_selfgen_temp, h.seed, rt)
         hessians = collect_hessians(base_model, ((s, None) for s in seqs), rt, h.gptq_calib_attention == "masked")
-        rt.sync()
-        result = Calibration(hessians, selfgen_time_ms=1000 * (time.perf_counter() - t0))
+        result = Calibration(hessians, selfgen_time_ms=1000 * (rt.clock() - t0))
         log(f"calib:source:selfgen sequences:{h.gptq_calib_batches} temp:{h.gptq_selfgen_temp} layers:{len(hessians)} "
             f"selfgen_time:{result.selfgen_time_ms:.0f}ms (data-free, after training)")
         return result
-    rt.sync()
-    t0 = time.perf_counter()
+    t0 = rt.clock()
     seqs, masked = batch_geometry(h, rt)[0], h.gptq_calib_attention == "masked"
     batches = (loader.next_batch(seqs, h.train_seq_len) for _ in range(h.gptq_calib_batches))
     if not masked:  # dense: sequences of TRAIN_SEQ_LEN, also from the packed loader's one long row
         batches = ((x.reshape(-1, h.train_seq_len), y.reshape(-1, h.train_seq_len)) for x, y in batches)
     hessians = collect_hessians(base_model, batches, rt, masked)
-    rt.sync()
-    result = Calibration(hessians, calib_time_ms=1000 * (time.perf_counter() - t0))
+    result = Calibration(hessians, calib_time_ms=1000 * (rt.clock() - t0))
     total = train_ms + result.calib_time_ms
     cap = 1000 * h.max_wallclock_seconds
     log(f"calib:source:train batches:{h.gptq_calib_batches} attention:{h.gptq_calib_attention} layers:{len(hessians)} "
@@ -4389,8 +4383,7 @@ def compile_warm_up(nll_fn, h: Hyperparameters, rt: Runtime, vocab: int):
         x, y = (torch.randint(0, vocab, (h.eval_batch_seqs, h.eval_seq_len), generator=g, device=rt.device)
                 for _ in range(2))
         nll_fn(x, y)  # contiguous (B, L) int64, the shape of every eval batch: the same compiled graph
-    rt.sync()
-    log(f"eval:compile_warmup tokens:random shape:{tuple(x.shape)} time:{time.perf_counter() - t:.1f}s")
+    log(f"eval:compile_warmup tokens:random shape:{tuple(x.shape)} time:{rt.clock() - t:.1f}s")
 
 
 def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, prequant_model: GPT | None = None,
@@ -4456,8 +4449,7 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
     for name in skipped:
         results[name] = None
         log(f"{PHASE_LABELS[name]} skipped (EVAL_PHASES={h.eval_phases})")
-    rt.sync()
-    eval_ms = 1000 * (time.perf_counter() - t0)
+    eval_ms = 1000 * (rt.clock() - t0)
     log(f"eval:done phases:{','.join(run_phases)} eval_time:{eval_ms:.0f}ms")
     return results, eval_ms, len(val.tokens) - 1
 
@@ -4599,11 +4591,9 @@ class NoGo(RuntimeError):
 
 def timed(rt: Runtime, fn: typing.Callable) -> tuple[typing.Any, float]:
     """(fn(), seconds), the device drained before and after."""
-    rt.sync()
-    t0 = time.perf_counter()
+    t0 = rt.clock()
     out = fn()
-    rt.sync()
-    return out, time.perf_counter() - t0
+    return out, rt.clock() - t0
 
 
 def stand_in_stream(h: Hyperparameters, n_tokens: int) -> ValidationData:
