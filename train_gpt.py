@@ -1637,7 +1637,10 @@ def _build_triton_kernels() -> types.SimpleNamespace | None:
         import triton.language as tl
     except ImportError:
         return None
+    return types.SimpleNamespace(triton=triton, mlp_matmul=_mlp_kernel(triton, tl), **_ce_kernels(triton, tl))
 
+
+def _mlp_kernel(triton, tl):
     @triton.jit
     def mlp_matmul(a, b, out, pre, M, N, K, sam, sak, sbk, sbn, slope,
                    DPRE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -1661,7 +1664,10 @@ def _build_triton_kernels() -> types.SimpleNamespace | None:
             act = tl.where(acc > 0, acc, slope * acc)
             res = act * act
         tl.store(out + off, res.to(out.dtype.element_ty), mask=mask)
+    return mlp_matmul
 
+
+def _ce_kernels(triton, tl) -> dict:
     @triton.jit
     def softcap_ce_fwd(x, target, loss, lse, V, sx, C, BV: tl.constexpr):
         """One row: z = 2C sigmoid(2x/C) (= C tanh(x/C) + C), streaming max/sum over the vocab."""
@@ -1694,8 +1700,7 @@ def _build_triton_kernels() -> types.SimpleNamespace | None:
             d = g * (p - tl.where(cols == t, 1.0, 0.0)) * 4.0 * sig * (1.0 - sig)
             tl.store(dx + row.to(tl.int64) * sd + cols, d.to(dx.dtype.element_ty), mask=cols < V)
 
-    return types.SimpleNamespace(triton=triton, mlp_matmul=mlp_matmul, softcap_ce_fwd=softcap_ce_fwd,
-                                 softcap_ce_bwd=softcap_ce_bwd)
+    return dict(softcap_ce_fwd=softcap_ce_fwd, softcap_ce_bwd=softcap_ce_bwd)
 
 
 def select_train_kernels(h: Hyperparameters, device_type: str) -> str:
@@ -4417,13 +4422,7 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
         pre_fn = maybe_compile(nll_function(prequant_model), h, rt)
         compile_warm_up(pre_fn, h, rt, h.vocab_size)
         phase("prequant", lambda _: evaluate(pre_fn, val, h, rt, h.eval_seq_len), per_token=False)
-    cfg, state = artifact or read_artifact(artifact_path, h)
-    model = build_model(cfg, rt)
-    model.load_state_dict(state, strict=True)
-    nll_fn = nll_function(model)
-    if "artifact" in forwards:  # compiled (and warmed up) only when a phase runs it
-        nll_fn = maybe_compile(nll_fn, h, rt)
-        compile_warm_up(nll_fn, h, rt, cfg.vocab_size)
+    cfg, model, nll_fn = artifact_model(h, rt, artifact or read_artifact(artifact_path, h), "artifact" in forwards)
     log(f"eval:model_ready clock:{time.perf_counter() - t0:.1f}s "
         f"(since {'process start' if started is not None else 'end of serialization'})")
     if "roundtrip" in run_phases:
@@ -4452,6 +4451,20 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
     eval_ms = 1000 * (rt.clock() - t0)
     log(f"eval:done phases:{','.join(run_phases)} eval_time:{eval_ms:.0f}ms")
     return results, eval_ms, len(val.tokens) - 1
+
+
+def artifact_model(h: Hyperparameters, rt: Runtime, artifact: tuple[ModelConfig, dict],
+                   compiled: bool) -> tuple[ModelConfig, GPT, typing.Callable]:
+    """The network rebuilt from the artifact alone and its scoring forward, compiled and warmed up
+    when `compiled` (a phase runs it)."""
+    cfg, state = artifact
+    model = build_model(cfg, rt)
+    model.load_state_dict(state, strict=True)
+    nll_fn = nll_function(model)
+    if compiled:
+        nll_fn = maybe_compile(nll_fn, h, rt)
+        compile_warm_up(nll_fn, h, rt, cfg.vocab_size)
+    return cfg, model, nll_fn
 
 
 def eval_phases_run(h: Hyperparameters) -> list[str]:
