@@ -4104,6 +4104,8 @@ class TrainResult:
     tokens: int
     stop: str  # wallclock | iterations
     cap_ms: float
+    first_step_ms: float = 0.0  # the first step, compile included when warm-up is off (PREFLIGHT=1's compile time)
+    last_loss: float = math.nan  # the last step's loss, the ranks' mean when logged (PREFLIGHT=1's finite check)
 
 
 @dataclass
@@ -4219,7 +4221,7 @@ def _train_loop(model, base_model: GPT, h: Hyperparameters, rt: Runtime, params,
     averager, schedule = WeightAverager(base_model, h.ema_decay, h.ema_warmup), Schedule(h)
     cap_ms = schedule.cap_ms
     log(f"train:cap_ms:{cap_ms:.0f} calib_reserve_ms:{schedule.reserve_ms if cap_ms else 0:.0f} loader:{h.train_loader}")
-    step, stop = 0, "iterations"
+    step, stop, first_ms = 0, "iterations", 0.0
     set_looping(base_model, False)
     t0 = rt.clock()
     while step < h.iterations:
@@ -4238,6 +4240,8 @@ def _train_loop(model, base_model: GPT, h: Hyperparameters, rt: Runtime, params,
             loss = rt.all_reduce_(loss.reshape(1), "mean")
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_scale:{scale:.4f} "
                 f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
+        if step == 1:  # after the log's loss.item(): the step is done
+            first_ms = 1000 * (time.perf_counter() - t0)
         if cap_ms > 0 and rt.any_rank(elapsed_ms >= cap_ms):
             stop = "wallclock"
             break
@@ -4249,7 +4253,9 @@ def _train_loop(model, base_model: GPT, h: Hyperparameters, rt: Runtime, params,
     peak = f"allocated: {mem[0]:.0f} MiB reserved: {mem[1]:.0f} MiB" if rt.is_cuda else "n/a (CPU)"
     log(f"train:done steps:{step} train_time:{train_ms:.0f}ms tokens:{step * h.train_batch_tokens} "
         f"swa_snapshots:{averager.swa_count} peak memory {peak}")
-    return TrainResult(step, train_ms, step * h.train_batch_tokens, stop, cap_ms), averager, loader
+    result = TrainResult(step, train_ms, step * h.train_batch_tokens, stop, cap_ms, first_step_ms=first_ms,
+                         last_loss=loss.item() if step else math.nan)
+    return result, averager, loader
 
 
 def apply_weight_average(base_model: GPT, averager: WeightAverager, mode: str):
@@ -4628,26 +4634,17 @@ def val_positions(h: Hyperparameters) -> int:
 
 
 def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
-    """Compile and time training steps, calibration, GPTQ (apart), quantization + compression and
-    decompression of the current weights, a slice of sliding eval and the TTT the run runs
-    (sliding mode: a two-chunk TTT; EVAL_MODE=doc: preflight_doc_measure) on training tokens.
-    Seconds, max over ranks."""
+    """The real phases on a small budget: train() for PREFLIGHT_STEPS + 1 steps (the first one the
+    compile), calibrate(), GPTQ (timed apart) and build_artifact as serialize() without pruning or
+    the write, unpack_artifact as read_artifact, then preflight_eval_measure on the artifact's
+    model. Seconds, max over ranks."""
+    short = dataclasses.replace(h, iterations=h.preflight_steps + 1, warmup_steps=0, max_wallclock_seconds=0.0)
     base_model = build_model(ModelConfig.of(h), rt)
-    base_model.segment_len = packed_segment_len(h)
-    model = maybe_compile(base_model, h, rt)
-    params, opts, geometry = list(base_model.parameters()), build_optimizers(base_model, h, rt), batch_geometry(h, rt)
-    loader, averager = make_train_loader(h, rt), WeightAverager(base_model, h.ema_decay)
-    m: dict[str, float] = {}
-
-    def step(i: int) -> Tensor:  # as in train(): the optimizer step, then the EMA update
-        loss = train_step(model, opts, loader, h, rt, geometry, params, 1.0, i)
-        averager.update_ema(base_model)
-        return loss
-    _, m["train_compile_s"] = timed(rt, lambda: step(0))
-    losses, t = timed(rt, lambda: [step(i) for i in range(1, h.preflight_steps + 1)])
-    m["step_s"], m["loss_nan"] = t / h.preflight_steps, float(not all(math.isfinite(x.item()) for x in losses))
+    result, _, loader = train(maybe_compile(base_model, h, rt), base_model, short, rt)  # the real loop, no warm-up
+    m = dict(train_compile_s=result.first_step_ms / 1000, loss_nan=float(not math.isfinite(result.last_loss)),
+             step_s=(result.train_time_ms - result.first_step_ms) / 1000 / h.preflight_steps)
     m["peak_alloc_mib"], m["peak_reserved_mib"] = rt.max_memory_mib()
-    log(f"preflight:trained steps:{h.preflight_steps + 1} last_train_loss:{losses[-1].item():.4f}")
+    log(f"preflight:trained steps:{h.preflight_steps + 1} last_train_loss:{result.last_loss:.4f}")
     calib = calibrate(base_model, loader, h, rt)
     hessians = calib.hessians
     m["calib_s"], m["selfgen_s"] = calib.calib_time_ms / 1000, calib.selfgen_time_ms / 1000
@@ -4657,29 +4654,39 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
     built, t = timed(rt, lambda: build_artifact(state, hessians, h, gptq=gptq))  # as serialize(), without pruning
     m["compress_s"] = sum(sec for _, sec in built.compressed.values())
     m["quantize_s"], m["model_bytes"], m["payload_bytes"] = t - m["compress_s"], len(built.blob), built.payload_bytes
-    _, m["decompress_s"] = timed(rt, lambda: unpack_artifact(built.blob))  # as read_artifact, with dequantization
+    (cfg, state), m["decompress_s"] = timed(rt, lambda: unpack_artifact(built.blob))  # as read_artifact
     m["projected_bytes"] = project_model_bytes(built.qstate, built.compressor) if h.quant_clip == "sdclip" else \
         built.payload_bytes * TRAINED_COMPRESSED_PER_PAYLOAD_BYTE  # SDClip: code entropy is set by k, not by training
-    C, L = h.ttt_chunk_tokens, h.eval_seq_len
+    model = build_model(cfg, rt)  # the artifact's model, as evaluate_final builds it
+    model.load_state_dict(state, strict=True)
+    m.update(preflight_eval_measure(model, h, rt))
+    names = sorted(m)
+    values = rt.all_reduce_(torch.tensor([m[k] for k in names], dtype=torch.float64, device=rt.device), "max")
+    return dict(zip(names, values.tolist()))
+
+
+def preflight_eval_measure(model: GPT, h: Hyperparameters, rt: Runtime) -> dict:
+    """evaluate_final's scoring functions on the stand-in stream (training tokens) with a limit:
+    evaluate's first batch (the compile), then PREFLIGHT_EVAL_WINDOWS windows (the machine's pace
+    per window); sliding-mode TTT (ttt_evaluate) over two chunks less their scoring; EVAL_MODE=doc's
+    TTT: preflight_doc_measure. Seconds."""
+    C, L, m = h.ttt_chunk_tokens, h.eval_seq_len, {}
     stream = stand_in_stream(h, max(2 * C, L + h.preflight_eval_windows * h.eval_stride) + 1).to(rt.device)
-    wins = sliding_windows(len(stream.tokens) - 1, L, h.eval_stride)[:h.preflight_eval_windows]
-    nll_fn = maybe_compile(nll_function(base_model), h, rt)
-    _, m["eval_compile_s"] = timed(rt, lambda: score_windows(nll_fn, stream, wins[:h.eval_batch_seqs],
-                                                             h.eval_batch_seqs, rt))
-    _, t = timed(rt, lambda: score_windows(nll_fn, stream, wins, h.eval_batch_seqs, rt))
-    m["window_s"] = t / len(wins)
+    nll_fn = maybe_compile(nll_function(model), h, rt)
+    m["eval_compile_s"] = evaluate(nll_fn, stream, h, rt, h.eval_stride, limit=h.eval_batch_seqs).time_ms / 1000
+    per_rank = max(h.preflight_eval_windows // rt.world_size, 1)
+    m["window_s"] = evaluate(nll_fn, stream, h, rt, h.eval_stride, limit=per_rank).time_ms / 1000 / (
+        per_rank * rt.world_size)
     ttt = "ttt" in eval_phases_run(h)
     if ttt and h.eval_mode != "doc":  # two chunks: score, train TTT_EPOCHS on the first, score; minus the scoring
         two = ValidationData(stream.tokens[:2 * C + 1], 2 * C + 1, stream.base_bytes, stream.has_leading_space,
                              stream.is_boundary)
-        r = ttt_evaluate(base_model, nll_fn, two, h, rt)
+        r = ttt_evaluate(model, nll_fn, two, h, rt)
         n_scored = len(sliding_windows(2 * C, L, h.eval_stride))
         m["ttt_chunk_train_s"] = max(r.time_ms / 1000 - n_scored * m["window_s"], 0.0)
     if ttt and h.eval_mode == "doc":
-        m.update(preflight_doc_measure(base_model, h, rt))
-    names = sorted(m)
-    values = rt.all_reduce_(torch.tensor([m[k] for k in names], dtype=torch.float64, device=rt.device), "max")
-    return dict(zip(names, values.tolist()))
+        m.update(preflight_doc_measure(model, h, rt))
+    return m
 
 
 def preflight_doc_measure(model: GPT, h: Hyperparameters, rt: Runtime) -> dict:
