@@ -60,8 +60,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+
 # ----------------------------------------------------------------------------------------------
-# Hyperparameters
+# Config: one flat set of environment variables, typed views by field name
+#
+# Every knob is a field of Hyperparameters, read from the environment in one place (from_env: presets,
+# the records' names, typos) and checked in one place (__post_init__; choices are declared on the field).
+# A part of the run that needs only some fields reads a View of them (ModelConfig, QuantSpec).
 
 SIZE_LIMIT_BYTES = 16_000_000  # decimal bytes, code + compressed model (challenge README)
 ARTIFACT_NAME = "final_model.int6.ptz"
@@ -768,6 +773,9 @@ class ModelConfig(View):
 
 # ----------------------------------------------------------------------------------------------
 # Runtime and logging
+#
+# One Runtime object carries the device, the process group and the collectives, so the same code runs
+# 8xH100 (NCCL) and 1-2 CPU processes (gloo). The log opens with every value in force and the code.
 
 # Collectives wait this long. NCCL's default 10 min is too short: the other ranks wait in one
 # all-reduce while rank 0 quantizes and compresses (minutes on a slow host with QUANT_COMPRESSOR=auto
@@ -971,6 +979,9 @@ def log_run_header(h: Hyperparameters, rt: Runtime):
 
 # ----------------------------------------------------------------------------------------------
 # Data
+#
+# Shards in the challenge's format; training loaders that only ever read train shards; the validation
+# stream and its byte tables, opened only by evaluation (rule C1).
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -1380,6 +1391,9 @@ def check_caseops_tokenizer(h: Hyperparameters, sp) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Model
+#
+# The record stack's modules, built from a ModelConfig alone (what the artifact stores); attention through
+# FA3/FA2/SDPA with document masking; the optional Triton training kernels with the eager math as fallback.
 
 _ATTENTION: dict[str, typing.Any] = {"name": "sdpa", "fn": None, "varlen": None}
 FA3_HUB_KERNEL = "kernels-community/flash-attn3"  # prebuilt FA3 on the Hugging Face Hub
@@ -1618,8 +1632,6 @@ def sparse_attn_gate(y: Tensor, x: Tensor, w: Tensor, scale: float) -> Tensor:
 _TRAIN_KERNELS: dict[str, bool] = {"mlp": False, "ce": False}
 MLP_BLOCKS = (64, 64, 32)  # BLOCK_M, BLOCK_N, BLOCK_K of the fused MLP matmuls
 CE_BLOCK_V = 1024  # vocab entries per step of the fused CE (the record's block)
-
-
 _TRITON: dict[str, typing.Any] = {}  # "lib": _triton_kernels()'s namespace, once built
 
 
@@ -2096,7 +2108,10 @@ def maybe_compile(module, h: Hyperparameters, rt: Runtime):
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizers: Muon for block matrices, AdamW for embeddings and scalars
+# Optimizers, schedule and weight averaging
+#
+# Muon for the block matrices (optionally sharded), AdamW for embeddings and scalars; one Schedule per
+# run (LR, momentum, the loop switch); EMA every step and SWA over the warmdown.
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 # Polar Express (Amsel et al. 2025, arXiv 2505.16932; PR #1344 -> #1787 -> #1855): one (a, b, c) per step.
@@ -2418,10 +2433,6 @@ def all_reduce_grads(params: list[nn.Parameter], rt: Runtime, op: str = "mean"):
     torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
-# ----------------------------------------------------------------------------------------------
-# Weight averaging: EMA every step, SWA over the warmdown
-
-
 class WeightAverager:
     """fp32 EMA of every parameter (decay per step, no bias correction), and an SWA mean of
     snapshots taken every SWA_EVERY steps once the LR scale is below SWA_START_SCALE.
@@ -2464,893 +2475,254 @@ class WeightAverager:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: bits per byte, sliding window, score-first TTT
+# Training
+#
+# The timed loop under the wall-clock cap, after an untimed compile warm-up that restores every state
+# (rule B1).
 
 
 @dataclass
-class EvalResult:
-    loss_sum: float  # nats, summed over scored targets
+class TrainResult:
+    steps: int
+    train_time_ms: float
     tokens: int
-    bytes: int
-    time_ms: float = 0.0
-    notes: dict = dataclasses.field(default_factory=dict)  # e.g. the TTT protocol actually run
-
-    @property
-    def val_loss(self) -> float:
-        return self.loss_sum / max(self.tokens, 1)
-
-    @property
-    def val_bpb(self) -> float:
-        return self.loss_sum / (math.log(2) * max(self.bytes, 1))
-
-    def as_dict(self) -> dict:
-        return dict(val_loss=self.val_loss, val_bpb=self.val_bpb, tokens=self.tokens, bytes=self.bytes,
-                    time_ms=round(self.time_ms, 1), **self.notes)
+    stop: str  # wallclock | iterations
+    cap_ms: float
+    first_step_ms: float = 0.0  # the first step, compile included when warm-up is off (PREFLIGHT=1's compile time)
+    last_loss: float = math.nan  # the last step's loss, the ranks' mean when logged (PREFLIGHT=1's finite check)
 
 
-def sliding_windows(total: int, seq_len: int, stride: int) -> np.ndarray:
-    """Rows (start, score_from, end) over `total` predicted positions. Window inputs are positions
-    [start, end), of length seq_len (or total if shorter); it scores [score_from, end). The first
-    window scores all of its positions, every later one the stride new positions at its end (the
-    last one fewer), so every position is scored exactly once with >= seq_len - stride context."""
-    L = min(seq_len, total)
-    ends = np.concatenate(([L], np.arange(L + stride, total, stride), [total] if total > L else []))
-    ends = ends.astype(np.int64)
-    score_from = np.concatenate(([0], ends[:-1]))
-    return np.stack((ends - L, score_from, ends), axis=1)
+def batch_geometry(h: Hyperparameters, rt: Runtime) -> tuple[int, int]:
+    """(sequences per rank per micro-step, gradient accumulation steps) for a global batch of
+    TRAIN_BATCH_TOKENS at any world size: the fewest micro-steps of at most MICRO_BATCH_SEQS."""
+    seqs = h.train_batch_tokens // h.train_seq_len
+    if seqs % rt.world_size:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens}: {seqs} sequences of {h.train_seq_len} "
+                          f"do not split evenly over {rt.world_size} ranks")
+    per_rank = seqs // rt.world_size
+    accum = next(d for d in range(1, per_rank + 1) if per_rank % d == 0 and per_rank // d <= h.micro_batch_seqs)
+    return per_rank // accum, accum
 
 
-def rank_slice(n: int, rt: Runtime) -> slice:
-    return slice(n * rt.rank // rt.world_size, n * (rt.rank + 1) // rt.world_size)
-
-
-class TokenLosses:
-    """Per-token NLL of the validation stream as first scored (NaN where never scored)."""
-
-    def __init__(self, n: int, device: torch.device):
-        self.nll = torch.zeros(n, dtype=torch.float32, device=device)
-        self.hit = torch.zeros(n, dtype=torch.float32, device=device)
-
-    def record(self, target_idx: Tensor, nll: Tensor):
-        self.nll[target_idx] = nll.float()
-        self.hit[target_idx] = 1.0
-
-    def save(self, path: str, rt: Runtime):
-        rt.all_reduce_(self.nll)
-        rt.all_reduce_(self.hit)
-        if rt.is_main:
-            out = torch.where(self.hit > 0, self.nll, torch.full_like(self.nll, float("nan")))
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            np.save(path, out.cpu().numpy())
-
-
-class ScoreSums:
-    """An eval's running (nll nats, tokens, bytes) over its scored targets, float64 on the device,
-    for every mode: a batch adds its masked sums (no boolean indexing, so no host sync), a sub-run's
-    sums (a TTT chunk's score_windows, a LoRA batch) are added whole, and result() all-reduces once."""
-
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
-
-    def add(self, nll: Tensor, mask: Tensor, target_bytes: Tensor, idx: Tensor, losses: TokenLosses | None = None):
-        """One batch: nll, target_bytes and idx (the inputs' stream positions) all (B, T), mask the scored ones."""
-        self.sums[0] += torch.where(mask, nll.double(), 0.0).sum()
-        self.sums[1] += mask.sum()
-        self.sums[2] += torch.where(mask, target_bytes, 0).sum()
-        if losses is not None:
-            losses.record(idx[mask] + 1, nll[mask])
-
-    def merge(self, sums: Tensor):
-        self.sums += sums
-
-    def rank_bpb(self) -> float:
-        """This rank's bits per byte so far (progress lines; no collective)."""
-        s = self.sums.tolist()
-        return EvalResult(s[0], int(s[1]), int(s[2])).val_bpb
-
-    def result(self, rt: Runtime, t0: float) -> EvalResult:
-        return to_result(self.sums, rt, t0)
-
-
-def score_windows(nll_fn, val: ValidationData, wins: np.ndarray, batch: int, rt: Runtime,
-                  losses: TokenLosses | None = None, limit: int | None = None) -> Tensor:
-    """Sum (nll, tokens, bytes) over the scored positions of this rank's share of `wins` (its
-    first `limit` windows; None: all), under inference_mode. Batches are padded to a fixed shape
-    (masked rows) for compile. The window table goes to the device once: a copy per batch would
-    wait for the GPU's queue."""
-    acc = ScoreSums(rt.device)
-    mine = wins[rank_slice(len(wins), rt)][:limit]
-    if len(mine) == 0:
-        return acc.sums
-    L = int((wins[:, 2] - wins[:, 0]).max())  # doc windows can be shorter: masked, clamped at the stream end
-    ar = torch.arange(L, device=rt.device)
-    table = torch.from_numpy(mine).to(rt.device)  # (n, 3) int64
-    n_batches, t0 = -(-len(mine) // batch), time.perf_counter()
-    every = max(1, -(-n_batches // 10))  # progress about every 10% (host clock: no sync is added)
-    with torch.inference_mode():
-        for b in range(0, len(mine), batch):
-            if rt.is_main and b and (b // batch) % every == 0:
-                log(f"eval_progress: batch:{b // batch}/{n_batches} ({100 * b // batch // n_batches}%) "
-                    f"windows:{b}/{len(mine)} time:{time.perf_counter() - t0:.1f}s")
-            rows = table[b:b + batch]
-            real = len(rows)
-            rows = torch.cat((rows, rows[-1:].expand(batch - real, 3))) if real < batch else rows
-            pos = rows[:, :1] + ar  # (B, L) input positions
-            idx = pos.clamp(max=len(val.tokens) - 2)  # a doc window may run past the stream end (masked)
-            x, y = val.tokens[idx], val.tokens[idx + 1]
-            ctx = rows[:, 1] - rows[:, 0]  # context positions of each window (already scored)
-            nll = (nll_fn(x, y, ctx) if getattr(nll_fn, "needs_context", False) else nll_fn(x, y)).double()
-            mask = (pos >= rows[:, 1:2]) & (pos < rows[:, 2:3])
-            mask &= (torch.arange(batch, device=rt.device) < real)[:, None]
-            acc.add(nll, mask, val.target_bytes(x, y, idx + 1), idx, losses)
-    return acc.sums
-
-
-def to_result(sums: Tensor, rt: Runtime, t0: float) -> EvalResult:
-    rt.all_reduce_(sums)
-    rt.sync()
-    s = sums.tolist()
-    return EvalResult(s[0], int(s[1]), int(s[2]), 1000 * (time.perf_counter() - t0))
-
-
-def nll_function(model: GPT, doc_mask: bool = True):
-    """Per-token NLL of (B,T) windows; doc_mask=False for windows of one document each (F1b)."""
-    return lambda x, y: model(x, y, reduction="none", doc_mask=doc_mask)
-
-
-def slot_nll_function(model: GPT, steps: int, lr: float):
-    """Causal SLOT, a non-record technique (no organizer ruling, rule A7): per window, a delta
-    (B,1,d) added to the final hidden states is fitted with AdamW on the window's context
-    positions only, whose targets earlier windows already scored, then used on the new positions.
-    A score still depends only on earlier tokens, so the flip test holds."""
-    c = model.cfg.logit_softcap
-
-    def nll(x: Tensor, y: Tensor, ctx: Tensor) -> Tensor:
-        with torch.inference_mode(False):  # score_windows runs under inference_mode; autograd needs out
-            x, y, ctx = x.clone(), y.clone(), ctx.clone()
-            with torch.no_grad():
-                hidden = model.forward_hidden(x).float()
-            W = model.tok_emb.weight.detach().float()
-            per_token = lambda d: F.cross_entropy(  # noqa: E731
-                (c * torch.tanh(F.linear(hidden + d, W) / c)).flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-            delta = torch.zeros(x.size(0), 1, hidden.size(-1), device=x.device, requires_grad=True)
-            fit = (torch.arange(x.size(1), device=x.device)[None] < ctx[:, None]).float()
-            if steps and fit.sum() > 0:
-                opt = torch.optim.AdamW([delta], lr=lr, weight_decay=0.0)
-                with torch.enable_grad():
-                    for _ in range(steps):
-                        opt.zero_grad()
-                        ((per_token(delta) * fit).sum() / fit.sum()).backward()
-                        opt.step()
-            with torch.no_grad():
-                return per_token(delta)
-    nll.needs_context = True
-    return nll
-
-
-def evaluate(nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime, stride: int,
-             losses: TokenLosses | None = None, limit: int | None = None) -> EvalResult:
-    """Plain eval is stride == EVAL_SEQ_LEN (disjoint windows); sliding eval uses EVAL_STRIDE.
-    limit: at most that many windows per rank, the first of its share (None: all)."""
-    t0 = rt.clock()
-    wins = sliding_windows(len(val.tokens) - 1, h.eval_seq_len, stride)
-    if h.doc_masking:
-        check_window_segments(val, wins[rank_slice(len(wins), rt)][:limit], h.eval_batch_seqs, h.bos_id)
-    return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses, limit), rt, t0)
-
-
-def check_window_segments(val: ValidationData, wins: np.ndarray, batch: int, bos_id: int):
-    """check_varlen_rows for every batch score_windows makes of `wins` (this rank's, padded by
-    repeating the last), from a prefix count of BOS: one device sync per phase."""
-    if len(wins) == 0:
-        return
-    L = int((wins[:, 2] - wins[:, 0]).max())
-    pad = -len(wins) % batch
-    starts = torch.from_numpy(np.concatenate((wins[:, 0], np.repeat(wins[-1:, 0], pad)))).to(val.tokens.device)
-    bos = F.pad(torch.cumsum(val.tokens == bos_id, 0), (1, 0))  # bos[i]: BOS among tokens[:i]
-    n = len(val.tokens)
-    rows = 1 + bos[(starts + L).clamp(max=n)] - bos[(starts + 1).clamp(max=n)]  # row start + BOS after it
-    most = int(rows.view(-1, batch).sum(1).max())
-    cap = varlen_capacity(batch, L)
-    if most > cap:
-        raise VarlenOverflow(f"DOC_MASKING: an eval batch of shape ({batch}, {L}) holds {most} attention segments, "
-                             f"more than the varlen capacity {cap} (VARLEN_TOKENS_PER_SEQ={VARLEN_TOKENS_PER_SEQ})")
-
-
-clock = time.perf_counter  # the TTT planners' clock (a test swaps in a virtual one)
-PACE_WINDOW = 8  # the planners' pace is the median of this many recent measurements
-
-
-def most_that_fits(most: int, fixed_s: float, per_level_s: float, time_left_s: float) -> int:
-    """The largest level e in [0, most] with fixed_s + e * per_level_s <= time_left_s (0 if none)."""
-    for e in range(most, 0, -1):
-        if fixed_s + e * per_level_s <= time_left_s:
-            return e
-    return 0
-
-
-def robust_pace(samples: list[float]) -> float | None:
-    """Median of the recent samples after the first: the first chunk or batch pays for the first
-    backward and buffer creation and would make a planner cut the whole run (issue 8)."""
-    recent = samples[1:][-PACE_WINDOW:]
-    return float(np.median(recent)) if recent else None
-
-
-def ttt_plan_epochs(epochs: int, chunks_left: int, score_s: float, epoch_s: float, time_left_s: float) -> int:
-    """The most epochs (<= epochs) with which the chunks left still fit in the time left: each is
-    scored, all but the last are trained. Scoring is never cut; 0 epochs means score only."""
-    return most_that_fits(epochs, chunks_left * score_s, max(chunks_left - 1, 0) * epoch_s, time_left_s)
-
-
-def base_ttt_step(opt: torch.optim.Optimizer, params: list, rt: Runtime, clip: float,
-                  accumulate: typing.Callable[[], None], lr: float | None = None):
-    """One optimizer step on the base weights, for score-first TTT (ttt_train_chunk) and phased
-    global TTT (global_ttt): gradients zeroed in place (every rank all-reduces the same buffers,
-    with or without rows of its own), accumulate() runs this rank's backward passes, then the sum
-    over ranks, the norm clipped when clip > 0, and the step (at `lr`; None: the groups' own)."""
-    opt.zero_grad(set_to_none=False)
-    accumulate()
-    all_reduce_grads(params, rt, op="sum")
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-    if lr is not None:
+def train_step(model, opts: list, loader, h: Hyperparameters, rt: Runtime, geometry: tuple[int, int],
+               params: list[nn.Parameter], scale: float, step: int) -> Tensor:
+    """One optimizer step over grad_accum micro-batches; returns the mean training loss."""
+    seqs, accum = geometry
+    total = torch.zeros((), device=rt.device)
+    for _ in range(accum):
+        x, y = loader.next_batch(seqs, h.train_seq_len)
+        loss = model(x, y)
+        (loss / accum).backward()
+        total += loss.detach()
+    if h.grad_clip_norm > 0 and h.grad_clip_mode == "local":  # each rank's own gradient, then the mean
+        torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
+    muon = opts[-1] if isinstance(opts[-1], Muon) else None  # a test may step plain torch optimizers
+    all_reduce_grads(muon.unsharded(params) if muon else params, rt)
+    if muon:
+        muon.reduce_scatter_grads()  # MUON_SHARDED: the Muon matrices' gradients, bf16, each rank its share
+    for opt in opts:
         for group in opt.param_groups:
-            group["lr"] = lr
-    opt.step()
+            group["lr"] = group["base_lr"] * scale
+    opts[-1].param_groups[0]["momentum"] = muon_momentum(step, h)  # = Schedule.muon_momentum
+    if h.grad_clip_norm > 0 and h.grad_clip_mode == "averaged":
+        clip_grad_norm(params, h.grad_clip_norm, muon, rt)
+    for opt in opts:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total / accum
 
 
-def ttt_train_chunk(model: GPT, opt, params: list, val: ValidationData, starts: np.ndarray, epochs: int,
-                    h: Hyperparameters, rt: Runtime, trace: list | None, chunk: int):
-    """SGD on the whole sequences starting at `starts` (already scored), TTT_BATCH_SEQS per step
-    across all ranks; the loss is normalised by the global batch so any world size agrees."""
-    L = h.eval_seq_len
-    for _ in range(epochs):
-        for b in range(0, len(starts), h.ttt_batch_seqs):
-            batch = starts[b:b + h.ttt_batch_seqs]
-            mine = batch[rank_slice(len(batch), rt)]
-
-            def accumulate():
-                if len(mine):
-                    idx = torch.from_numpy(mine).to(rt.device)[:, None] + torch.arange(L, device=rt.device)
-                    loss = model(val.tokens[idx], val.tokens[idx + 1], reduction="none").sum()
-                    (loss / (len(batch) * L)).backward()
-                    if trace is not None:
-                        trace.append(("train", chunk, int(idx.max()) + 1))
-            base_ttt_step(opt, params, rt, h.ttt_grad_clip, accumulate)
+def warm_up(model, opts: list, base_model: GPT, h: Hyperparameters, rt: Runtime, geometry, params):
+    """Compile warm-up on real batches, then restore weights, optimizer state and data position:
+    it is not an LR warm-up and its time is not counted (rule B1)."""
+    saved = copy.deepcopy(base_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
+    loader = make_train_loader(h, rt)
+    for looping in (False, True) if h.num_loops else (base_model.looping,):  # both graphs of depth recurrence
+        set_looping(base_model, looping)
+        for i in range(h.warmup_steps):
+            train_step(model, opts, loader, h, rt, geometry, params, 1.0, 0)
+            log(f"warmup_step:{i + 1}/{h.warmup_steps}" + (f" looping:{int(looping)}" if h.num_loops else ""))
+    base_model.load_state_dict(saved[0])
+    for opt, state in zip(opts, saved[1]):
+        opt.load_state_dict(state)
 
 
-def ttt_base_optimizer(model: GPT, h: Hyperparameters) -> tuple[list, torch.optim.Optimizer]:
-    """ttt_evaluate's trained weights (all but the first TTT_FREEZE_BLOCKS blocks), their gradient
-    buffers made zero, and their TTT_OPTIMIZER (SGD with momentum, or AdamW)."""
-    for i, block in enumerate(model.blocks):
-        block.requires_grad_(i >= h.ttt_freeze_blocks)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    if h.ttt_optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=0.0)
-    else:
-        opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-    return params, opt
+def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
+    """Train until ITERATIONS or the wall-clock cap (MAX_WALLCLOCK_SECONDS less the calibration
+    reserve). Returns the result, the weight averager and the loader (calibration continues it)."""
+    params = list(base_model.parameters())
+    opts = build_optimizers(base_model, h, rt)
+    geometry = batch_geometry(h, rt)
+    base_model.segment_len = packed_segment_len(h)  # before compiling: a constant of the graph
+    log(f"model_params:{sum(p.numel() for p in params)} micro_batch_seqs:{geometry[0]} grad_accum_steps:{geometry[1]} "
+        f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len}")
+    log(f"compile:{'on mode:' + h.compile_mode if compile_enabled(h, rt) else 'off'}")
+    with training_kernels(base_model):  # FUSED_MLP/CE_ENABLED: training and its warm-up only
+        if h.warmup_steps > 0:
+            warm_up(model, opts, base_model, h, rt, geometry, params)
+        loader = make_train_loader(h, rt)
+        if h.loader_prefetch:
+            loader = PrefetchLoader(loader, rt, h.loader_prefetch, geometry[0], h.train_seq_len)
+        try:
+            return _train_loop(model, base_model, h, rt, params, opts, geometry, loader)
+        finally:
+            if h.loader_prefetch:
+                loader.close()  # the thread ends; batches it prepared are served first to calibration
 
 
-@dataclass
-class EpochPlanner:
-    """ttt_evaluate's epochs per chunk: TTT_EPOCHS, and with a deadline (clock seconds) re-planned
-    after each trained chunk from the robust pace of the chunks so far, the fewest over ranks."""
-    epochs: int
-    deadline: float | None
-    score_times: list = dataclasses.field(default_factory=list)
-    epoch_times: list = dataclasses.field(default_factory=list)
-    trained: list = dataclasses.field(default_factory=list)  # epochs run on each trained chunk
-    epoch_s: float | None = None
-    changes: int = 0
-
-    def after_chunk(self, c: int, n_chunks: int, t_chunk: float, t_train: float, now: float,
-                    h: Hyperparameters, rt: Runtime):
-        """Chunk c was scored from t_chunk, trained from t_train until now (clock seconds)."""
-        self.trained.append(self.epochs)
-        self.score_times.append(t_train - t_chunk)
-        if self.epochs:
-            self.epoch_times.append((now - t_train) / self.epochs)
-        score_s, self.epoch_s = robust_pace(self.score_times), robust_pace(self.epoch_times) or self.epoch_s
-        if self.deadline is None or score_s is None:
-            return
-        left_s = self.deadline - now
-        planned = ttt_plan_epochs(h.ttt_epochs, n_chunks - 1 - c, score_s, self.epoch_s or 0.0, left_s)
-        planned = -int(rt.all_reduce_(torch.tensor([-float(planned)], device=rt.device), "max").item())
-        if planned != self.epochs:
-            log(f"ttt:plan chunk:{c + 1}/{n_chunks} epochs:{self.epochs}->{planned} score_s:{score_s:.3f} "
-                f"epoch_s:{self.epoch_s or 0.0:.3f} time_left:{left_s:.1f}s")
-            self.epochs, self.changes = planned, self.changes + 1
-
-
-def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime,
-                 losses: TokenLosses | None = None, trace: list | None = None,
-                 deadline: float | None = None, limit: int | None = None) -> EvalResult:
-    """Legal score-first test-time training (rules A1-A5). The stride windows are grouped into
-    chunks of TTT_CHUNK_TOKENS by their first scored position. For each chunk in order: score all
-    of its windows under inference_mode (the only numbers that count), then, except for the last
-    chunk, train on that chunk's already-scored tokens for TTT_EPOCHS with SGD (cosine LR over
-    chunks). No token is trained on before it is scored, and none is scored twice. With a
-    deadline (clock seconds), each chunk's epochs are re-planned from the robust pace of the
-    chunks so far: down when it would overrun, back up to TTT_EPOCHS when it fits again.
-    limit: only the first that many chunks (None: all), the LR schedule still over all of them."""
+def _train_loop(model, base_model: GPT, h: Hyperparameters, rt: Runtime, params, opts, geometry, loader):
+    averager, schedule = WeightAverager(base_model, h.ema_decay, h.ema_warmup), Schedule(h)
+    cap_ms = schedule.cap_ms
+    log(f"train:cap_ms:{cap_ms:.0f} calib_reserve_ms:{schedule.reserve_ms if cap_ms else 0:.0f} loader:{h.train_loader}")
+    step, stop, first_ms = 0, "iterations", 0.0
+    set_looping(base_model, False)
     t0 = rt.clock()
-    total, C = len(val.tokens) - 1, h.ttt_chunk_tokens
-    wins = sliding_windows(total, h.eval_seq_len, h.eval_stride)
-    chunk_of = wins[:, 1] // C
-    n_chunks = int(chunk_of[-1]) + 1
-    params, opt = ttt_base_optimizer(model, h)
-    log(f"ttt:start chunks:{n_chunks} chunk_tokens:{C} windows:{len(wins)} stride:{h.eval_stride} "
-        f"optimizer:{h.ttt_optimizer} lr:{h.ttt_lr} epochs:{h.ttt_epochs} freeze_blocks:{h.ttt_freeze_blocks} "
-        f"params_trained:{sum(p.numel() for p in params)} protocol:score_first")
-    acc, planner = ScoreSums(rt.device), EpochPlanner(h.ttt_epochs, deadline)
-    for c in range(n_chunks if limit is None else min(limit, n_chunks)):
-        t_chunk = clock()
-        acc.merge(score_windows(nll_fn, val, wins[chunk_of == c], h.eval_batch_seqs, rt, losses))
-        if trace is not None:
-            trace.append(("score", c, int(wins[chunk_of == c][:, 2].max())))
-        if c == n_chunks - 1:
-            break  # the last chunk is never trained on
-        t_train = rt.clock()
-        for group in opt.param_groups:
-            group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
-        starts = np.arange(c * C, min((c + 1) * C, total), h.eval_seq_len)  # C, total: multiples of L
-        ttt_train_chunk(model, opt, params, val, starts, planner.epochs, h, rt, trace, c)
-        planner.after_chunk(c, n_chunks, t_chunk, t_train, rt.clock(), h, rt)
-        if rt.is_main and (c % max(1, n_chunks // 10) == 0 or c == n_chunks - 2):  # about every 10%
-            log(f"ttt_chunk:{c + 1}/{n_chunks} rank0_bpb:{acc.rank_bpb():.6f} time:{clock() - t0:.1f}s")
-    for p in model.parameters():
-        p.requires_grad_(True)
-        p.grad = None
-    result = acc.result(rt, t0)
-    result.notes = dict(chunks=n_chunks, epochs_requested=h.ttt_epochs, epochs_min=min(planner.trained, default=0),
-                        epochs_total=sum(planner.trained), plan_changes=planner.changes, score_first=True,
-                        last_chunk_trained=False)
-    return result
+    while step < h.iterations:
+        elapsed_ms = 1000 * (time.perf_counter() - t0)
+        scale = schedule.lr_scale(step, elapsed_ms)
+        schedule.update_looping(base_model, step, elapsed_ms)
+        loss = train_step(model, opts, loader, h, rt, geometry, params, scale, step)
+        averager.update_ema(base_model)
+        step += 1
+        if scale < h.swa_start_scale and step % h.swa_every == 0:
+            if averager.swa_count == 0:
+                log(f"swa:start step:{step} lr_scale:{scale:.4f}")
+            averager.add_swa(base_model)
+        elapsed_ms = 1000 * (time.perf_counter() - t0)
+        if step <= 10 or step % h.train_log_every == 0 or step == h.iterations:  # same steps on every rank
+            loss = rt.all_reduce_(loss.reshape(1), "mean")
+            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_scale:{scale:.4f} "
+                f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
+        if step == 1:  # after the log's loss.item(): the step is done
+            first_ms = 1000 * (time.perf_counter() - t0)
+        if cap_ms > 0 and rt.any_rank(elapsed_ms >= cap_ms):
+            stop = "wallclock"
+            break
+    train_ms = 1000 * (rt.clock() - t0)
+    if stop == "wallclock":
+        log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+    schedule.finish_looping(base_model)
+    mem = rt.max_memory_mib()
+    peak = f"allocated: {mem[0]:.0f} MiB reserved: {mem[1]:.0f} MiB" if rt.is_cuda else "n/a (CPU)"
+    log(f"train:done steps:{step} train_time:{train_ms:.0f}ms tokens:{step * h.train_batch_tokens} "
+        f"swa_snapshots:{averager.swa_count} peak memory {peak}")
+    result = TrainResult(step, train_ms, step * h.train_batch_tokens, stop, cap_ms, first_step_ms=first_ms,
+                         last_loss=loss.item() if step else math.nan)
+    return result, averager, loader
+
+
+def apply_weight_average(base_model: GPT, averager: WeightAverager, mode: str):
+    used = mode if (mode == "ema" or averager.swa_count) else "ema"
+    state = averager.averaged(used)
+    with torch.no_grad():
+        for name, p in base_model.named_parameters():
+            p.copy_(state[name].to(p.dtype))
+    log(f"weight_average:{used} requested:{mode} swa_snapshots:{averager.swa_count} ema_decay:{averager.decay}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Document-isolated scoring, batched per-document LoRA TTT, phased global TTT (frontier.md 5.1, 5.3-5.5)
-
-LORA_ADAM_EPS = 1e-10  # the records' AdamW epsilon for the adapters
-STEP_COST = 2.0  # planner's model: an adapter step (backward + AdamW) costs about two forwards
-
-
-def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
-    """(start, length) rows, one per document of the stream (frontier.md 5.1): a document starts
-    at each BOS (and at token 0); its inputs are tokens[start:start + length] and its targets the
-    next `length` tokens, the last being the next document's BOS. Every token after the first is
-    a target exactly once. A stream without BOS is one document."""
-    n_pred = len(tokens) - 1
-    starts = np.flatnonzero(tokens[:n_pred] == bos_id) if bos_id >= 0 else np.zeros(0, dtype=np.int64)
-    if len(starts) == 0 or starts[0] != 0:
-        starts = np.concatenate(([0], starts))
-    return np.stack((starts, np.append(starts[1:], n_pred) - starts), axis=1).astype(np.int64)
-
-
-def doc_windows(spans: np.ndarray, seq_len: int, chunk: int) -> np.ndarray:
-    """Rows (start, score_from, end) for score_windows that give every target the context it has
-    when its document is scored chunk by chunk (TTT_CHUNK_SIZE) with windows of <= EVAL_SEQ_LEN
-    tokens of the same document: chunks whose window starts at the document start share one
-    window; each later chunk gets its own."""
-    head = seq_len // chunk * chunk  # chunks ending at or before this all see the whole document prefix
-    rows = []
-    for s, n in spans:
-        first = min(n, head)
-        rows.append((s, s, s + first))
-        ends = np.minimum(np.arange(first + chunk, n + chunk, chunk), n)
-        rows.extend(zip(s + np.maximum(ends - seq_len, 0), s + ends - (ends - 1) % chunk - 1, s + ends))
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
-
-
-def evaluate_docs(nll_fn, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime,
-                  losses: TokenLosses | None = None, limit: int | None = None) -> EvalResult:
-    """Document-isolated scoring without adaptation: the `doc` phase, next to `sliding`.
-    limit: at most that many windows per rank, the first of its share (None: all)."""
-    t0 = rt.clock()
-    wins = doc_windows(spans, h.eval_seq_len, h.ttt_chunk_size)
-    return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses, limit), rt, t0)
-
-
-class BatchedLoRA:
-    """One low-rank adapter per document of a batch (PR #1530) and per slot (a looped layer's
-    pass, TTT_LORA_PER_SLOT=1; else one slot): A (slots,n,r,in) ~ U(+-1/sqrt(in)) drawn slot by
-    slot, B (slots,n,out,r) = 0, delta(x, s) = (x A_s^T) B_s^T * alpha/r (PR #1767) for x (b,T,in),
-    b <= n: the first b documents; a one-slot adapter serves every pass. Stacked so the slot is a
-    constant index in a compiled graph. Not an nn.Module, so attaching one adds nothing to a state_dict."""
-
-    def __init__(self, n: int, d_in: int, d_out: int, h: Hyperparameters, gen: torch.Generator, device,
-                 slots: int = 1):
-        self.bound, self.slots = 1 / math.sqrt(d_in), slots
-        self.A = torch.empty(slots, n, h.ttt_lora_rank, d_in, device=device).uniform_(-self.bound, self.bound,
-                                                                                       generator=gen)
-        self.B = torch.zeros(slots, n, d_out, h.ttt_lora_rank, device=device)
-        self.A.requires_grad_(True)
-        self.B.requires_grad_(True)
-        self.scale = h.ttt_lora_alpha / h.ttt_lora_rank
-
-    @torch.no_grad()
-    def reset_(self, gen: torch.Generator | None):
-        """In place, so a compiled forward keeps its guards: B = 0, and A redrawn from `gen` (the
-        same draws as a fresh adapter made with it) unless gen is None."""
-        if gen is not None:
-            self.A.uniform_(-self.bound, self.bound, generator=gen)
-        self.B.zero_()
-
-    def __call__(self, x: Tensor, slot: int = 0) -> Tensor:
-        b, s = x.size(0), slot if self.slots > 1 else 0
-        return (x @ self.A[s, :b].transpose(1, 2).to(x.dtype)) @ self.B[s, :b].transpose(1, 2).to(x.dtype) * self.scale
-
-
-def lora_hosts(model: GPT, h: Hyperparameters) -> list[tuple[nn.Module, int, int]]:
-    """(module, in, out) for every adapter: Q, V and the LM head always; K, O and MLP by knob."""
-    d, V = model.cfg.model_dim, model.cfg.vocab_size
-    hosts = [(model, d, V)]
-    for block in model.blocks:
-        a = block.attn
-        hosts += [(a.c_q, d, a.c_q.out_features), (a.c_v, d, a.c_v.out_features)]
-        hosts += [(a.c_k, d, a.c_k.out_features)] if h.ttt_k_lora else []
-        hosts += [(a, d, d)] if h.ttt_o_lora else []
-        hosts += [(block.mlp, d, d)] if h.ttt_mlp_lora else []
-    return hosts
-
-
-def lora_slots(model: GPT, h: Hyperparameters) -> list[int]:
-    """Adapter slots of each host, in lora_hosts' order: with TTT_LORA_PER_SLOT=1 on a looping
-    model, the passes of the host's layer over model.loop_order (the record's virtual layers: 17
-    slots over 11 layers at PRESET=frontier); else 1, one adapter shared by every pass."""
-    order = model.loop_order if model.looping and h.ttt_lora_per_slot else model.plain_order
-    layer = {m: i for i, block in enumerate(model.blocks) for m in block.modules()}
-    return [order.count(layer[m]) if m in layer else 1 for m, _, _ in lora_hosts(model, h)]
-
-
-def attach_lora(model: GPT, h: Hyperparameters, gen: torch.Generator, device) -> list[BatchedLoRA]:
-    adapters = []
-    for (module, d_in, d_out), slots in zip(lora_hosts(model, h), lora_slots(model, h)):
-        module.lora = BatchedLoRA(h.ttt_batch_size, d_in, d_out, h, gen, device, slots)
-        adapters.append(module.lora)
-    return adapters
-
-
-def reset_lora(adapters: list[BatchedLoRA], gen: torch.Generator | None):
-    """Every adapter re-initialised in place, in attach_lora's order (so its draws from gen)."""
-    for a in adapters:
-        a.reset_(gen)
-
-
-def zero_optimizer_state(opt: torch.optim.Optimizer):
-    """AdamW state back to a fresh optimizer's (step 0, zero moments), in place: the next step
-    gives exactly what a new AdamW's first step gives."""
-    for st in opt.state.values():
-        for v in st.values():
-            if isinstance(v, Tensor):
-                v.zero_()
-
-
-def lora_ttt_compiled(h: Hyperparameters, rt: Runtime | None = None) -> bool:
-    """Whether lora_ttt_evaluate runs its adapted forward compiled: COMPILE as maybe_compile reads
-    it on `rt` (None: on CUDA, the device PREFLIGHT=plan projects for, so h.compile != 0)."""
-    return compile_enabled(h, rt) if rt is not None else h.compile != 0
-
-
-LORA_TTT_MAX_GRAPHS = 8  # grad on/off x (rows 1 or more) x (length 1 or more): dynamo's 0/1 specialisation
-
-
-def lora_forward(model: GPT, h: Hyperparameters, rt: Runtime):
-    """(x, y) -> per-token NLL (rows, T) through the adapted model, one document a row (plain
-    causal attention). Compiled with dynamic shapes (TTT_COMPILE_DYNAMIC=1, as the record) when
-    lora_ttt_compiled: the adapters' tensors keep their identity (reset in place), so graphs are
-    only made for grad on/off and dynamo's size-1 specialisations, at most LORA_TTT_MAX_GRAPHS;
-    TTT_COMPILE_DYNAMIC=0 compiles static shapes (a graph per new shape)."""
-    def fwd(x: Tensor, y: Tensor) -> Tensor:
-        return model(x, y, reduction="none", doc_mask=False)
-    if not lora_ttt_compiled(h, rt):
-        return fwd
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * LORA_TTT_MAX_GRAPHS)
-    return torch.compile(fwd, dynamic=bool(h.ttt_compile_dynamic), fullgraph=True)
-
-
-def detach_lora(model: GPT):
-    for module in model.modules():
-        if "lora" in vars(module):
-            del module.lora  # back to the class default: None
-
-
-def ttt_queue(spans: np.ndarray, batch: int) -> list[np.ndarray]:
-    """Document indices in batches of TTT_BATCH_SIZE similar lengths, longest first (PR #1530)."""
-    order = np.lexsort((spans[:, 0], -spans[:, 1]))
-    return [order[i:i + batch] for i in range(0, len(order), batch)]
-
-
-def phase_boundaries(n_docs: int, batch: int, prefix: int, phases: int) -> list[tuple[int, int]]:
-    """(batches before the pause, documents trained on) for each global phase (PR #1626): phase p
-    trains on the first floor(P*p/N) documents of the queue, P = min(PHASED_TTT_PREFIX_DOCS,
-    documents), after every batch holding one of them is scored."""
-    prefix = min(prefix, n_docs)
-    docs = [prefix * p // phases for p in range(1, phases + 1)]
-    return [(-(-b // batch), b) for b in docs if b > 0]
-
-
-def chunk_rows(spans: np.ndarray, ci: int, chunk: int, seq_len: int) -> tuple[np.ndarray, ...]:
-    """Chunk ci of a batch of documents sorted longest first: for each document that has it, the
-    row start in the stream, row length (the last <= seq_len tokens up to the chunk's end), offset
-    of the first scored position, and its training weight (1/scored tokens when later chunks
-    follow, else 0: nothing is left to adapt for)."""
-    n = int((spans[:, 1] > ci * chunk).sum())
-    s, length = spans[:n, 0], spans[:n, 1]
-    end = np.minimum((ci + 1) * chunk, length)
-    lo = np.maximum(end - seq_len, 0)
-    return s + lo, end - lo, ci * chunk - lo, (length > end) / (end - ci * chunk)
-
-
-def score_first(forward, score, adapt, steps: int):
-    """Rule A1 in one place: the chunk's NLL is scored before the first adapter step on it; later
-    steps (TTT_GRAD_STEPS > 1) re-run the forward on the same, already scored chunk (rule A5)."""
-    nll = forward()
-    score(nll.detach())
-    for i in range(steps):
-        adapt(nll if i == 0 else forward())
-
-
-def lora_optimizer(adapters: list[BatchedLoRA], h: Hyperparameters) -> torch.optim.Optimizer:
-    params = [t for a in adapters for t in (a.A, a.B)]
-    return torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=LORA_ADAM_EPS,
-                             weight_decay=h.ttt_weight_decay)
-
-
-def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters: list[BatchedLoRA], steps: int,
-                   h: Hyperparameters, rt: Runtime, losses: TokenLosses | None, opt=None, forward=None) -> Tensor:
-    """Score one batch of documents chunk by chunk, stepping each document's adapters after each
-    of its chunks is scored; returns the (nll, tokens, bytes) sums. Rows are padded with token 0
-    after their end: the causal model never looks there for a scored position. `opt` (its state
-    zeroed by the caller) and `forward` (lora_forward) are reused across batches; None: a fresh
-    AdamW and the eager forward. No host sync per chunk (the chunk's rows are host numpy, one
-    pinned copy each) except TokenLosses' masked record when per-token losses are kept. A
-    compiled forward gets at least 2 rows and 2 positions (padding rows/positions are masked),
-    so dynamo's 0/1 specialisation adds no graph for a last lone row."""
-    acc = ScoreSums(rt.device)
-    opt = opt if opt is not None else lora_optimizer(adapters, h)
-    least = 2 if forward is not None and lora_ttt_compiled(h, rt) else 1
-    forward = forward or (lambda x, y: model(x, y, reduction="none", doc_mask=False))
-    last = len(val.tokens) - 1
-    for ci in range(-(-int(spans[:, 1].max()) // h.ttt_chunk_size)):
-        start, length, first, weight = chunk_rows(spans, ci, h.ttt_chunk_size, h.eval_seq_len)
-        pad = max(least - len(start), 0)  # padding rows: length 0, nothing valid, weight 0
-        rows = rt.array_to_device(np.stack([np.pad(v.astype(np.float64), (0, pad)) for v in (start, length, first, weight)]))
-        pos = torch.arange(max(int(length.max()), least), device=rt.device)
-        idx = rows[0].long()[:, None] + pos
-        valid = pos < rows[1].long()[:, None]
-        x = torch.where(valid, val.tokens[idx.clamp(max=last - 1)], 0)
-        y_pos = (idx + 1).clamp(max=last)
-        y = val.tokens[y_pos]
-        mask = valid & (pos >= rows[2].long()[:, None])
-        w = rows[3].float()
-
-        def score(nll: Tensor):
-            acc.add(nll, mask, val.target_bytes(x, y, y_pos), idx, losses)
-
-        def adapt(nll: Tensor):
-            opt.zero_grad(set_to_none=True)
-            (torch.where(mask, nll.float(), 0.0).sum(1) * w).sum().backward()
-            opt.step()
-        n_steps = steps if weight.any() else 0
-        with torch.set_grad_enabled(n_steps > 0):
-            score_first(lambda: forward(x, y), score, adapt, n_steps)  # 1 doc a row
-    return acc.sums
-
-
-def global_pieces(spans: np.ndarray, h: Hyperparameters) -> tuple[np.ndarray, np.ndarray]:
-    """Global TTT's rows: (start, length) pieces of <= EVAL_SEQ_LEN tokens of one document each,
-    and the SGD step of each (one step per GLOBAL_TTT_CHUNK_TOKENS tokens, in order)."""
-    L = h.eval_seq_len
-    pieces = np.asarray([(s + j, min(L, n - j)) for s, n in spans for j in range(0, n, L)], dtype=np.int64)
-    return pieces, (np.cumsum(pieces[:, 1]) - pieces[:, 1]) // h.global_ttt_chunk_tokens
-
-
-def global_ttt(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime) -> int:
-    """Phased TTT's global step (PR #1610, #1626): SGD with momentum on every base weight over
-    documents already scored, GLOBAL_TTT_EPOCHS passes, one step per GLOBAL_TTT_CHUNK_TOKENS
-    tokens with a cosine LR, gradients summed over ranks and clipped. Each row is one piece of
-    <= EVAL_SEQ_LEN tokens of one document, so no context crosses a document boundary. Returns
-    the tokens trained on per epoch."""
-    L = h.eval_seq_len
-    pieces, step_of = global_pieces(spans, h)
-    n_steps = int(step_of[-1]) + 1
-    params = list(model.parameters())
-    model.requires_grad_(True)
-    for p in params:
-        p.grad = torch.zeros_like(p)  # every rank all-reduces the same buffers, pieces or not
-    opt = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
-    pos = torch.arange(L, device=rt.device)
-    total = h.global_ttt_epochs * n_steps
-    for k in range(total):
-        step = pieces[step_of == k % n_steps]
-        mine = step[rank_slice(len(step), rt)]
-
-        def accumulate():
-            for b in range(0, len(mine), h.global_ttt_batch_seqs):
-                rows = torch.from_numpy(mine[b:b + h.global_ttt_batch_seqs]).to(rt.device)
-                idx, valid = rows[:, :1] + pos, pos < rows[:, 1:]
-                x = torch.where(valid, val.tokens[idx.clamp(max=len(val.tokens) - 2)], 0)
-                y = val.tokens[(idx + 1).clamp(max=len(val.tokens) - 1)]
-                nll = model(x, y, reduction="none", doc_mask=False)  # one document a row: plain causal (F1b)
-                (torch.where(valid, nll, 0.0).sum() / int(step[:, 1].sum())).backward()
-        lr = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * k / max(total - 1, 1)))
-        base_ttt_step(opt, params, rt, h.global_ttt_grad_clip, accumulate, lr)
-    model.requires_grad_(False)
-    for p in params:
-        p.grad = None
-    return int(pieces[:, 1].sum())
-
-
-def lora_batch_work(spans: np.ndarray, chunk: int, seq_len: int) -> int:
-    """Token positions forwarded for one batch (rows x padded length, summed over its chunks):
-    the unit of the LoRA planner's pace."""
-    work = 0
-    for ci in range(-(-int(spans[:, 1].max()) // chunk)):
-        _, length, _, _ = chunk_rows(spans, ci, chunk, seq_len)
-        work += len(length) * int(length.max())
-    return work
-
-
-@dataclass(frozen=True)
-class LoraSchedule:
-    """Who runs what in lora_ttt_evaluate: the queue's batches, mine[rank][segment] (batch indices in
-    queue order), each batch's work (lora_batch_work) and the documents each global phase trains on."""
-    queue: list[np.ndarray]
-    mine: list[list[list[int]]]
-    work: list[int]
-    phase_docs: list[np.ndarray]
-    cuts: list[int]  # segment s holds queue batches cuts[s]..cuts[s+1]-1
-
-
-def lpt_assign(batches: list[int], work: list[int], world_size: int) -> list[list[int]]:
-    """Batches to ranks, most work first to the least-loaded rank (ties: lower batch index, lower
-    rank); each rank's list back in queue order. Deterministic, so identical on every rank."""
-    load, out = [0] * world_size, [[] for _ in range(world_size)]
-    for b in sorted(batches, key=lambda b: (-work[b], b)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        load[r] += work[b]
-        out[r].append(b)
-    return [sorted(o) for o in out]
-
-
-SPLIT_BATCHES_PER_RANK = 8  # split_heavy_batches' granularity: 4 left a phase segment of the sp8192 plan 1.10x its mean
-
-
-def split_heavy_batches(queue: list[np.ndarray], cuts: list[int], work, world_size: int
-                        ) -> tuple[list[np.ndarray], list[int]]:
-    """Halve (in queue order) every batch of a segment whose work exceeds the segment's work over
-    SPLIT_BATCHES_PER_RANK x world_size, until it fits or holds one document, so the longest
-    documents spread over ranks. The documents' queue order is unchanged; returns the new queue and segment cuts."""
-    out, new_cuts = [], [0]
-    for s in range(len(cuts) - 1):
-        seg = queue[cuts[s]:cuts[s + 1]]
-        cap = sum(work(q) for q in seg) / (SPLIT_BATCHES_PER_RANK * world_size)
-        stack = list(reversed(seg))
-        while stack:
-            q = stack.pop()
-            if len(q) > 1 and work(q) > cap:
-                stack += [q[len(q) // 2:], q[:len(q) // 2]]
-            else:
-                out.append(q)
-        new_cuts.append(len(out))
-    return out, new_cuts
-
-
-def lora_schedule(spans: np.ndarray, h: Hyperparameters, world_size: int) -> LoraSchedule:
-    """The LoRA TTT plan, a pure function of the spans and knobs. Segments cut the queue at the
-    phase boundaries; TTT_BALANCE=lpt spreads each segment's batches by work (round_robin: by
-    index). Phase p trains on the b_p shortest documents scored before its pause
-    (PHASED_TTT_SELECT=shortest, the record's reading, review F5) or on the queue's first b_p
-    (prefix: the longest)."""
-    queue = ttt_queue(spans, h.ttt_batch_size)
-    order = np.concatenate(queue)
-    bounds = phase_boundaries(len(spans), h.ttt_batch_size, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases)
-    cuts = [0] + [min(k, len(queue)) for k, _ in bounds] + [len(queue)]
-    bw = lambda q: lora_batch_work(spans[q], h.ttt_chunk_size, h.eval_seq_len)
-    if h.ttt_balance == "lpt" and h.ttt_split_batches and world_size > 1:
-        queue, cuts = split_heavy_batches(queue, cuts, bw, world_size)
-    work = [bw(q) for q in queue]
-    segs = [list(range(cuts[s], cuts[s + 1])) for s in range(len(cuts) - 1)]
-    if h.ttt_balance == "lpt":
-        per_seg = [lpt_assign(b, work, world_size) for b in segs]
-    else:
-        per_seg = [[b[r::world_size] for r in range(world_size)] for b in segs]
-    mine = [[per_seg[s][r] for s in range(len(segs))] for r in range(world_size)]
-    phase_docs = []
-    for p, (_, b) in enumerate(bounds):
-        if h.phased_ttt_select == "prefix":
-            phase_docs.append(order[:b])
-            continue
-        scored = np.concatenate(queue[:cuts[p + 1]])
-        phase_docs.append(scored[np.lexsort((spans[scored, 0], spans[scored, 1]))][:b])
-    return LoraSchedule(queue, mine, work, phase_docs, cuts)
-
-
-def schedule_critical_seconds(plan: LoraSchedule, batch_s: typing.Sequence[float]) -> float:
-    """Seconds of the plan on its critical path: each phase segment ends in a collective, so the
-    sum over segments of the slowest rank's batches there."""
-    return sum(max(sum(batch_s[b] for b in rank[s]) for rank in plan.mine) for s in range(len(plan.mine[0])))
-
-
-def schedule_done_after(plan: LoraSchedule, seg: int) -> bool:
-    """True when no rank has a batch after phase segment `seg`: a phase there would adapt nothing."""
-    return not any(batches for rank in plan.mine for batches in rank[seg + 1:])
-
-
-def lora_plan_steps(h: Hyperparameters, pace: float, work_left: int, phase_tokens: int, token_s: float | None,
-                    time_left_s: float) -> int:
-    """Grad steps per chunk for the rest of the queue: the most (<= TTT_GRAD_STEPS) whose projected
-    time fits. A batch costs work x pace x (1 + STEP_COST x steps); each global phase still ahead
-    costs its tokens x the last phase's measured seconds per token (before any: one forward and one
-    backward per token at the LoRA pace)."""
-    phases_s = phase_tokens * (token_s or pace * (1 + STEP_COST))
-    return most_that_fits(h.ttt_grad_steps, work_left * pace + phases_s, work_left * pace * STEP_COST, time_left_s)
-
-
-def run_global_phase(model: GPT, val: ValidationData, prefix: np.ndarray, p: int, n_phases: int, last: bool,
-                     h: Hyperparameters, rt: Runtime, est_s: float | None, room_s: float) -> float | None:
-    """Global phase p over the `prefix` documents, unless no document is left to score after it,
-    or its estimate (None: unknown) exceeds the room left on any rank. Returns its seconds per
-    token trained, None when skipped; the next phase decides afresh."""
-    tokens = int(prefix[:, 1].sum()) * h.global_ttt_epochs
-    reason = "no documents left to score" if last else ""
-    if not reason and rt.any_rank(est_s is not None and est_s > room_s):
-        reason = f"estimate {est_s:.1f}s > room {room_s:.1f}s"
-    if reason:
-        log(f"ttt:phase {p + 1}/{n_phases} skipped: {reason}")
-        return None
-    t = rt.clock()
-    global_ttt(model, val, prefix, h, rt)
-    dt = rt.clock() - t
-    log(f"ttt:phase {p + 1}/{n_phases} docs:{len(prefix)} tokens:{tokens} lr:{h.global_ttt_lr} time:{dt:.1f}s")
-    return dt / max(tokens, 1)
+# Calibration
+#
+# GPTQ's Hessians, from training batches inside the training budget (rule B2) or from self-generated
+# text after it, counted where the rules say.
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches: typing.Iterable[tuple[Tensor, Tensor]], rt: Runtime,
+                     doc_mask: bool = True) -> dict[str, Tensor]:
+    """H = sum of X^T X over calibration tokens for every int6 matrix, from forward pre-hooks on
+    the real modules, summed over ranks. K and V share Q's input, so they share its H. The tied
+    embedding gets the output head's H (final hidden states), for QUANT_EMBED=gptq. doc_mask=False:
+    the dense causal forward even with DOC_MASKING (GPTQ_CALIB_ATTENTION=dense, the record's)."""
+    d = model.cfg.model_dim
+    hessians: dict[str, Tensor] = {"tok_emb.weight": torch.zeros(d, d, device=rt.device)}
+    hooks = []
+
+    def accumulate(key: str, x: Tensor):
+        x = x.detach().float().reshape(-1, x.size(-1))
+        hessians[key].addmm_(x.T, x)
+    for name, mod in model.named_modules():
+        if isinstance(mod, CastedLinear) and is_int6_matrix(name + ".weight", mod.weight):
+            if name.endswith((".c_k", ".c_v")):
+                continue
+            hessians[name + ".weight"] = torch.zeros(mod.in_features, mod.in_features, device=rt.device)
+            hooks.append(mod.register_forward_pre_hook(lambda m, args, key=name + ".weight": accumulate(key, args[0])))
+    try:
+        with torch.inference_mode():
+            for x, _ in batches:
+                accumulate("tok_emb.weight", model.forward_hidden(x, doc_mask))
+    finally:
+        for hk in hooks:
+            hk.remove()
+    for H in hessians.values():
+        rt.all_reduce_(H)
+    for name in [n for n in hessians if n.endswith(".c_q.weight")]:
+        hessians[name.replace(".c_q.", ".c_k.")] = hessians[name.replace(".c_q.", ".c_v.")] = hessians[name]
+    return hessians
 
 
 @dataclass
-class LoraPlanner:
-    """lora_ttt_evaluate's grad steps per chunk and its global phases' estimates: TTT_GRAD_STEPS
-    throughout without a deadline; with one, first chosen before any batch from the record's pace
-    (lora_prior_steps), then re-planned after every batch from this rank's robust pace."""
-    steps: int
-    deadline: float | None
-    paces: list = dataclasses.field(default_factory=list)  # seconds per unit of work, step cost removed
-    steps_used: list = dataclasses.field(default_factory=list)  # grad steps of each batch run
-    token_s: float | None = None  # the last global phase's seconds per token trained
-    changes: int = 0
-    phases_run: int = 0
-
-    @property
-    def pace(self) -> float | None:
-        return robust_pace(self.paces)
-
-    def prior(self, h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, rt: Runtime):
-        """Before any batch: the whole schedule at the prior (record) pace."""
-        self.steps, projected = lora_prior_steps(h, spans, plan, rt.world_size, self.deadline - clock(), rt)
-        mode = "compiled" if lora_ttt_compiled(h, rt) else "eager"
-        log(f"ttt:plan prior grad_steps:{h.ttt_grad_steps}->{self.steps} projected:{projected:.1f}s "
-            f"time_left:{self.deadline - clock():.1f}s (record rates, {mode})")
-        self.changes += self.steps != h.ttt_grad_steps
-
-    def after_batch(self, dt: float, work: int, work_left: int, phase_tokens: int, label: str,
-                    h: Hyperparameters, rt: Runtime):
-        """A batch of `work` took dt seconds; work_left is this rank's still to run, phase_tokens the
-        global phases' still ahead; label names the batch in a plan line."""
-        self.paces.append(dt / work / (1 + STEP_COST * self.steps))
-        self.steps_used.append(self.steps)
-        pace = self.pace
-        if self.deadline is None or pace is None:
-            return
-        planned = lora_plan_steps(h, pace, work_left, phase_tokens, self.token_s, self.deadline - clock())
-        if planned != self.steps:
-            log(f"ttt:plan rank:{rt.rank} batch:{label} grad_steps:{self.steps}->{planned} "
-                f"pace:{pace * 1e6:.3f}us/token time_left:{self.deadline - clock():.1f}s")
-            self.steps, self.changes = planned, self.changes + 1
-
-    def phase_estimate(self, tokens: int, work_left: int) -> tuple[float | None, float]:
-        """(estimated seconds of a phase training `tokens`, room for it before the deadline once
-        this rank's work_left is run); (None, 0.0) without a deadline or a pace."""
-        pace = self.pace
-        if self.deadline is None or pace is None:
-            return None, 0.0
-        est_s = tokens * (self.token_s or pace * (1 + STEP_COST))
-        return est_s, self.deadline - clock() - work_left * pace * (1 + STEP_COST * self.steps)
+class Calibration:
+    """calibrate()'s Hessians and where their time counts."""
+    hessians: dict[str, Tensor]
+    calib_time_ms: float = 0.0  # calibration on training data: counts with training (rule B2)
+    selfgen_time_ms: float = 0.0  # data-free generation after training: eval-side work (rule B4)
 
 
-def first_batches(mine: list[list[int]], limit: int | None) -> list[list[int]]:
-    """A rank's batches per phase segment, at most `limit` in all in queue order (None: all)."""
-    if limit is None:
-        return mine
+@torch.no_grad()
+def generate_sequences(model: GPT, n_seqs: int, seq_len: int, temperature: float, seed: int, rt: Runtime,
+                       batch: int = 8) -> list[Tensor]:
+    """This rank's share of n_seqs sampled sequences: a uniform random first token, then
+    softmax(logits/temperature) sampling with the full prefix re-run each step (no data read)."""
+    g = torch.Generator(device=rt.device).manual_seed(seed + rt.rank)
+    mine = len(range(n_seqs)[rank_slice(n_seqs, rt)])
     out = []
-    for batches in mine:
-        out.append(batches[:max(limit - sum(map(len, out)), 0)])
+    with torch.inference_mode():
+        for b in range(0, mine, batch):
+            ids = torch.randint(0, model.cfg.vocab_size, (min(batch, mine - b), 1), generator=g, device=rt.device)
+            for _ in range(seq_len - 1):
+                logits = model.logits(model.forward_hidden(ids)[:, -1:])[:, -1]
+                nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=g)
+                ids = torch.cat((ids, nxt), dim=1)
+            out.append(ids)
     return out
 
 
-def log_lora_start(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule):
-    log(f"ttt:start mode:lora docs:{len(spans)} batches:{len(plan.queue)} batch_docs:{h.ttt_batch_size} "
-        f"chunk:{h.ttt_chunk_size} context:{h.eval_seq_len} rank:{h.ttt_lora_rank} alpha:{h.ttt_lora_alpha} "
-        f"lr:{h.ttt_lora_lr} grad_steps:{h.ttt_grad_steps} warm_start_a:{int(h.ttt_warm_start_a)} "
-        f"phases:{len(plan.phase_docs)} phase_docs:{[len(d) for d in plan.phase_docs]} "
-        f"phase_select:{h.phased_ttt_select} balance:{h.ttt_balance} protocol:score_first")
-
-
-def lora_global_phase(model: GPT, val: ValidationData, spans: np.ndarray, plan: LoraSchedule, seg: int,
-                      adapters: list[BatchedLoRA], planner: LoraPlanner, tokens: int, work_left: int,
-                      h: Hyperparameters, rt: Runtime):
-    """The global phase after segment `seg` on the base model alone (run_global_phase decides
-    whether it runs), then the same adapter objects back, so the compiled forward's guards hold."""
-    est_s, room_s = planner.phase_estimate(tokens, work_left)
-    detach_lora(model)
-    ran = run_global_phase(model, val, spans[plan.phase_docs[seg]], seg, len(plan.phase_docs),
-                           schedule_done_after(plan, seg), h, rt, est_s, room_s)
-    for (module, _, _), a in zip(lora_hosts(model, h), adapters):
-        module.lora = a
-    if ran is not None:
-        planner.token_s, planner.phases_run = ran, planner.phases_run + 1
-
-
-def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime,
-                      losses: TokenLosses | None = None, deadline: float | None = None,
-                      limit: int | None = None) -> EvalResult:
-    """Batched per-document LoRA TTT (PR #1530 -> #1855), with PHASED_TTT_NUM_PHASES global SGD
-    pauses (PR #1626), score-first per chunk (rules A1-A5). Who runs what is lora_schedule's
-    plan (deterministic, no side channel); at a pause every rank has scored every batch of the
-    segments so far, then all ranks train the base on the phase's documents (all scored).
-    Adapters: B and the AdamW state reset per batch, A too unless TTT_WARM_START_A (then A is new
-    per segment). With a deadline, LoraPlanner sets the grad steps per chunk and a phase that
-    would not fit is skipped; both can come back later. limit: at most that many batches per rank
-    (None: all); the global phases still run as planned."""
+def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, train_ms: float = 0.0) -> Calibration:
+    """Hessians for GPTQ: from training batches inside the training budget (rules B2, C3; logged
+    with the `train_ms` before them), or from text the model generates itself after training (no
+    data; rule B4), or none."""
+    if h.gptq_calib == "none":
+        log("calib:source:none (identity Hessians: GPTQ-lite round-to-nearest with clip search)")
+        return Calibration({})
+    if h.gptq_calib == "selfgen":
+        t0 = rt.clock()
+        seqs = generate_sequences(base_model, h.gptq_calib_batches, h.train_seq_len, h.gptq_selfgen_temp, h.seed, rt)
+        hessians = collect_hessians(base_model, ((s, None) for s in seqs), rt, h.gptq_calib_attention == "masked")
+        result = Calibration(hessians, selfgen_time_ms=1000 * (rt.clock() - t0))
+        log(f"calib:source:selfgen sequences:{h.gptq_calib_batches} temp:{h.gptq_selfgen_temp} layers:{len(hessians)} "
+            f"selfgen_time:{result.selfgen_time_ms:.0f}ms (data-free, after training)")
+        return result
     t0 = rt.clock()
-    plan = lora_schedule(spans, h, rt.world_size)
-    queue, work, mine = plan.queue, plan.work, first_batches(plan.mine[rt.rank], limit)
-    n_phases = len(plan.phase_docs)
-    phase_tokens = [int(spans[d, 1].sum()) * h.global_ttt_epochs for d in plan.phase_docs]
-    log_lora_start(h, spans, plan)
-    acc, planner = ScoreSums(rt.device), LoraPlanner(h.ttt_grad_steps, deadline)
-    if deadline is not None:
-        planner.prior(h, spans, plan, rt)
-    model.requires_grad_(False)
-    # Allocated once at TTT_BATCH_SIZE rows and re-initialised in place per batch (A from the same
-    # seeded draws a fresh attach_lora would make, B and the AdamW state zero): tensor identities
-    # and shapes never change, so the compiled forward never recompiles for a new batch.
-    progress_every = max(1, sum(map(len, mine)) // 10)  # a ttt_batch: line about every 10% of this rank's batches
-    adapters = attach_lora(model, h, torch.Generator(rt.device).manual_seed(0), rt.device)
-    opt, forward = lora_optimizer(adapters, h), lora_forward(model, h, rt)
-    try:
-        for seg, batches in enumerate(mine):
-            later = sum(work[b] for s in mine[seg + 1:] for b in s)  # this rank's work after the segment
-            for j, bi in enumerate(batches):
-                key = len(queue) + seg * rt.world_size + rt.rank if h.ttt_warm_start_a else bi
-                fresh_a = j == 0 or not h.ttt_warm_start_a
-                reset_lora(adapters, torch.Generator(rt.device).manual_seed(h.seed + 1_000_003 * key) if fresh_a else None)
-                zero_optimizer_state(opt)
-                t_batch = clock()
-                acc.merge(lora_ttt_batch(model, val, spans[queue[bi]], adapters, planner.steps, h, rt, losses, opt,
-                                         forward))
-                planner.after_batch(rt.clock() - t_batch, work[bi], sum(work[b] for b in batches[j + 1:]) + later,
-                                    sum(phase_tokens[seg:]), f"{bi + 1}/{len(queue)}", h, rt)
-                if rt.is_main and len(planner.steps_used) % progress_every == 0:
-                    log(f"ttt_batch:{bi + 1}/{len(queue)} grad_steps:{planner.steps} time:{clock() - t0:.1f}s "
-                        f"rank0_bpb:{acc.rank_bpb():.6f}")
-            if seg < n_phases:
-                lora_global_phase(model, val, spans, plan, seg, adapters, planner, phase_tokens[seg], later, h, rt)
-    finally:
-        detach_lora(model)
-        model.requires_grad_(True)
-    result = acc.result(rt, t0)
-    result.notes = dict(mode="lora", docs=len(spans), batches=len(queue), chunk_size=h.ttt_chunk_size,
-                        grad_steps_requested=h.ttt_grad_steps, grad_steps_min=min(planner.steps_used, default=0),
-                        plan_changes=planner.changes, phases_planned=n_phases, phases_run=planner.phases_run,
-                        score_first=True)
+    seqs, masked = batch_geometry(h, rt)[0], h.gptq_calib_attention == "masked"
+    batches = (loader.next_batch(seqs, h.train_seq_len) for _ in range(h.gptq_calib_batches))
+    if not masked:  # dense: sequences of TRAIN_SEQ_LEN, also from the packed loader's one long row
+        batches = ((x.reshape(-1, h.train_seq_len), y.reshape(-1, h.train_seq_len)) for x, y in batches)
+    hessians = collect_hessians(base_model, batches, rt, masked)
+    result = Calibration(hessians, calib_time_ms=1000 * (rt.clock() - t0))
+    total = train_ms + result.calib_time_ms
+    cap = 1000 * h.max_wallclock_seconds
+    log(f"calib:source:train batches:{h.gptq_calib_batches} attention:{h.gptq_calib_attention} layers:{len(hessians)} "
+        f"calib_time:{result.calib_time_ms:.0f}ms train+calib:{total:.0f}ms cap:{cap:.0f}ms "
+        f"within_cap:{cap <= 0 or total <= cap}")
     return result
 
 
 # ----------------------------------------------------------------------------------------------
-# Quantization and serialization: full-Hessian GPTQ (int6, or SDClip/int7/LQER), int8 rows, brotli/zstd/lzma/pergroup
+# Quantize and pack
+#
+# Full-Hessian GPTQ (int6, or SDClip/int7/LQER), int8 rows, one row-quantizer rule; the artifact's
+# payload and compressors (zstd/lzma/brotli/pergroup), pruning to fit, and the cap checked on real bytes.
 
 INT6_MAX = 31  # symmetric levels -31..31 in an int8 container (the compressor removes the slack)
 INT8_MAX = 127
@@ -4059,263 +3431,6 @@ def write_artifact(blob: bytes, path: str, limit: int = SIZE_LIMIT_BYTES) -> dic
     return sizes
 
 
-@torch.no_grad()
-def collect_hessians(model: GPT, batches: typing.Iterable[tuple[Tensor, Tensor]], rt: Runtime,
-                     doc_mask: bool = True) -> dict[str, Tensor]:
-    """H = sum of X^T X over calibration tokens for every int6 matrix, from forward pre-hooks on
-    the real modules, summed over ranks. K and V share Q's input, so they share its H. The tied
-    embedding gets the output head's H (final hidden states), for QUANT_EMBED=gptq. doc_mask=False:
-    the dense causal forward even with DOC_MASKING (GPTQ_CALIB_ATTENTION=dense, the record's)."""
-    d = model.cfg.model_dim
-    hessians: dict[str, Tensor] = {"tok_emb.weight": torch.zeros(d, d, device=rt.device)}
-    hooks = []
-
-    def accumulate(key: str, x: Tensor):
-        x = x.detach().float().reshape(-1, x.size(-1))
-        hessians[key].addmm_(x.T, x)
-    for name, mod in model.named_modules():
-        if isinstance(mod, CastedLinear) and is_int6_matrix(name + ".weight", mod.weight):
-            if name.endswith((".c_k", ".c_v")):
-                continue
-            hessians[name + ".weight"] = torch.zeros(mod.in_features, mod.in_features, device=rt.device)
-            hooks.append(mod.register_forward_pre_hook(lambda m, args, key=name + ".weight": accumulate(key, args[0])))
-    try:
-        with torch.inference_mode():
-            for x, _ in batches:
-                accumulate("tok_emb.weight", model.forward_hidden(x, doc_mask))
-    finally:
-        for hk in hooks:
-            hk.remove()
-    for H in hessians.values():
-        rt.all_reduce_(H)
-    for name in [n for n in hessians if n.endswith(".c_q.weight")]:
-        hessians[name.replace(".c_q.", ".c_k.")] = hessians[name.replace(".c_q.", ".c_v.")] = hessians[name]
-    return hessians
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    train_time_ms: float
-    tokens: int
-    stop: str  # wallclock | iterations
-    cap_ms: float
-    first_step_ms: float = 0.0  # the first step, compile included when warm-up is off (PREFLIGHT=1's compile time)
-    last_loss: float = math.nan  # the last step's loss, the ranks' mean when logged (PREFLIGHT=1's finite check)
-
-
-@dataclass
-class Calibration:
-    """calibrate()'s Hessians and where their time counts."""
-    hessians: dict[str, Tensor]
-    calib_time_ms: float = 0.0  # calibration on training data: counts with training (rule B2)
-    selfgen_time_ms: float = 0.0  # data-free generation after training: eval-side work (rule B4)
-
-
-@dataclass
-class RunRecord:
-    """What a run produced, filled by run() in run order (training, calibration, the artifact, the
-    eval phases) and read only by the compliance report and the summary. An EVAL_ARTIFACT run has
-    no training or calibration."""
-    train: TrainResult | None = None
-    calib: Calibration | None = None
-    quant_time_ms: float = 0.0  # quantization + compression + write: data-free, eval-side (rule B4)
-    sizes: dict = dataclasses.field(default_factory=dict)  # size_report of the artifact
-    results: dict[str, EvalResult | None] = dataclasses.field(default_factory=dict)  # by phase, None = skipped
-    eval_ms: float = 0.0
-    val_positions: int | None = None  # the validation stream's targets (None: the roundtrip phase's count)
-
-    @property
-    def calib_time_ms(self) -> float:
-        return self.calib.calib_time_ms if self.calib else 0.0
-
-    @property
-    def post_train_ms(self) -> float:
-        """Data-free work after training (self-generation, quantization): it counts with eval (rule B4)."""
-        return (self.calib.selfgen_time_ms if self.calib else 0.0) + self.quant_time_ms
-
-
-def batch_geometry(h: Hyperparameters, rt: Runtime) -> tuple[int, int]:
-    """(sequences per rank per micro-step, gradient accumulation steps) for a global batch of
-    TRAIN_BATCH_TOKENS at any world size: the fewest micro-steps of at most MICRO_BATCH_SEQS."""
-    seqs = h.train_batch_tokens // h.train_seq_len
-    if seqs % rt.world_size:
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens}: {seqs} sequences of {h.train_seq_len} "
-                          f"do not split evenly over {rt.world_size} ranks")
-    per_rank = seqs // rt.world_size
-    accum = next(d for d in range(1, per_rank + 1) if per_rank % d == 0 and per_rank // d <= h.micro_batch_seqs)
-    return per_rank // accum, accum
-
-
-def train_step(model, opts: list, loader, h: Hyperparameters, rt: Runtime, geometry: tuple[int, int],
-               params: list[nn.Parameter], scale: float, step: int) -> Tensor:
-    """One optimizer step over grad_accum micro-batches; returns the mean training loss."""
-    seqs, accum = geometry
-    total = torch.zeros((), device=rt.device)
-    for _ in range(accum):
-        x, y = loader.next_batch(seqs, h.train_seq_len)
-        loss = model(x, y)
-        (loss / accum).backward()
-        total += loss.detach()
-    if h.grad_clip_norm > 0 and h.grad_clip_mode == "local":  # each rank's own gradient, then the mean
-        torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
-    muon = opts[-1] if isinstance(opts[-1], Muon) else None  # a test may step plain torch optimizers
-    all_reduce_grads(muon.unsharded(params) if muon else params, rt)
-    if muon:
-        muon.reduce_scatter_grads()  # MUON_SHARDED: the Muon matrices' gradients, bf16, each rank its share
-    for opt in opts:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * scale
-    opts[-1].param_groups[0]["momentum"] = muon_momentum(step, h)  # = Schedule.muon_momentum
-    if h.grad_clip_norm > 0 and h.grad_clip_mode == "averaged":
-        clip_grad_norm(params, h.grad_clip_norm, muon, rt)
-    for opt in opts:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return total / accum
-
-
-def warm_up(model, opts: list, base_model: GPT, h: Hyperparameters, rt: Runtime, geometry, params):
-    """Compile warm-up on real batches, then restore weights, optimizer state and data position:
-    it is not an LR warm-up and its time is not counted (rule B1)."""
-    saved = copy.deepcopy(base_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
-    loader = make_train_loader(h, rt)
-    for looping in (False, True) if h.num_loops else (base_model.looping,):  # both graphs of depth recurrence
-        set_looping(base_model, looping)
-        for i in range(h.warmup_steps):
-            train_step(model, opts, loader, h, rt, geometry, params, 1.0, 0)
-            log(f"warmup_step:{i + 1}/{h.warmup_steps}" + (f" looping:{int(looping)}" if h.num_loops else ""))
-    base_model.load_state_dict(saved[0])
-    for opt, state in zip(opts, saved[1]):
-        opt.load_state_dict(state)
-
-
-def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
-    """Train until ITERATIONS or the wall-clock cap (MAX_WALLCLOCK_SECONDS less the calibration
-    reserve). Returns the result, the weight averager and the loader (calibration continues it)."""
-    params = list(base_model.parameters())
-    opts = build_optimizers(base_model, h, rt)
-    geometry = batch_geometry(h, rt)
-    base_model.segment_len = packed_segment_len(h)  # before compiling: a constant of the graph
-    log(f"model_params:{sum(p.numel() for p in params)} micro_batch_seqs:{geometry[0]} grad_accum_steps:{geometry[1]} "
-        f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len}")
-    log(f"compile:{'on mode:' + h.compile_mode if compile_enabled(h, rt) else 'off'}")
-    with training_kernels(base_model):  # FUSED_MLP/CE_ENABLED: training and its warm-up only
-        if h.warmup_steps > 0:
-            warm_up(model, opts, base_model, h, rt, geometry, params)
-        loader = make_train_loader(h, rt)
-        if h.loader_prefetch:
-            loader = PrefetchLoader(loader, rt, h.loader_prefetch, geometry[0], h.train_seq_len)
-        try:
-            return _train_loop(model, base_model, h, rt, params, opts, geometry, loader)
-        finally:
-            if h.loader_prefetch:
-                loader.close()  # the thread ends; batches it prepared are served first to calibration
-
-
-def _train_loop(model, base_model: GPT, h: Hyperparameters, rt: Runtime, params, opts, geometry, loader):
-    averager, schedule = WeightAverager(base_model, h.ema_decay, h.ema_warmup), Schedule(h)
-    cap_ms = schedule.cap_ms
-    log(f"train:cap_ms:{cap_ms:.0f} calib_reserve_ms:{schedule.reserve_ms if cap_ms else 0:.0f} loader:{h.train_loader}")
-    step, stop, first_ms = 0, "iterations", 0.0
-    set_looping(base_model, False)
-    t0 = rt.clock()
-    while step < h.iterations:
-        elapsed_ms = 1000 * (time.perf_counter() - t0)
-        scale = schedule.lr_scale(step, elapsed_ms)
-        schedule.update_looping(base_model, step, elapsed_ms)
-        loss = train_step(model, opts, loader, h, rt, geometry, params, scale, step)
-        averager.update_ema(base_model)
-        step += 1
-        if scale < h.swa_start_scale and step % h.swa_every == 0:
-            if averager.swa_count == 0:
-                log(f"swa:start step:{step} lr_scale:{scale:.4f}")
-            averager.add_swa(base_model)
-        elapsed_ms = 1000 * (time.perf_counter() - t0)
-        if step <= 10 or step % h.train_log_every == 0 or step == h.iterations:  # same steps on every rank
-            loss = rt.all_reduce_(loss.reshape(1), "mean")
-            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_scale:{scale:.4f} "
-                f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
-        if step == 1:  # after the log's loss.item(): the step is done
-            first_ms = 1000 * (time.perf_counter() - t0)
-        if cap_ms > 0 and rt.any_rank(elapsed_ms >= cap_ms):
-            stop = "wallclock"
-            break
-    train_ms = 1000 * (rt.clock() - t0)
-    if stop == "wallclock":
-        log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
-    schedule.finish_looping(base_model)
-    mem = rt.max_memory_mib()
-    peak = f"allocated: {mem[0]:.0f} MiB reserved: {mem[1]:.0f} MiB" if rt.is_cuda else "n/a (CPU)"
-    log(f"train:done steps:{step} train_time:{train_ms:.0f}ms tokens:{step * h.train_batch_tokens} "
-        f"swa_snapshots:{averager.swa_count} peak memory {peak}")
-    result = TrainResult(step, train_ms, step * h.train_batch_tokens, stop, cap_ms, first_step_ms=first_ms,
-                         last_loss=loss.item() if step else math.nan)
-    return result, averager, loader
-
-
-def apply_weight_average(base_model: GPT, averager: WeightAverager, mode: str):
-    used = mode if (mode == "ema" or averager.swa_count) else "ema"
-    state = averager.averaged(used)
-    with torch.no_grad():
-        for name, p in base_model.named_parameters():
-            p.copy_(state[name].to(p.dtype))
-    log(f"weight_average:{used} requested:{mode} swa_snapshots:{averager.swa_count} ema_decay:{averager.decay}")
-
-
-@torch.no_grad()
-def generate_sequences(model: GPT, n_seqs: int, seq_len: int, temperature: float, seed: int, rt: Runtime,
-                       batch: int = 8) -> list[Tensor]:
-    """This rank's share of n_seqs sampled sequences: a uniform random first token, then
-    softmax(logits/temperature) sampling with the full prefix re-run each step (no data read)."""
-    g = torch.Generator(device=rt.device).manual_seed(seed + rt.rank)
-    mine = len(range(n_seqs)[rank_slice(n_seqs, rt)])
-    out = []
-    with torch.inference_mode():
-        for b in range(0, mine, batch):
-            ids = torch.randint(0, model.cfg.vocab_size, (min(batch, mine - b), 1), generator=g, device=rt.device)
-            for _ in range(seq_len - 1):
-                logits = model.logits(model.forward_hidden(ids)[:, -1:])[:, -1]
-                nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=g)
-                ids = torch.cat((ids, nxt), dim=1)
-            out.append(ids)
-    return out
-
-
-def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, train_ms: float = 0.0) -> Calibration:
-    """Hessians for GPTQ: from training batches inside the training budget (rules B2, C3; logged
-    with the `train_ms` before them), or from text the model generates itself after training (no
-    data; rule B4), or none."""
-    if h.gptq_calib == "none":
-        log("calib:source:none (identity Hessians: GPTQ-lite round-to-nearest with clip search)")
-        return Calibration({})
-    if h.gptq_calib == "selfgen":
-        t0 = rt.clock()
-        seqs = generate_sequences(base_model, h.gptq_calib_batches, h.train_seq_len, h.gptq_selfgen_temp, h.seed, rt)
-        hessians = collect_hessians(base_model, ((s, None) for s in seqs), rt, h.gptq_calib_attention == "masked")
-        result = Calibration(hessians, selfgen_time_ms=1000 * (rt.clock() - t0))
-        log(f"calib:source:selfgen sequences:{h.gptq_calib_batches} temp:{h.gptq_selfgen_temp} layers:{len(hessians)} "
-            f"selfgen_time:{result.selfgen_time_ms:.0f}ms (data-free, after training)")
-        return result
-    t0 = rt.clock()
-    seqs, masked = batch_geometry(h, rt)[0], h.gptq_calib_attention == "masked"
-    batches = (loader.next_batch(seqs, h.train_seq_len) for _ in range(h.gptq_calib_batches))
-    if not masked:  # dense: sequences of TRAIN_SEQ_LEN, also from the packed loader's one long row
-        batches = ((x.reshape(-1, h.train_seq_len), y.reshape(-1, h.train_seq_len)) for x, y in batches)
-    hessians = collect_hessians(base_model, batches, rt, masked)
-    result = Calibration(hessians, calib_time_ms=1000 * (rt.clock() - t0))
-    total = train_ms + result.calib_time_ms
-    cap = 1000 * h.max_wallclock_seconds
-    log(f"calib:source:train batches:{h.gptq_calib_batches} attention:{h.gptq_calib_attention} layers:{len(hessians)} "
-        f"calib_time:{result.calib_time_ms:.0f}ms train+calib:{total:.0f}ms cap:{cap:.0f}ms "
-        f"within_cap:{cap <= 0 or total <= cap}")
-    return result
-
-
 def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, rt: Runtime) -> tuple[dict, float]:
     """Quantize (data-free after calibration), compress, check the cap, write. With GPTQ_SPLIT and
     several ranks, every rank GPTQs its share of the matrices first (split_gptq; the same bytes as
@@ -4359,10 +3474,895 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Final evaluation and main
+# Evaluate and TTT
+#
+# Everything scored runs on the dequantized artifact, every validation token scored before any update
+# that could use it (score-first); phases, budgets and deadlines in one place (evaluate_final).
 
-TRAIN_LIMIT_MS = 600_000  # rules B1, B2: training + calibration on training data
-EVAL_LIMIT_MS = 600_000  # rule B3: from loading the artifact to the last score
+
+@dataclass
+class EvalResult:
+    loss_sum: float  # nats, summed over scored targets
+    tokens: int
+    bytes: int
+    time_ms: float = 0.0
+    notes: dict = dataclasses.field(default_factory=dict)  # e.g. the TTT protocol actually run
+
+    @property
+    def val_loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+    @property
+    def val_bpb(self) -> float:
+        return self.loss_sum / (math.log(2) * max(self.bytes, 1))
+
+    def as_dict(self) -> dict:
+        return dict(val_loss=self.val_loss, val_bpb=self.val_bpb, tokens=self.tokens, bytes=self.bytes,
+                    time_ms=round(self.time_ms, 1), **self.notes)
+
+
+def sliding_windows(total: int, seq_len: int, stride: int) -> np.ndarray:
+    """Rows (start, score_from, end) over `total` predicted positions. Window inputs are positions
+    [start, end), of length seq_len (or total if shorter); it scores [score_from, end). The first
+    window scores all of its positions, every later one the stride new positions at its end (the
+    last one fewer), so every position is scored exactly once with >= seq_len - stride context."""
+    L = min(seq_len, total)
+    ends = np.concatenate(([L], np.arange(L + stride, total, stride), [total] if total > L else []))
+    ends = ends.astype(np.int64)
+    score_from = np.concatenate(([0], ends[:-1]))
+    return np.stack((ends - L, score_from, ends), axis=1)
+
+
+def rank_slice(n: int, rt: Runtime) -> slice:
+    return slice(n * rt.rank // rt.world_size, n * (rt.rank + 1) // rt.world_size)
+
+
+class TokenLosses:
+    """Per-token NLL of the validation stream as first scored (NaN where never scored)."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.nll = torch.zeros(n, dtype=torch.float32, device=device)
+        self.hit = torch.zeros(n, dtype=torch.float32, device=device)
+
+    def record(self, target_idx: Tensor, nll: Tensor):
+        self.nll[target_idx] = nll.float()
+        self.hit[target_idx] = 1.0
+
+    def save(self, path: str, rt: Runtime):
+        rt.all_reduce_(self.nll)
+        rt.all_reduce_(self.hit)
+        if rt.is_main:
+            out = torch.where(self.hit > 0, self.nll, torch.full_like(self.nll, float("nan")))
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            np.save(path, out.cpu().numpy())
+
+
+class ScoreSums:
+    """An eval's running (nll nats, tokens, bytes) over its scored targets, float64 on the device,
+    for every mode: a batch adds its masked sums (no boolean indexing, so no host sync), a sub-run's
+    sums (a TTT chunk's score_windows, a LoRA batch) are added whole, and result() all-reduces once."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, nll: Tensor, mask: Tensor, target_bytes: Tensor, idx: Tensor, losses: TokenLosses | None = None):
+        """One batch: nll, target_bytes and idx (the inputs' stream positions) all (B, T), mask the scored ones."""
+        self.sums[0] += torch.where(mask, nll.double(), 0.0).sum()
+        self.sums[1] += mask.sum()
+        self.sums[2] += torch.where(mask, target_bytes, 0).sum()
+        if losses is not None:
+            losses.record(idx[mask] + 1, nll[mask])
+
+    def merge(self, sums: Tensor):
+        self.sums += sums
+
+    def rank_bpb(self) -> float:
+        """This rank's bits per byte so far (progress lines; no collective)."""
+        s = self.sums.tolist()
+        return EvalResult(s[0], int(s[1]), int(s[2])).val_bpb
+
+    def result(self, rt: Runtime, t0: float) -> EvalResult:
+        return to_result(self.sums, rt, t0)
+
+
+def score_windows(nll_fn, val: ValidationData, wins: np.ndarray, batch: int, rt: Runtime,
+                  losses: TokenLosses | None = None, limit: int | None = None) -> Tensor:
+    """Sum (nll, tokens, bytes) over the scored positions of this rank's share of `wins` (its
+    first `limit` windows; None: all), under inference_mode. Batches are padded to a fixed shape
+    (masked rows) for compile. The window table goes to the device once: a copy per batch would
+    wait for the GPU's queue."""
+    acc = ScoreSums(rt.device)
+    mine = wins[rank_slice(len(wins), rt)][:limit]
+    if len(mine) == 0:
+        return acc.sums
+    L = int((wins[:, 2] - wins[:, 0]).max())  # doc windows can be shorter: masked, clamped at the stream end
+    ar = torch.arange(L, device=rt.device)
+    table = torch.from_numpy(mine).to(rt.device)  # (n, 3) int64
+    n_batches, t0 = -(-len(mine) // batch), time.perf_counter()
+    every = max(1, -(-n_batches // 10))  # progress about every 10% (host clock: no sync is added)
+    with torch.inference_mode():
+        for b in range(0, len(mine), batch):
+            if rt.is_main and b and (b // batch) % every == 0:
+                log(f"eval_progress: batch:{b // batch}/{n_batches} ({100 * b // batch // n_batches}%) "
+                    f"windows:{b}/{len(mine)} time:{time.perf_counter() - t0:.1f}s")
+            rows = table[b:b + batch]
+            real = len(rows)
+            rows = torch.cat((rows, rows[-1:].expand(batch - real, 3))) if real < batch else rows
+            pos = rows[:, :1] + ar  # (B, L) input positions
+            idx = pos.clamp(max=len(val.tokens) - 2)  # a doc window may run past the stream end (masked)
+            x, y = val.tokens[idx], val.tokens[idx + 1]
+            ctx = rows[:, 1] - rows[:, 0]  # context positions of each window (already scored)
+            nll = (nll_fn(x, y, ctx) if getattr(nll_fn, "needs_context", False) else nll_fn(x, y)).double()
+            mask = (pos >= rows[:, 1:2]) & (pos < rows[:, 2:3])
+            mask &= (torch.arange(batch, device=rt.device) < real)[:, None]
+            acc.add(nll, mask, val.target_bytes(x, y, idx + 1), idx, losses)
+    return acc.sums
+
+
+def to_result(sums: Tensor, rt: Runtime, t0: float) -> EvalResult:
+    rt.all_reduce_(sums)
+    rt.sync()
+    s = sums.tolist()
+    return EvalResult(s[0], int(s[1]), int(s[2]), 1000 * (time.perf_counter() - t0))
+
+
+def nll_function(model: GPT, doc_mask: bool = True):
+    """Per-token NLL of (B,T) windows; doc_mask=False for windows of one document each (F1b)."""
+    return lambda x, y: model(x, y, reduction="none", doc_mask=doc_mask)
+
+
+def slot_nll_function(model: GPT, steps: int, lr: float):
+    """Causal SLOT, a non-record technique (no organizer ruling, rule A7): per window, a delta
+    (B,1,d) added to the final hidden states is fitted with AdamW on the window's context
+    positions only, whose targets earlier windows already scored, then used on the new positions.
+    A score still depends only on earlier tokens, so the flip test holds."""
+    c = model.cfg.logit_softcap
+
+    def nll(x: Tensor, y: Tensor, ctx: Tensor) -> Tensor:
+        with torch.inference_mode(False):  # score_windows runs under inference_mode; autograd needs out
+            x, y, ctx = x.clone(), y.clone(), ctx.clone()
+            with torch.no_grad():
+                hidden = model.forward_hidden(x).float()
+            W = model.tok_emb.weight.detach().float()
+            per_token = lambda d: F.cross_entropy(  # noqa: E731
+                (c * torch.tanh(F.linear(hidden + d, W) / c)).flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+            delta = torch.zeros(x.size(0), 1, hidden.size(-1), device=x.device, requires_grad=True)
+            fit = (torch.arange(x.size(1), device=x.device)[None] < ctx[:, None]).float()
+            if steps and fit.sum() > 0:
+                opt = torch.optim.AdamW([delta], lr=lr, weight_decay=0.0)
+                with torch.enable_grad():
+                    for _ in range(steps):
+                        opt.zero_grad()
+                        ((per_token(delta) * fit).sum() / fit.sum()).backward()
+                        opt.step()
+            with torch.no_grad():
+                return per_token(delta)
+    nll.needs_context = True
+    return nll
+
+
+def evaluate(nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime, stride: int,
+             losses: TokenLosses | None = None, limit: int | None = None) -> EvalResult:
+    """Plain eval is stride == EVAL_SEQ_LEN (disjoint windows); sliding eval uses EVAL_STRIDE.
+    limit: at most that many windows per rank, the first of its share (None: all)."""
+    t0 = rt.clock()
+    wins = sliding_windows(len(val.tokens) - 1, h.eval_seq_len, stride)
+    if h.doc_masking:
+        check_window_segments(val, wins[rank_slice(len(wins), rt)][:limit], h.eval_batch_seqs, h.bos_id)
+    return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses, limit), rt, t0)
+
+
+def check_window_segments(val: ValidationData, wins: np.ndarray, batch: int, bos_id: int):
+    """check_varlen_rows for every batch score_windows makes of `wins` (this rank's, padded by
+    repeating the last), from a prefix count of BOS: one device sync per phase."""
+    if len(wins) == 0:
+        return
+    L = int((wins[:, 2] - wins[:, 0]).max())
+    pad = -len(wins) % batch
+    starts = torch.from_numpy(np.concatenate((wins[:, 0], np.repeat(wins[-1:, 0], pad)))).to(val.tokens.device)
+    bos = F.pad(torch.cumsum(val.tokens == bos_id, 0), (1, 0))  # bos[i]: BOS among tokens[:i]
+    n = len(val.tokens)
+    rows = 1 + bos[(starts + L).clamp(max=n)] - bos[(starts + 1).clamp(max=n)]  # row start + BOS after it
+    most = int(rows.view(-1, batch).sum(1).max())
+    cap = varlen_capacity(batch, L)
+    if most > cap:
+        raise VarlenOverflow(f"DOC_MASKING: an eval batch of shape ({batch}, {L}) holds {most} attention segments, "
+                             f"more than the varlen capacity {cap} (VARLEN_TOKENS_PER_SEQ={VARLEN_TOKENS_PER_SEQ})")
+
+
+clock = time.perf_counter  # the TTT planners' clock (a test swaps in a virtual one)
+PACE_WINDOW = 8  # the planners' pace is the median of this many recent measurements
+
+
+def most_that_fits(most: int, fixed_s: float, per_level_s: float, time_left_s: float) -> int:
+    """The largest level e in [0, most] with fixed_s + e * per_level_s <= time_left_s (0 if none)."""
+    for e in range(most, 0, -1):
+        if fixed_s + e * per_level_s <= time_left_s:
+            return e
+    return 0
+
+
+def robust_pace(samples: list[float]) -> float | None:
+    """Median of the recent samples after the first: the first chunk or batch pays for the first
+    backward and buffer creation and would make a planner cut the whole run (issue 8)."""
+    recent = samples[1:][-PACE_WINDOW:]
+    return float(np.median(recent)) if recent else None
+
+
+def ttt_plan_epochs(epochs: int, chunks_left: int, score_s: float, epoch_s: float, time_left_s: float) -> int:
+    """The most epochs (<= epochs) with which the chunks left still fit in the time left: each is
+    scored, all but the last are trained. Scoring is never cut; 0 epochs means score only."""
+    return most_that_fits(epochs, chunks_left * score_s, max(chunks_left - 1, 0) * epoch_s, time_left_s)
+
+
+def base_ttt_step(opt: torch.optim.Optimizer, params: list, rt: Runtime, clip: float,
+                  accumulate: typing.Callable[[], None], lr: float | None = None):
+    """One optimizer step on the base weights, for score-first TTT (ttt_train_chunk) and phased
+    global TTT (global_ttt): gradients zeroed in place (every rank all-reduces the same buffers,
+    with or without rows of its own), accumulate() runs this rank's backward passes, then the sum
+    over ranks, the norm clipped when clip > 0, and the step (at `lr`; None: the groups' own)."""
+    opt.zero_grad(set_to_none=False)
+    accumulate()
+    all_reduce_grads(params, rt, op="sum")
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    opt.step()
+
+
+def ttt_train_chunk(model: GPT, opt, params: list, val: ValidationData, starts: np.ndarray, epochs: int,
+                    h: Hyperparameters, rt: Runtime, trace: list | None, chunk: int):
+    """SGD on the whole sequences starting at `starts` (already scored), TTT_BATCH_SEQS per step
+    across all ranks; the loss is normalised by the global batch so any world size agrees."""
+    L = h.eval_seq_len
+    for _ in range(epochs):
+        for b in range(0, len(starts), h.ttt_batch_seqs):
+            batch = starts[b:b + h.ttt_batch_seqs]
+            mine = batch[rank_slice(len(batch), rt)]
+
+            def accumulate():
+                if len(mine):
+                    idx = torch.from_numpy(mine).to(rt.device)[:, None] + torch.arange(L, device=rt.device)
+                    loss = model(val.tokens[idx], val.tokens[idx + 1], reduction="none").sum()
+                    (loss / (len(batch) * L)).backward()
+                    if trace is not None:
+                        trace.append(("train", chunk, int(idx.max()) + 1))
+            base_ttt_step(opt, params, rt, h.ttt_grad_clip, accumulate)
+
+
+def ttt_base_optimizer(model: GPT, h: Hyperparameters) -> tuple[list, torch.optim.Optimizer]:
+    """ttt_evaluate's trained weights (all but the first TTT_FREEZE_BLOCKS blocks), their gradient
+    buffers made zero, and their TTT_OPTIMIZER (SGD with momentum, or AdamW)."""
+    for i, block in enumerate(model.blocks):
+        block.requires_grad_(i >= h.ttt_freeze_blocks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    if h.ttt_optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=0.0)
+    else:
+        opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    return params, opt
+
+
+@dataclass
+class EpochPlanner:
+    """ttt_evaluate's epochs per chunk: TTT_EPOCHS, and with a deadline (clock seconds) re-planned
+    after each trained chunk from the robust pace of the chunks so far, the fewest over ranks."""
+    epochs: int
+    deadline: float | None
+    score_times: list = dataclasses.field(default_factory=list)
+    epoch_times: list = dataclasses.field(default_factory=list)
+    trained: list = dataclasses.field(default_factory=list)  # epochs run on each trained chunk
+    epoch_s: float | None = None
+    changes: int = 0
+
+    def after_chunk(self, c: int, n_chunks: int, t_chunk: float, t_train: float, now: float,
+                    h: Hyperparameters, rt: Runtime):
+        """Chunk c was scored from t_chunk, trained from t_train until now (clock seconds)."""
+        self.trained.append(self.epochs)
+        self.score_times.append(t_train - t_chunk)
+        if self.epochs:
+            self.epoch_times.append((now - t_train) / self.epochs)
+        score_s, self.epoch_s = robust_pace(self.score_times), robust_pace(self.epoch_times) or self.epoch_s
+        if self.deadline is None or score_s is None:
+            return
+        left_s = self.deadline - now
+        planned = ttt_plan_epochs(h.ttt_epochs, n_chunks - 1 - c, score_s, self.epoch_s or 0.0, left_s)
+        planned = -int(rt.all_reduce_(torch.tensor([-float(planned)], device=rt.device), "max").item())
+        if planned != self.epochs:
+            log(f"ttt:plan chunk:{c + 1}/{n_chunks} epochs:{self.epochs}->{planned} score_s:{score_s:.3f} "
+                f"epoch_s:{self.epoch_s or 0.0:.3f} time_left:{left_s:.1f}s")
+            self.epochs, self.changes = planned, self.changes + 1
+
+
+def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime,
+                 losses: TokenLosses | None = None, trace: list | None = None,
+                 deadline: float | None = None, limit: int | None = None) -> EvalResult:
+    """Legal score-first test-time training (rules A1-A5). The stride windows are grouped into
+    chunks of TTT_CHUNK_TOKENS by their first scored position. For each chunk in order: score all
+    of its windows under inference_mode (the only numbers that count), then, except for the last
+    chunk, train on that chunk's already-scored tokens for TTT_EPOCHS with SGD (cosine LR over
+    chunks). No token is trained on before it is scored, and none is scored twice. With a
+    deadline (clock seconds), each chunk's epochs are re-planned from the robust pace of the
+    chunks so far: down when it would overrun, back up to TTT_EPOCHS when it fits again.
+    limit: only the first that many chunks (None: all), the LR schedule still over all of them."""
+    t0 = rt.clock()
+    total, C = len(val.tokens) - 1, h.ttt_chunk_tokens
+    wins = sliding_windows(total, h.eval_seq_len, h.eval_stride)
+    chunk_of = wins[:, 1] // C
+    n_chunks = int(chunk_of[-1]) + 1
+    params, opt = ttt_base_optimizer(model, h)
+    log(f"ttt:start chunks:{n_chunks} chunk_tokens:{C} windows:{len(wins)} stride:{h.eval_stride} "
+        f"optimizer:{h.ttt_optimizer} lr:{h.ttt_lr} epochs:{h.ttt_epochs} freeze_blocks:{h.ttt_freeze_blocks} "
+        f"params_trained:{sum(p.numel() for p in params)} protocol:score_first")
+    acc, planner = ScoreSums(rt.device), EpochPlanner(h.ttt_epochs, deadline)
+    for c in range(n_chunks if limit is None else min(limit, n_chunks)):
+        t_chunk = clock()
+        acc.merge(score_windows(nll_fn, val, wins[chunk_of == c], h.eval_batch_seqs, rt, losses))
+        if trace is not None:
+            trace.append(("score", c, int(wins[chunk_of == c][:, 2].max())))
+        if c == n_chunks - 1:
+            break  # the last chunk is never trained on
+        t_train = rt.clock()
+        for group in opt.param_groups:
+            group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        starts = np.arange(c * C, min((c + 1) * C, total), h.eval_seq_len)  # C, total: multiples of L
+        ttt_train_chunk(model, opt, params, val, starts, planner.epochs, h, rt, trace, c)
+        planner.after_chunk(c, n_chunks, t_chunk, t_train, rt.clock(), h, rt)
+        if rt.is_main and (c % max(1, n_chunks // 10) == 0 or c == n_chunks - 2):  # about every 10%
+            log(f"ttt_chunk:{c + 1}/{n_chunks} rank0_bpb:{acc.rank_bpb():.6f} time:{clock() - t0:.1f}s")
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    result = acc.result(rt, t0)
+    result.notes = dict(chunks=n_chunks, epochs_requested=h.ttt_epochs, epochs_min=min(planner.trained, default=0),
+                        epochs_total=sum(planner.trained), plan_changes=planner.changes, score_first=True,
+                        last_chunk_trained=False)
+    return result
+
+
+# Document-isolated scoring, batched per-document LoRA TTT, phased global TTT (frontier.md 5.1, 5.3-5.5)
+
+LORA_ADAM_EPS = 1e-10  # the records' AdamW epsilon for the adapters
+STEP_COST = 2.0  # planner's model: an adapter step (backward + AdamW) costs about two forwards
+
+
+def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
+    """(start, length) rows, one per document of the stream (frontier.md 5.1): a document starts
+    at each BOS (and at token 0); its inputs are tokens[start:start + length] and its targets the
+    next `length` tokens, the last being the next document's BOS. Every token after the first is
+    a target exactly once. A stream without BOS is one document."""
+    n_pred = len(tokens) - 1
+    starts = np.flatnonzero(tokens[:n_pred] == bos_id) if bos_id >= 0 else np.zeros(0, dtype=np.int64)
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate(([0], starts))
+    return np.stack((starts, np.append(starts[1:], n_pred) - starts), axis=1).astype(np.int64)
+
+
+def doc_windows(spans: np.ndarray, seq_len: int, chunk: int) -> np.ndarray:
+    """Rows (start, score_from, end) for score_windows that give every target the context it has
+    when its document is scored chunk by chunk (TTT_CHUNK_SIZE) with windows of <= EVAL_SEQ_LEN
+    tokens of the same document: chunks whose window starts at the document start share one
+    window; each later chunk gets its own."""
+    head = seq_len // chunk * chunk  # chunks ending at or before this all see the whole document prefix
+    rows = []
+    for s, n in spans:
+        first = min(n, head)
+        rows.append((s, s, s + first))
+        ends = np.minimum(np.arange(first + chunk, n + chunk, chunk), n)
+        rows.extend(zip(s + np.maximum(ends - seq_len, 0), s + ends - (ends - 1) % chunk - 1, s + ends))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def evaluate_docs(nll_fn, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime,
+                  losses: TokenLosses | None = None, limit: int | None = None) -> EvalResult:
+    """Document-isolated scoring without adaptation: the `doc` phase, next to `sliding`.
+    limit: at most that many windows per rank, the first of its share (None: all)."""
+    t0 = rt.clock()
+    wins = doc_windows(spans, h.eval_seq_len, h.ttt_chunk_size)
+    return to_result(score_windows(nll_fn, val, wins, h.eval_batch_seqs, rt, losses, limit), rt, t0)
+
+
+class BatchedLoRA:
+    """One low-rank adapter per document of a batch (PR #1530) and per slot (a looped layer's
+    pass, TTT_LORA_PER_SLOT=1; else one slot): A (slots,n,r,in) ~ U(+-1/sqrt(in)) drawn slot by
+    slot, B (slots,n,out,r) = 0, delta(x, s) = (x A_s^T) B_s^T * alpha/r (PR #1767) for x (b,T,in),
+    b <= n: the first b documents; a one-slot adapter serves every pass. Stacked so the slot is a
+    constant index in a compiled graph. Not an nn.Module, so attaching one adds nothing to a state_dict."""
+
+    def __init__(self, n: int, d_in: int, d_out: int, h: Hyperparameters, gen: torch.Generator, device,
+                 slots: int = 1):
+        self.bound, self.slots = 1 / math.sqrt(d_in), slots
+        self.A = torch.empty(slots, n, h.ttt_lora_rank, d_in, device=device).uniform_(-self.bound, self.bound,
+                                                                                       generator=gen)
+        self.B = torch.zeros(slots, n, d_out, h.ttt_lora_rank, device=device)
+        self.A.requires_grad_(True)
+        self.B.requires_grad_(True)
+        self.scale = h.ttt_lora_alpha / h.ttt_lora_rank
+
+    @torch.no_grad()
+    def reset_(self, gen: torch.Generator | None):
+        """In place, so a compiled forward keeps its guards: B = 0, and A redrawn from `gen` (the
+        same draws as a fresh adapter made with it) unless gen is None."""
+        if gen is not None:
+            self.A.uniform_(-self.bound, self.bound, generator=gen)
+        self.B.zero_()
+
+    def __call__(self, x: Tensor, slot: int = 0) -> Tensor:
+        b, s = x.size(0), slot if self.slots > 1 else 0
+        return (x @ self.A[s, :b].transpose(1, 2).to(x.dtype)) @ self.B[s, :b].transpose(1, 2).to(x.dtype) * self.scale
+
+
+def lora_hosts(model: GPT, h: Hyperparameters) -> list[tuple[nn.Module, int, int]]:
+    """(module, in, out) for every adapter: Q, V and the LM head always; K, O and MLP by knob."""
+    d, V = model.cfg.model_dim, model.cfg.vocab_size
+    hosts = [(model, d, V)]
+    for block in model.blocks:
+        a = block.attn
+        hosts += [(a.c_q, d, a.c_q.out_features), (a.c_v, d, a.c_v.out_features)]
+        hosts += [(a.c_k, d, a.c_k.out_features)] if h.ttt_k_lora else []
+        hosts += [(a, d, d)] if h.ttt_o_lora else []
+        hosts += [(block.mlp, d, d)] if h.ttt_mlp_lora else []
+    return hosts
+
+
+def lora_slots(model: GPT, h: Hyperparameters) -> list[int]:
+    """Adapter slots of each host, in lora_hosts' order: with TTT_LORA_PER_SLOT=1 on a looping
+    model, the passes of the host's layer over model.loop_order (the record's virtual layers: 17
+    slots over 11 layers at PRESET=frontier); else 1, one adapter shared by every pass."""
+    order = model.loop_order if model.looping and h.ttt_lora_per_slot else model.plain_order
+    layer = {m: i for i, block in enumerate(model.blocks) for m in block.modules()}
+    return [order.count(layer[m]) if m in layer else 1 for m, _, _ in lora_hosts(model, h)]
+
+
+def attach_lora(model: GPT, h: Hyperparameters, gen: torch.Generator, device) -> list[BatchedLoRA]:
+    adapters = []
+    for (module, d_in, d_out), slots in zip(lora_hosts(model, h), lora_slots(model, h)):
+        module.lora = BatchedLoRA(h.ttt_batch_size, d_in, d_out, h, gen, device, slots)
+        adapters.append(module.lora)
+    return adapters
+
+
+def reset_lora(adapters: list[BatchedLoRA], gen: torch.Generator | None):
+    """Every adapter re-initialised in place, in attach_lora's order (so its draws from gen)."""
+    for a in adapters:
+        a.reset_(gen)
+
+
+def zero_optimizer_state(opt: torch.optim.Optimizer):
+    """AdamW state back to a fresh optimizer's (step 0, zero moments), in place: the next step
+    gives exactly what a new AdamW's first step gives."""
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, Tensor):
+                v.zero_()
+
+
+def lora_ttt_compiled(h: Hyperparameters, rt: Runtime | None = None) -> bool:
+    """Whether lora_ttt_evaluate runs its adapted forward compiled: COMPILE as maybe_compile reads
+    it on `rt` (None: on CUDA, the device PREFLIGHT=plan projects for, so h.compile != 0)."""
+    return compile_enabled(h, rt) if rt is not None else h.compile != 0
+
+
+LORA_TTT_MAX_GRAPHS = 8  # grad on/off x (rows 1 or more) x (length 1 or more): dynamo's 0/1 specialisation
+
+
+def lora_forward(model: GPT, h: Hyperparameters, rt: Runtime):
+    """(x, y) -> per-token NLL (rows, T) through the adapted model, one document a row (plain
+    causal attention). Compiled with dynamic shapes (TTT_COMPILE_DYNAMIC=1, as the record) when
+    lora_ttt_compiled: the adapters' tensors keep their identity (reset in place), so graphs are
+    only made for grad on/off and dynamo's size-1 specialisations, at most LORA_TTT_MAX_GRAPHS;
+    TTT_COMPILE_DYNAMIC=0 compiles static shapes (a graph per new shape)."""
+    def fwd(x: Tensor, y: Tensor) -> Tensor:
+        return model(x, y, reduction="none", doc_mask=False)
+    if not lora_ttt_compiled(h, rt):
+        return fwd
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * LORA_TTT_MAX_GRAPHS)
+    return torch.compile(fwd, dynamic=bool(h.ttt_compile_dynamic), fullgraph=True)
+
+
+def detach_lora(model: GPT):
+    for module in model.modules():
+        if "lora" in vars(module):
+            del module.lora  # back to the class default: None
+
+
+def ttt_queue(spans: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Document indices in batches of TTT_BATCH_SIZE similar lengths, longest first (PR #1530)."""
+    order = np.lexsort((spans[:, 0], -spans[:, 1]))
+    return [order[i:i + batch] for i in range(0, len(order), batch)]
+
+
+def phase_boundaries(n_docs: int, batch: int, prefix: int, phases: int) -> list[tuple[int, int]]:
+    """(batches before the pause, documents trained on) for each global phase (PR #1626): phase p
+    trains on the first floor(P*p/N) documents of the queue, P = min(PHASED_TTT_PREFIX_DOCS,
+    documents), after every batch holding one of them is scored."""
+    prefix = min(prefix, n_docs)
+    docs = [prefix * p // phases for p in range(1, phases + 1)]
+    return [(-(-b // batch), b) for b in docs if b > 0]
+
+
+def chunk_rows(spans: np.ndarray, ci: int, chunk: int, seq_len: int) -> tuple[np.ndarray, ...]:
+    """Chunk ci of a batch of documents sorted longest first: for each document that has it, the
+    row start in the stream, row length (the last <= seq_len tokens up to the chunk's end), offset
+    of the first scored position, and its training weight (1/scored tokens when later chunks
+    follow, else 0: nothing is left to adapt for)."""
+    n = int((spans[:, 1] > ci * chunk).sum())
+    s, length = spans[:n, 0], spans[:n, 1]
+    end = np.minimum((ci + 1) * chunk, length)
+    lo = np.maximum(end - seq_len, 0)
+    return s + lo, end - lo, ci * chunk - lo, (length > end) / (end - ci * chunk)
+
+
+def score_first(forward, score, adapt, steps: int):
+    """Rule A1 in one place: the chunk's NLL is scored before the first adapter step on it; later
+    steps (TTT_GRAD_STEPS > 1) re-run the forward on the same, already scored chunk (rule A5)."""
+    nll = forward()
+    score(nll.detach())
+    for i in range(steps):
+        adapt(nll if i == 0 else forward())
+
+
+def lora_optimizer(adapters: list[BatchedLoRA], h: Hyperparameters) -> torch.optim.Optimizer:
+    params = [t for a in adapters for t in (a.A, a.B)]
+    return torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=LORA_ADAM_EPS,
+                             weight_decay=h.ttt_weight_decay)
+
+
+def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters: list[BatchedLoRA], steps: int,
+                   h: Hyperparameters, rt: Runtime, losses: TokenLosses | None, opt=None, forward=None) -> Tensor:
+    """Score one batch of documents chunk by chunk, stepping each document's adapters after each
+    of its chunks is scored; returns the (nll, tokens, bytes) sums. Rows are padded with token 0
+    after their end: the causal model never looks there for a scored position. `opt` (its state
+    zeroed by the caller) and `forward` (lora_forward) are reused across batches; None: a fresh
+    AdamW and the eager forward. No host sync per chunk (the chunk's rows are host numpy, one
+    pinned copy each) except TokenLosses' masked record when per-token losses are kept. A
+    compiled forward gets at least 2 rows and 2 positions (padding rows/positions are masked),
+    so dynamo's 0/1 specialisation adds no graph for a last lone row."""
+    acc = ScoreSums(rt.device)
+    opt = opt if opt is not None else lora_optimizer(adapters, h)
+    least = 2 if forward is not None and lora_ttt_compiled(h, rt) else 1
+    forward = forward or (lambda x, y: model(x, y, reduction="none", doc_mask=False))
+    last = len(val.tokens) - 1
+    for ci in range(-(-int(spans[:, 1].max()) // h.ttt_chunk_size)):
+        start, length, first, weight = chunk_rows(spans, ci, h.ttt_chunk_size, h.eval_seq_len)
+        pad = max(least - len(start), 0)  # padding rows: length 0, nothing valid, weight 0
+        rows = rt.array_to_device(np.stack([np.pad(v.astype(np.float64), (0, pad)) for v in (start, length, first, weight)]))
+        pos = torch.arange(max(int(length.max()), least), device=rt.device)
+        idx = rows[0].long()[:, None] + pos
+        valid = pos < rows[1].long()[:, None]
+        x = torch.where(valid, val.tokens[idx.clamp(max=last - 1)], 0)
+        y_pos = (idx + 1).clamp(max=last)
+        y = val.tokens[y_pos]
+        mask = valid & (pos >= rows[2].long()[:, None])
+        w = rows[3].float()
+
+        def score(nll: Tensor):
+            acc.add(nll, mask, val.target_bytes(x, y, y_pos), idx, losses)
+
+        def adapt(nll: Tensor):
+            opt.zero_grad(set_to_none=True)
+            (torch.where(mask, nll.float(), 0.0).sum(1) * w).sum().backward()
+            opt.step()
+        n_steps = steps if weight.any() else 0
+        with torch.set_grad_enabled(n_steps > 0):
+            score_first(lambda: forward(x, y), score, adapt, n_steps)  # 1 doc a row
+    return acc.sums
+
+
+def global_pieces(spans: np.ndarray, h: Hyperparameters) -> tuple[np.ndarray, np.ndarray]:
+    """Global TTT's rows: (start, length) pieces of <= EVAL_SEQ_LEN tokens of one document each,
+    and the SGD step of each (one step per GLOBAL_TTT_CHUNK_TOKENS tokens, in order)."""
+    L = h.eval_seq_len
+    pieces = np.asarray([(s + j, min(L, n - j)) for s, n in spans for j in range(0, n, L)], dtype=np.int64)
+    return pieces, (np.cumsum(pieces[:, 1]) - pieces[:, 1]) // h.global_ttt_chunk_tokens
+
+
+def global_ttt(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime) -> int:
+    """Phased TTT's global step (PR #1610, #1626): SGD with momentum on every base weight over
+    documents already scored, GLOBAL_TTT_EPOCHS passes, one step per GLOBAL_TTT_CHUNK_TOKENS
+    tokens with a cosine LR, gradients summed over ranks and clipped. Each row is one piece of
+    <= EVAL_SEQ_LEN tokens of one document, so no context crosses a document boundary. Returns
+    the tokens trained on per epoch."""
+    L = h.eval_seq_len
+    pieces, step_of = global_pieces(spans, h)
+    n_steps = int(step_of[-1]) + 1
+    params = list(model.parameters())
+    model.requires_grad_(True)
+    for p in params:
+        p.grad = torch.zeros_like(p)  # every rank all-reduces the same buffers, pieces or not
+    opt = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
+    pos = torch.arange(L, device=rt.device)
+    total = h.global_ttt_epochs * n_steps
+    for k in range(total):
+        step = pieces[step_of == k % n_steps]
+        mine = step[rank_slice(len(step), rt)]
+
+        def accumulate():
+            for b in range(0, len(mine), h.global_ttt_batch_seqs):
+                rows = torch.from_numpy(mine[b:b + h.global_ttt_batch_seqs]).to(rt.device)
+                idx, valid = rows[:, :1] + pos, pos < rows[:, 1:]
+                x = torch.where(valid, val.tokens[idx.clamp(max=len(val.tokens) - 2)], 0)
+                y = val.tokens[(idx + 1).clamp(max=len(val.tokens) - 1)]
+                nll = model(x, y, reduction="none", doc_mask=False)  # one document a row: plain causal (F1b)
+                (torch.where(valid, nll, 0.0).sum() / int(step[:, 1].sum())).backward()
+        lr = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * k / max(total - 1, 1)))
+        base_ttt_step(opt, params, rt, h.global_ttt_grad_clip, accumulate, lr)
+    model.requires_grad_(False)
+    for p in params:
+        p.grad = None
+    return int(pieces[:, 1].sum())
+
+
+def lora_batch_work(spans: np.ndarray, chunk: int, seq_len: int) -> int:
+    """Token positions forwarded for one batch (rows x padded length, summed over its chunks):
+    the unit of the LoRA planner's pace."""
+    work = 0
+    for ci in range(-(-int(spans[:, 1].max()) // chunk)):
+        _, length, _, _ = chunk_rows(spans, ci, chunk, seq_len)
+        work += len(length) * int(length.max())
+    return work
+
+
+@dataclass(frozen=True)
+class LoraSchedule:
+    """Who runs what in lora_ttt_evaluate: the queue's batches, mine[rank][segment] (batch indices in
+    queue order), each batch's work (lora_batch_work) and the documents each global phase trains on."""
+    queue: list[np.ndarray]
+    mine: list[list[list[int]]]
+    work: list[int]
+    phase_docs: list[np.ndarray]
+    cuts: list[int]  # segment s holds queue batches cuts[s]..cuts[s+1]-1
+
+
+def lpt_assign(batches: list[int], work: list[int], world_size: int) -> list[list[int]]:
+    """Batches to ranks, most work first to the least-loaded rank (ties: lower batch index, lower
+    rank); each rank's list back in queue order. Deterministic, so identical on every rank."""
+    load, out = [0] * world_size, [[] for _ in range(world_size)]
+    for b in sorted(batches, key=lambda b: (-work[b], b)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        load[r] += work[b]
+        out[r].append(b)
+    return [sorted(o) for o in out]
+
+
+SPLIT_BATCHES_PER_RANK = 8  # split_heavy_batches' granularity: 4 left a phase segment of the sp8192 plan 1.10x its mean
+
+
+def split_heavy_batches(queue: list[np.ndarray], cuts: list[int], work, world_size: int
+                        ) -> tuple[list[np.ndarray], list[int]]:
+    """Halve (in queue order) every batch of a segment whose work exceeds the segment's work over
+    SPLIT_BATCHES_PER_RANK x world_size, until it fits or holds one document, so the longest
+    documents spread over ranks. The documents' queue order is unchanged; returns the new queue and segment cuts."""
+    out, new_cuts = [], [0]
+    for s in range(len(cuts) - 1):
+        seg = queue[cuts[s]:cuts[s + 1]]
+        cap = sum(work(q) for q in seg) / (SPLIT_BATCHES_PER_RANK * world_size)
+        stack = list(reversed(seg))
+        while stack:
+            q = stack.pop()
+            if len(q) > 1 and work(q) > cap:
+                stack += [q[len(q) // 2:], q[:len(q) // 2]]
+            else:
+                out.append(q)
+        new_cuts.append(len(out))
+    return out, new_cuts
+
+
+def lora_schedule(spans: np.ndarray, h: Hyperparameters, world_size: int) -> LoraSchedule:
+    """The LoRA TTT plan, a pure function of the spans and knobs. Segments cut the queue at the
+    phase boundaries; TTT_BALANCE=lpt spreads each segment's batches by work (round_robin: by
+    index). Phase p trains on the b_p shortest documents scored before its pause
+    (PHASED_TTT_SELECT=shortest, the record's reading, review F5) or on the queue's first b_p
+    (prefix: the longest)."""
+    queue = ttt_queue(spans, h.ttt_batch_size)
+    order = np.concatenate(queue)
+    bounds = phase_boundaries(len(spans), h.ttt_batch_size, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases)
+    cuts = [0] + [min(k, len(queue)) for k, _ in bounds] + [len(queue)]
+    bw = lambda q: lora_batch_work(spans[q], h.ttt_chunk_size, h.eval_seq_len)
+    if h.ttt_balance == "lpt" and h.ttt_split_batches and world_size > 1:
+        queue, cuts = split_heavy_batches(queue, cuts, bw, world_size)
+    work = [bw(q) for q in queue]
+    segs = [list(range(cuts[s], cuts[s + 1])) for s in range(len(cuts) - 1)]
+    if h.ttt_balance == "lpt":
+        per_seg = [lpt_assign(b, work, world_size) for b in segs]
+    else:
+        per_seg = [[b[r::world_size] for r in range(world_size)] for b in segs]
+    mine = [[per_seg[s][r] for s in range(len(segs))] for r in range(world_size)]
+    phase_docs = []
+    for p, (_, b) in enumerate(bounds):
+        if h.phased_ttt_select == "prefix":
+            phase_docs.append(order[:b])
+            continue
+        scored = np.concatenate(queue[:cuts[p + 1]])
+        phase_docs.append(scored[np.lexsort((spans[scored, 0], spans[scored, 1]))][:b])
+    return LoraSchedule(queue, mine, work, phase_docs, cuts)
+
+
+def schedule_critical_seconds(plan: LoraSchedule, batch_s: typing.Sequence[float]) -> float:
+    """Seconds of the plan on its critical path: each phase segment ends in a collective, so the
+    sum over segments of the slowest rank's batches there."""
+    return sum(max(sum(batch_s[b] for b in rank[s]) for rank in plan.mine) for s in range(len(plan.mine[0])))
+
+
+def schedule_done_after(plan: LoraSchedule, seg: int) -> bool:
+    """True when no rank has a batch after phase segment `seg`: a phase there would adapt nothing."""
+    return not any(batches for rank in plan.mine for batches in rank[seg + 1:])
+
+
+def lora_plan_steps(h: Hyperparameters, pace: float, work_left: int, phase_tokens: int, token_s: float | None,
+                    time_left_s: float) -> int:
+    """Grad steps per chunk for the rest of the queue: the most (<= TTT_GRAD_STEPS) whose projected
+    time fits. A batch costs work x pace x (1 + STEP_COST x steps); each global phase still ahead
+    costs its tokens x the last phase's measured seconds per token (before any: one forward and one
+    backward per token at the LoRA pace)."""
+    phases_s = phase_tokens * (token_s or pace * (1 + STEP_COST))
+    return most_that_fits(h.ttt_grad_steps, work_left * pace + phases_s, work_left * pace * STEP_COST, time_left_s)
+
+
+def run_global_phase(model: GPT, val: ValidationData, prefix: np.ndarray, p: int, n_phases: int, last: bool,
+                     h: Hyperparameters, rt: Runtime, est_s: float | None, room_s: float) -> float | None:
+    """Global phase p over the `prefix` documents, unless no document is left to score after it,
+    or its estimate (None: unknown) exceeds the room left on any rank. Returns its seconds per
+    token trained, None when skipped; the next phase decides afresh."""
+    tokens = int(prefix[:, 1].sum()) * h.global_ttt_epochs
+    reason = "no documents left to score" if last else ""
+    if not reason and rt.any_rank(est_s is not None and est_s > room_s):
+        reason = f"estimate {est_s:.1f}s > room {room_s:.1f}s"
+    if reason:
+        log(f"ttt:phase {p + 1}/{n_phases} skipped: {reason}")
+        return None
+    t = rt.clock()
+    global_ttt(model, val, prefix, h, rt)
+    dt = rt.clock() - t
+    log(f"ttt:phase {p + 1}/{n_phases} docs:{len(prefix)} tokens:{tokens} lr:{h.global_ttt_lr} time:{dt:.1f}s")
+    return dt / max(tokens, 1)
+
+
+@dataclass
+class LoraPlanner:
+    """lora_ttt_evaluate's grad steps per chunk and its global phases' estimates: TTT_GRAD_STEPS
+    throughout without a deadline; with one, first chosen before any batch from the record's pace
+    (lora_prior_steps), then re-planned after every batch from this rank's robust pace."""
+    steps: int
+    deadline: float | None
+    paces: list = dataclasses.field(default_factory=list)  # seconds per unit of work, step cost removed
+    steps_used: list = dataclasses.field(default_factory=list)  # grad steps of each batch run
+    token_s: float | None = None  # the last global phase's seconds per token trained
+    changes: int = 0
+    phases_run: int = 0
+
+    @property
+    def pace(self) -> float | None:
+        return robust_pace(self.paces)
+
+    def prior(self, h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, rt: Runtime):
+        """Before any batch: the whole schedule at the prior (record) pace."""
+        self.steps, projected = lora_prior_steps(h, spans, plan, rt.world_size, self.deadline - clock(), rt)
+        mode = "compiled" if lora_ttt_compiled(h, rt) else "eager"
+        log(f"ttt:plan prior grad_steps:{h.ttt_grad_steps}->{self.steps} projected:{projected:.1f}s "
+            f"time_left:{self.deadline - clock():.1f}s (record rates, {mode})")
+        self.changes += self.steps != h.ttt_grad_steps
+
+    def after_batch(self, dt: float, work: int, work_left: int, phase_tokens: int, label: str,
+                    h: Hyperparameters, rt: Runtime):
+        """A batch of `work` took dt seconds; work_left is this rank's still to run, phase_tokens the
+        global phases' still ahead; label names the batch in a plan line."""
+        self.paces.append(dt / work / (1 + STEP_COST * self.steps))
+        self.steps_used.append(self.steps)
+        pace = self.pace
+        if self.deadline is None or pace is None:
+            return
+        planned = lora_plan_steps(h, pace, work_left, phase_tokens, self.token_s, self.deadline - clock())
+        if planned != self.steps:
+            log(f"ttt:plan rank:{rt.rank} batch:{label} grad_steps:{self.steps}->{planned} "
+                f"pace:{pace * 1e6:.3f}us/token time_left:{self.deadline - clock():.1f}s")
+            self.steps, self.changes = planned, self.changes + 1
+
+    def phase_estimate(self, tokens: int, work_left: int) -> tuple[float | None, float]:
+        """(estimated seconds of a phase training `tokens`, room for it before the deadline once
+        this rank's work_left is run); (None, 0.0) without a deadline or a pace."""
+        pace = self.pace
+        if self.deadline is None or pace is None:
+            return None, 0.0
+        est_s = tokens * (self.token_s or pace * (1 + STEP_COST))
+        return est_s, self.deadline - clock() - work_left * pace * (1 + STEP_COST * self.steps)
+
+
+def first_batches(mine: list[list[int]], limit: int | None) -> list[list[int]]:
+    """A rank's batches per phase segment, at most `limit` in all in queue order (None: all)."""
+    if limit is None:
+        return mine
+    out = []
+    for batches in mine:
+        out.append(batches[:max(limit - sum(map(len, out)), 0)])
+    return out
+
+
+def log_lora_start(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule):
+    log(f"ttt:start mode:lora docs:{len(spans)} batches:{len(plan.queue)} batch_docs:{h.ttt_batch_size} "
+        f"chunk:{h.ttt_chunk_size} context:{h.eval_seq_len} rank:{h.ttt_lora_rank} alpha:{h.ttt_lora_alpha} "
+        f"lr:{h.ttt_lora_lr} grad_steps:{h.ttt_grad_steps} warm_start_a:{int(h.ttt_warm_start_a)} "
+        f"phases:{len(plan.phase_docs)} phase_docs:{[len(d) for d in plan.phase_docs]} "
+        f"phase_select:{h.phased_ttt_select} balance:{h.ttt_balance} protocol:score_first")
+
+
+def lora_global_phase(model: GPT, val: ValidationData, spans: np.ndarray, plan: LoraSchedule, seg: int,
+                      adapters: list[BatchedLoRA], planner: LoraPlanner, tokens: int, work_left: int,
+                      h: Hyperparameters, rt: Runtime):
+    """The global phase after segment `seg` on the base model alone (run_global_phase decides
+    whether it runs), then the same adapter objects back, so the compiled forward's guards hold."""
+    est_s, room_s = planner.phase_estimate(tokens, work_left)
+    detach_lora(model)
+    ran = run_global_phase(model, val, spans[plan.phase_docs[seg]], seg, len(plan.phase_docs),
+                           schedule_done_after(plan, seg), h, rt, est_s, room_s)
+    for (module, _, _), a in zip(lora_hosts(model, h), adapters):
+        module.lora = a
+    if ran is not None:
+        planner.token_s, planner.phases_run = ran, planner.phases_run + 1
+
+
+def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime,
+                      losses: TokenLosses | None = None, deadline: float | None = None,
+                      limit: int | None = None) -> EvalResult:
+    """Batched per-document LoRA TTT (PR #1530 -> #1855), with PHASED_TTT_NUM_PHASES global SGD
+    pauses (PR #1626), score-first per chunk (rules A1-A5). Who runs what is lora_schedule's
+    plan (deterministic, no side channel); at a pause every rank has scored every batch of the
+    segments so far, then all ranks train the base on the phase's documents (all scored).
+    Adapters: B and the AdamW state reset per batch, A too unless TTT_WARM_START_A (then A is new
+    per segment). With a deadline, LoraPlanner sets the grad steps per chunk and a phase that
+    would not fit is skipped; both can come back later. limit: at most that many batches per rank
+    (None: all); the global phases still run as planned."""
+    t0 = rt.clock()
+    plan = lora_schedule(spans, h, rt.world_size)
+    queue, work, mine = plan.queue, plan.work, first_batches(plan.mine[rt.rank], limit)
+    n_phases = len(plan.phase_docs)
+    phase_tokens = [int(spans[d, 1].sum()) * h.global_ttt_epochs for d in plan.phase_docs]
+    log_lora_start(h, spans, plan)
+    acc, planner = ScoreSums(rt.device), LoraPlanner(h.ttt_grad_steps, deadline)
+    if deadline is not None:
+        planner.prior(h, spans, plan, rt)
+    model.requires_grad_(False)
+    # Allocated once at TTT_BATCH_SIZE rows and re-initialised in place per batch (A from the same
+    # seeded draws a fresh attach_lora would make, B and the AdamW state zero): tensor identities
+    # and shapes never change, so the compiled forward never recompiles for a new batch.
+    progress_every = max(1, sum(map(len, mine)) // 10)  # a ttt_batch: line about every 10% of this rank's batches
+    adapters = attach_lora(model, h, torch.Generator(rt.device).manual_seed(0), rt.device)
+    opt, forward = lora_optimizer(adapters, h), lora_forward(model, h, rt)
+    try:
+        for seg, batches in enumerate(mine):
+            later = sum(work[b] for s in mine[seg + 1:] for b in s)  # this rank's work after the segment
+            for j, bi in enumerate(batches):
+                key = len(queue) + seg * rt.world_size + rt.rank if h.ttt_warm_start_a else bi
+                fresh_a = j == 0 or not h.ttt_warm_start_a
+                reset_lora(adapters, torch.Generator(rt.device).manual_seed(h.seed + 1_000_003 * key) if fresh_a else None)
+                zero_optimizer_state(opt)
+                t_batch = clock()
+                acc.merge(lora_ttt_batch(model, val, spans[queue[bi]], adapters, planner.steps, h, rt, losses, opt,
+                                         forward))
+                planner.after_batch(rt.clock() - t_batch, work[bi], sum(work[b] for b in batches[j + 1:]) + later,
+                                    sum(phase_tokens[seg:]), f"{bi + 1}/{len(queue)}", h, rt)
+                if rt.is_main and len(planner.steps_used) % progress_every == 0:
+                    log(f"ttt_batch:{bi + 1}/{len(queue)} grad_steps:{planner.steps} time:{clock() - t0:.1f}s "
+                        f"rank0_bpb:{acc.rank_bpb():.6f}")
+            if seg < n_phases:
+                lora_global_phase(model, val, spans, plan, seg, adapters, planner, phase_tokens[seg], later, h, rt)
+    finally:
+        detach_lora(model)
+        model.requires_grad_(True)
+    result = acc.result(rt, t0)
+    result.notes = dict(mode="lora", docs=len(spans), batches=len(queue), chunk_size=h.ttt_chunk_size,
+                        grad_steps_requested=h.ttt_grad_steps, grad_steps_min=min(planner.steps_used, default=0),
+                        plan_changes=planner.changes, phases_planned=n_phases, phases_run=planner.phases_run,
+                        score_first=True)
+    return result
+
+
+# Final evaluation: the phases in order under one budget
+
 EVAL_MARGIN = 0.03  # fraction of EVAL_BUDGET_SECONDS the TTT planner keeps in hand
 PHASE_LABELS = {"prequant": "prequant_ema", "roundtrip": "final_int6_roundtrip",
                 "sliding": "final_int6_sliding_window", "doc": "final_int6_doc_isolated", "ttt": "legal_ttt",
@@ -4508,6 +4508,39 @@ def eval_deadline_seconds(h: Hyperparameters) -> float:
     return h.eval_budget_seconds * (1 - EVAL_MARGIN)
 
 
+# ----------------------------------------------------------------------------------------------
+# Report
+#
+# The run record, the compliance report a reviewer checks rule by rule, and the summary JSON.
+
+
+@dataclass
+class RunRecord:
+    """What a run produced, filled by run() in run order (training, calibration, the artifact, the
+    eval phases) and read only by the compliance report and the summary. An EVAL_ARTIFACT run has
+    no training or calibration."""
+    train: TrainResult | None = None
+    calib: Calibration | None = None
+    quant_time_ms: float = 0.0  # quantization + compression + write: data-free, eval-side (rule B4)
+    sizes: dict = dataclasses.field(default_factory=dict)  # size_report of the artifact
+    results: dict[str, EvalResult | None] = dataclasses.field(default_factory=dict)  # by phase, None = skipped
+    eval_ms: float = 0.0
+    val_positions: int | None = None  # the validation stream's targets (None: the roundtrip phase's count)
+
+    @property
+    def calib_time_ms(self) -> float:
+        return self.calib.calib_time_ms if self.calib else 0.0
+
+    @property
+    def post_train_ms(self) -> float:
+        """Data-free work after training (self-generation, quantization): it counts with eval (rule B4)."""
+        return (self.calib.selfgen_time_ms if self.calib else 0.0) + self.quant_time_ms
+
+
+TRAIN_LIMIT_MS = 600_000  # rules B1, B2: training + calibration on training data
+EVAL_LIMIT_MS = 600_000  # rule B3: from loading the artifact to the last score
+
+
 def compliance_report(h: Hyperparameters, rt: Runtime, record: RunRecord) -> dict:
     """The rules a reviewer checks, from this run's own numbers; `broken` lists what fails. Every
     phase run must score all of record.val_positions; a skipped phase (None) is listed as such."""
@@ -4594,8 +4627,13 @@ def _write_summary_json(h: Hyperparameters, rt: Runtime, record: RunRecord, repo
 
 
 # ----------------------------------------------------------------------------------------------
-# Preflight: a few minutes on the real machine that say whether the 10-minute run will work
+# Drivers
+#
+# PREFLIGHT=1 (the real phases on a small budget), PREFLIGHT=plan (the 8xH100 run modelled on any CPU),
+# and run/main: the phases in order, one error line for a bad setting.
 
+
+# Preflight: a few minutes on the real machine that say whether the 10-minute run will work
 
 # A model a few steps from its init compresses far better than a trained one (int6 entries near 0):
 # 4,595,641 zstd bytes for the default shape at init, against 15,887,228 for #1060's trained model
@@ -4823,7 +4861,6 @@ def preflight_verdict(h: Hyperparameters, rows: list[tuple]):
         raise NoGo("preflight: NO-GO: " + ", ".join(bad))
 
 
-# ----------------------------------------------------------------------------------------------
 # Plan-only preflight (PREFLIGHT=plan, issue 19): the 8xH100 run modelled on any CPU, nothing trained
 
 # Rates of the 1.0611 record's logs (#1855 train_seed*.log, all on 8 H100s; review_frontier_gpu.md Part 3).
