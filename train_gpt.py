@@ -808,6 +808,12 @@ class Runtime:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
+    def timed(self, fn: typing.Callable) -> tuple[typing.Any, float]:
+        """(fn(), seconds), the device drained before and after."""
+        t0 = self.clock()
+        out = fn()
+        return out, self.clock() - t0
+
     def clock(self) -> float:
         """Seconds on the eval clock (`clock`: time.perf_counter unless a test swaps it) once the
         device's queue has drained, so a difference of two times what ran between them."""
@@ -4646,13 +4652,6 @@ class NoGo(RuntimeError):
     """PREFLIGHT=1 projected a run that breaks a limit: exit status 4, after the table is printed."""
 
 
-def timed(rt: Runtime, fn: typing.Callable) -> tuple[typing.Any, float]:
-    """(fn(), seconds), the device drained before and after."""
-    t0 = rt.clock()
-    out = fn()
-    return out, rt.clock() - t0
-
-
 def stand_in_stream(h: Hyperparameters, n_tokens: int) -> ValidationData:
     """Training tokens (the first train shard, repeated as needed) with the tokenizer's byte tables:
     the val stream's shapes and work without one validation token (rules A4, C1)."""
@@ -4687,12 +4686,12 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
     hessians = calib.hessians
     m["calib_s"], m["selfgen_s"] = calib.calib_time_ms / 1000, calib.selfgen_time_ms / 1000
     state, spec = {n: p.detach() for n, p in base_model.state_dict().items()}, QuantSpec.of(h)
-    gptq, m["gptq_s"] = timed(rt, lambda: {n: gptq_tensor(n, t, hessians, spec) for n, t in state.items()
+    gptq, m["gptq_s"] = rt.timed(lambda: {n: gptq_tensor(n, t, hessians, spec) for n, t in state.items()
                                            if quant_kind(n, t, spec) == "gptq"})  # all of it: GPTQ_SPLIT's share apart
-    built, t = timed(rt, lambda: build_artifact(state, hessians, h, gptq=gptq))  # as serialize(), without pruning
+    built, t = rt.timed(lambda: build_artifact(state, hessians, h, gptq=gptq))  # as serialize(), without pruning
     m["compress_s"] = sum(sec for _, sec in built.compressed.values())
     m["quantize_s"], m["model_bytes"], m["payload_bytes"] = t - m["compress_s"], len(built.blob), built.payload_bytes
-    (cfg, state), m["decompress_s"] = timed(rt, lambda: unpack_artifact(built.blob))  # as read_artifact
+    (cfg, state), m["decompress_s"] = rt.timed(lambda: unpack_artifact(built.blob))  # as read_artifact
     m["projected_bytes"] = project_model_bytes(built.qstate, built.compressor) if h.quant_clip == "sdclip" else \
         built.payload_bytes * TRAINED_COMPRESSED_PER_PAYLOAD_BYTE  # SDClip: code entropy is set by k, not by training
     model = build_model(cfg, rt)  # the artifact's model, as evaluate_final builds it
@@ -4749,7 +4748,7 @@ def preflight_doc_measure(model: GPT, h: Hyperparameters, rt: Runtime) -> dict:
             m["ttt_compile_s"] = max(cold - r.time_ms / 1000, 0.0)
     take = order[:int(np.searchsorted(np.cumsum(spans[order, 1]), h.global_ttt_chunk_tokens)) + 1]
     sub = spans[np.sort(take)]
-    _, t = timed(rt, lambda: global_ttt(model, stream, sub, dataclasses.replace(h, global_ttt_epochs=1), rt))
+    _, t = rt.timed(lambda: global_ttt(model, stream, sub, dataclasses.replace(h, global_ttt_epochs=1), rt))
     m["global_s_per_token"] = t / int(sub[:, 1].sum())
     log(f"preflight:doc lora_long:{m['lora_long_s_per_pos'] * 1e6:.3f}us/pos lora_short:"
         f"{m['lora_short_s_per_pos'] * 1e6:.3f}us/pos global:{m['global_s_per_token'] * 1e6:.3f}us/token")
