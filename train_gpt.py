@@ -5304,9 +5304,9 @@ def main(env: typing.Mapping[str, str] = os.environ, started: float | None = Non
     started = time.perf_counter() if started is None else started
     try:
         h = Hyperparameters.from_env(env)
-        if not h.run_id:
-            h = dataclasses.replace(h, run_id=default_run_id(h))
         rt = setup_runtime(h.device, env)
+        if not h.run_id:  # rank 0's choice on every rank: a later rank would see rank 0's log and pick _2
+            h = dataclasses.replace(h, run_id=rt.all_gather_object(default_run_id(h) if rt.is_main else None)[0])
         typo_lines = [f"warning: {var}: unknown variable, ignored; did you mean {close}?"
                       for var, close in env_typos(env)]
         for line in typo_lines if env.get("RANK", "0") == "0" else ():
