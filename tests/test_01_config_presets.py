@@ -8,8 +8,8 @@ The record's launch line (frontier.md section 7, copied below) gives, after PRES
 the preset plus its seed, data paths and reserve (COMPRESSOR=pergroup is QUANT_COMPRESSOR=pergroup);
 the line without a frontier preset is one error naming each variable, exit 2, nothing written.
 
-    python3 -m pytest -q tests/test_01_config_presets.py                # about 1 min on one busy core
-    python3 -m pytest -q tests/test_01_config_presets.py -m "not slow"  # without pr1855's run (= frontier's)
+    python3 -m pytest -q tests/test_01_config_presets.py -m "slow or not slow" # about 1 min on one busy core
+    python3 -m pytest -q tests/test_01_config_presets.py                # the quick ones: no preset run end to end
 """
 
 import dataclasses
@@ -151,6 +151,7 @@ PHASES = {"pr691": {"prequant", "roundtrip", "sliding", "ttt"}, "pr639": {"prequ
 
 
 # pr1855 is PRESETS["frontier"] itself (checked above), whose e2e test_11_drivers_frontier_e2e.py runs by default.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "pr1855" else n for n in TINY_LOG])
 def test_each_preset_runs_end_to_end_at_tiny_dims(name, tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -246,6 +247,7 @@ def test_ttt_optimizer_keeps_both_meanings():
     assert tg.env_aliases({"NCCL_NET": "Socket"}) == ({"NCCL_NET": "Socket"}, [])
 
 
+@pytest.mark.slow
 def test_tiny_preset_runs_on_the_shipped_sample_by_default(tmp_path):
     """The README's main job in a fresh clone: `PRESET=tiny python3 train_gpt.py`, nothing else set,
     from any folder, trains and scores on tests/data (the real sp1024 sample) and beats uniform."""

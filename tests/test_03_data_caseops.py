@@ -96,6 +96,7 @@ def _bad(tmp_path, tiny_data, case):
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,words", [
     ("missing", ["CASEOPS_ENABLED=1", "no byte sidecar"]),
     ("short", ["CASEOPS_ENABLED=1", "byte counts for", "fineweb_val_bytes_000000.bin"]),

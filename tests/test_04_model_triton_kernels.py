@@ -90,6 +90,7 @@ def close(case: dict, rel: float = 1e-5):
     return all(d <= rel * max(s, 1.0) for d, s in zip(case["diff"], case["scale"]))
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("slope", ["0.5", "0.0"])
 def test_fused_mlp_forward_and_grads_match_eager(interpreted, slope):
@@ -98,12 +99,14 @@ def test_fused_mlp_forward_and_grads_match_eager(interpreted, slope):
     assert close(case), case
 
 
+@pytest.mark.slow
 @needs_triton
 def test_fused_softcap_ce_loss_and_grad_match_eager(interpreted):
     """Per-row CE of 30 tanh(x/30) (the kernel's 2C sigmoid(2x/C) shift form) and dL/dx, vocab 50 in blocks of 16."""
     assert close(interpreted["ce"]), interpreted["ce"]
 
 
+@pytest.mark.slow
 @needs_triton
 def test_kernels_compile_fullgraph(interpreted):
     """torch.compile(fullgraph=True) takes both (custom ops inside autograd Functions): the compiled
@@ -111,6 +114,7 @@ def test_kernels_compile_fullgraph(interpreted):
     assert interpreted["compiled"]["diff"] == [0.0] * 5, interpreted["compiled"]
 
 
+@pytest.mark.slow
 @needs_triton
 def test_training_kernels_route_the_model_and_match_eager(interpreted):
     """Both knobs on (interpreter): the tiny model's mean loss and every parameter gradient match the

@@ -268,6 +268,7 @@ def test_bad_quant_input_is_one_error_line_exit_2(tiny_data, capsys, env, var):
     assert ok.lqer_top_k == 13  # the tied embedding is the 13th GPTQ'd matrix
 
 
+@pytest.mark.slow
 def test_every_option_artifact_loads_with_eval_artifact_alone(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     options = dict(QUANT_CLIP="sdclip", QUANT_EMBED="gptq", EMBED_BITS=7, MATRIX_BITS=5, LQER_ENABLED=1,

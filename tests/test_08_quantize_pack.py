@@ -41,6 +41,7 @@ def literal(packed: bytes) -> bytes:
     return packed[len(head):len(packed) - len(tail)]
 
 
+@pytest.mark.slow
 def test_escape_covers_every_byte_value_and_only_the_five():
     data = bytes(range(256)) + b"".join(b"\x00" + bytes([c]) for c in b"0123456789\\\x00") + b"\r\n\\\""
     body = pack.escape(data)
@@ -54,6 +55,7 @@ def test_escape_covers_every_byte_value_and_only_the_five():
     assert scope["X"] == data
 
 
+@pytest.mark.slow
 def test_packed_file_is_the_lzma_bytes_and_runs_as_the_script(tmp_path):
     source = b'import sys\nprint(__name__, __file__)\n\n\ndef f():\n    raise ValueError("line 6")\n\n\nf()\n'
     packed = pack.pack(source)
@@ -72,6 +74,7 @@ def test_packed_file_is_the_lzma_bytes_and_runs_as_the_script(tmp_path):
         assert "    exec(compile(lzma.decompress(\n" in proc.stderr and len(proc.stderr) < 500, proc.stderr
 
 
+@pytest.mark.slow
 def test_packed_script_runs_identically_and_counts_its_own_size(tiny_data, tmp_path):
     source = (ROOT / "train_gpt.py").read_bytes()
     packed_path = tmp_path / "record" / "train_gpt.py"
@@ -99,6 +102,7 @@ def test_packed_script_runs_identically_and_counts_its_own_size(tiny_data, tmp_p
         assert ran[name]["log"].split(rule)[1] == source.decode("utf-8") + "\n"
 
 
+@pytest.mark.slow
 def test_usage_error(capsys):
     assert pack.main(["pack.py"]) == 2
     assert capsys.readouterr().err.startswith("usage: python3 tests/tools/pack.py")

@@ -158,6 +158,7 @@ def doc_run(tiny_data, artifact, tmp_path_factory):
     return cwd
 
 
+@pytest.mark.slow
 def test_doc_mode_end_to_end_phases_files_and_clock(doc_run, tiny_data):
     s = json.loads((doc_run / "logs" / "doc.json").read_text())
     log = (doc_run / "logs" / "doc.txt").read_text()
@@ -180,6 +181,7 @@ def test_doc_mode_end_to_end_phases_files_and_clock(doc_run, tiny_data):
     assert ready > 0 and s["eval_time_ms"] >= 1000 * (ready - 0.05) + phases_ms - 1  # ready is logged to 0.1 s
 
 
+@pytest.mark.slow
 def test_stream_without_bos_is_one_document_and_the_log_says_so(tiny_data, artifact, tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
     data.mkdir()
@@ -239,6 +241,7 @@ def test_compile_warm_up_uses_random_tokens_and_the_eval_graph(h, monkeypatch):
 # EVAL_PHASES: exactly the phases asked for; the others skipped (null), never a fake number
 
 
+@pytest.mark.slow
 def test_eval_phases_ttt_runs_only_ttt_and_the_audit_still_works(tiny_data, artifact, tmp_path, monkeypatch, capsys):
     """EVAL_PHASES=ttt (PRESET=frontier's) on an artifact, RECORD=1: only the LoRA TTT phase runs (one
     score line), roundtrip and doc are logged and summarized as skipped (null), the headline is the

@@ -20,6 +20,7 @@ import train_gpt as tg
 from conftest import tiny_env
 
 
+@pytest.mark.slow
 def test_validation_opened_only_after_artifact_written(tiny_data, tmp_path, monkeypatch):
     """Training, calibration on training data and quantization never read a val shard."""
     events = []
@@ -47,6 +48,7 @@ def test_ttt_plan_epochs(epochs, left, score_s, epoch_s, time_left, expected):
     assert tg.ttt_plan_epochs(epochs, left, score_s, epoch_s, time_left) == expected
 
 
+@pytest.mark.slow
 def test_ttt_planner_keeps_slowed_run_inside_budget(hparams, runtime, tiny_model, tiny_data, monkeypatch):
     """On a virtual clock where each TTT epoch of a chunk costs 1 s, a 10 s budget cannot hold
     13 trained chunks x 3 epochs: the planner cuts epochs, finishes in time, scores every token."""
@@ -95,6 +97,7 @@ def test_compliance_report(hparams, runtime, train_ms, calib_ms, eval_ms, quant_
     assert report["eval_plus_post_train_ms"] == eval_ms + quant_ms
 
 
+@pytest.mark.slow
 def test_record_run_breaking_a_rule_exits_3_after_writing_logs(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tg, "EVAL_LIMIT_MS", 0)  # any eval overruns: a broken B3
@@ -217,6 +220,7 @@ def test_paired_by_document(tmp_path):
     assert r["t_statistic"] == pytest.approx(d.mean() / (d.std(ddof=1) / math.sqrt(3)))
 
 
+@pytest.mark.slow
 def test_slot_is_never_the_headline_and_breaks_a_record(tiny_data, tmp_path, monkeypatch):
     """SLOT_ENABLED=1 adds a labelled non-record phase; the headline stays TTT; with RECORD=1 the
     audit lists rule A7 and the run exits 3."""
@@ -263,6 +267,7 @@ def test_budget_cuts_name_every_cut_of_the_planners_and_nothing_else():
     assert tg.budget_cuts(results) == []
 
 
+@pytest.mark.slow
 def test_a_small_eval_budget_shows_in_the_summary_line(tiny_data, tmp_path, monkeypatch, capsys):
     """A reproduction on a slow machine: the TTT planner cuts epochs, and the last line says so."""
     monkeypatch.chdir(tmp_path)

@@ -5,8 +5,7 @@ JSON, the artifact and its size (rule D1), EVAL_ARTIFACT reproducing a run's sco
 artifact and the val shard alone (rules C1, C2), TOKEN_LOSSES_DIR files, bitwise determinism,
 one-line errors with exit status 2 and nothing left behind, and (slow) 2 gloo processes against 1.
 
-    python3 -m pytest -q tests/test_11_drivers_end_to_end.py              # everything, about 1-2 minutes
-    python3 -m pytest -q tests/test_11_drivers_end_to_end.py -m "not slow" # without the 2-process runs
+    python3 -m pytest -q tests/test_11_drivers_end_to_end.py -m "slow or not slow" # everything, about 1-2 minutes
 """
 
 import dataclasses
@@ -103,6 +102,7 @@ def eval_run(train_run, tiny_data, tmp_path_factory) -> Run:
 # One tiny run: log, summary, artifact
 
 
+@pytest.mark.slow
 def test_log_starts_with_sorted_hyperparameters_and_ends_with_final_labels(train_run, tiny_data):
     lines = train_run.log.splitlines()
     names = sorted(f.name for f in dataclasses.fields(tg.Hyperparameters))
@@ -119,6 +119,7 @@ def test_log_starts_with_sorted_hyperparameters_and_ends_with_final_labels(train
     assert train_run.summary["config"] == dict(expected, bos_id=1)  # BOS_ID=-1: the tokenizer's, as run
 
 
+@pytest.mark.slow
 def test_summary_json_has_the_interface_keys_and_consistent_numbers(train_run, tiny_data):
     s = train_run.summary
     assert (s["run_id"], s["seed"], s["world_size"]) == ("e2e", 1337, 1)
@@ -155,6 +156,7 @@ def test_summary_json_has_the_interface_keys_and_consistent_numbers(train_run, t
     assert abs(s["eval"]["roundtrip"]["val_bpb"] - s["eval"]["prequant"]["val_bpb"]) < 0.05
 
 
+@pytest.mark.slow
 def test_token_losses_files_cover_the_val_stream(train_run, tiny_data):
     s = train_run.summary
     n = val_stream_len(tiny_data)
@@ -174,6 +176,7 @@ def test_token_losses_files_cover_the_val_stream(train_run, tiny_data):
     assert arrays["ttt"][c + 1:].tobytes() != arrays["sliding"][c + 1:].tobytes()
 
 
+@pytest.mark.slow
 def test_eval_artifact_reproduces_scores_without_training_data(train_run, eval_run):
     s, e = train_run.summary, eval_run.summary
     assert not list(Path(eval_run.env["DATA_PATH"]).glob("fineweb_train_*"))
@@ -190,6 +193,7 @@ def test_eval_artifact_reproduces_scores_without_training_data(train_run, eval_r
         assert a.tobytes() == b.tobytes(), phase
 
 
+@pytest.mark.slow
 def test_two_identical_runs_give_bitwise_identical_artifacts(train_run, tmp_path):
     again = launch(tmp_path, train_run.env)
     again.check_ok()
@@ -247,6 +251,7 @@ class LeftBehind(Exception):
 ERROR_PARAMS = list(ERROR_CASES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ERROR_PARAMS)
 def test_bad_input_fails_with_one_error_line(case, tiny_data, tmp_path):
     make_env, words = ERROR_CASES[case]
@@ -259,6 +264,7 @@ def test_bad_input_fails_with_one_error_line(case, tiny_data, tmp_path):
         raise LeftBehind("trained or left an artifact (or its .tmp) in cwd: " + str(sorted(os.listdir(cwd))))
 
 
+@pytest.mark.slow
 def test_bad_val_shard_fails_at_eval_and_keeps_the_artifact(tiny_data, tmp_path):
     """Val shards are not even opened before the artifact exists (rule C1), so a bad val header is
     found when evaluation starts: exit 2 naming the file, and the complete artifact stays for
@@ -275,6 +281,7 @@ def test_bad_val_shard_fails_at_eval_and_keeps_the_artifact(tiny_data, tmp_path)
     assert cfg.num_layers == 2 and state
 
 
+@pytest.mark.slow
 def test_artifact_over_the_cap_writes_nothing(tmp_path, monkeypatch, hparams, runtime, tiny_model):
     monkeypatch.chdir(tmp_path)
     blob = b"x" * 1000
@@ -345,6 +352,7 @@ def test_two_process_eval_matches_one_process(train_run, eval_run, tmp_path):
     assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["logs_is_a_file", pytest.param("read_only", marks=pytest.mark.skipif(
     os.geteuid() == 0, reason="root writes into a 0o555 folder all the same"))])
 def test_unwritable_working_directory_is_one_error_line(case, tmp_path):
@@ -369,6 +377,7 @@ def test_unwritable_working_directory_is_one_error_line(case, tmp_path):
         shutil.rmtree(cwd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["random", "missing"])
 def test_eval_artifact_is_checked_before_the_val_shards(damage, tiny_data, tmp_path):
     """EVAL_ARTIFACT reads and checks the artifact first: a corrupt or missing artifact is the one error

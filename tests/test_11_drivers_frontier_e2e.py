@@ -2,8 +2,7 @@
 CPU, looping switched on mid-run and kept for calibration, eval and TTT; 1 and 2 processes
 agree; bad frontier settings stop with one error line and write nothing.
 
-    python3 -m pytest -q tests/test_11_drivers_frontier_e2e.py                # about 40 s idle
-    python3 -m pytest -q tests/test_11_drivers_frontier_e2e.py -m "not slow"  # without the 2-process run
+    python3 -m pytest -q tests/test_11_drivers_frontier_e2e.py -m "slow or not slow" # about 40 s idle
 """
 
 import json
@@ -24,6 +23,7 @@ def frontier_run(tiny_data, tmp_path_factory):
     return cwd, env, (cwd / "logs" / "frontier.txt").read_text()
 
 
+@pytest.mark.slow
 def test_frontier_preset_runs_every_phase(frontier_run):
     cwd, env, log = frontier_run
     assert f"model_params:{frontier_param_count(512, 5, 64, 4, 2, 4.0, 8, 7)} " in log
@@ -57,6 +57,7 @@ def test_frontier_two_processes_match_one(frontier_run, tmp_path):
     assert exact(two, "prequant_ema") == pytest.approx(exact(log, "prequant_ema"), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_bad_frontier_input_is_one_error_line_and_writes_nothing(tiny_data, tmp_path):
     """The other bad settings are checked in-process (test_04_model_frontier.py): same code path."""
     proc = run_script(frontier_env(tiny_data, PARALLEL_START_LAYER=5), tmp_path)

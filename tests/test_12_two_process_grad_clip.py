@@ -90,6 +90,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_local_is_mean_of_clips_averaged_is_clip_of_mean():
     g0, g1 = local_grad(0), local_grad(1)
     assert g0.norm() < CLIP / 4 and g1.norm() > 10 * CLIP  # the clip bites on rank 1 only

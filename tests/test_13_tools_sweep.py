@@ -24,6 +24,7 @@ def synthetic(effect: float, n_docs: int = 60, seed: int = 0):
     return tokens, new, base, lengths
 
 
+@pytest.mark.slow
 def test_per_document_deltas_equal_an_explicit_loop():
     tokens, new, base, lengths = synthetic(-0.05)
     got = sweep.per_document_deltas(new, base, tokens, bos_id=1)
@@ -36,6 +37,7 @@ def test_per_document_deltas_equal_an_explicit_loop():
     assert len(got) == len(lengths)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("effect", [-0.05, 0.0, 0.05])
 def test_paired_test_matches_scipy_ttest_rel(effect):
     tokens, new, base, lengths = synthetic(effect, seed=3)
@@ -53,12 +55,14 @@ def test_paired_test_matches_scipy_ttest_rel(effect):
         assert got["p_one_sided"] > 0.999 and lo > 0
 
 
+@pytest.mark.slow
 def test_paired_test_rejects_mismatched_lengths():
     tokens, new, base, _ = synthetic(0.0)
     with pytest.raises(ValueError, match="differ in length"):
         sweep.per_document_deltas(new[:-1], base[:-1], tokens, 1)
 
 
+@pytest.mark.slow
 def test_bad_assignment_is_one_error():
     with pytest.raises(SystemExit, match="expected KEY=VALUE"):
         sweep.parse_assignments("ITERATIONS")
@@ -83,6 +87,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_grid_runs_every_point_reports_a_failure_and_resumes(tiny_data, tmp_path, clean_env):
     out = tmp_path / "grid"
     rc = sweep.main(["grid", "--base", base_string(tiny_data), "--vary", "MATRIX_LR=0.05,oops", "--out", str(out)])
@@ -106,6 +111,7 @@ def test_grid_runs_every_point_reports_a_failure_and_resumes(tiny_data, tmp_path
     assert rows2["p000_matrix_lr-0.05"]["val_bpb"] == good["val_bpb"]
 
 
+@pytest.mark.slow
 def test_select_keeps_a_real_gain_and_rejects_a_loss(tiny_data, tmp_path, clean_env):
     out = tmp_path / "sel"
     rc = sweep.main(["select", "--base", base_string(tiny_data), "--candidate", "ITERATIONS=30",
