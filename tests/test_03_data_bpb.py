@@ -78,7 +78,7 @@ REAL_SOURCES = [pytest.param((SAMPLE_TOKENIZER[1024], SAMPLE_SHARDS[1024], SAMPL
 
 
 def test_real_tokenizer_every_piece():
-    sp = load_sp(SAMPLE_TOKENIZER[1024])  # the real sp1024 model, shipped (test_data checks it is the same file)
+    sp = load_sp(SAMPLE_TOKENIZER[1024])  # the real sp1024 model, shipped (test_03_data.py checks it is the same file)
     assert sp.vocab_size() == 1024 and all(sp.is_byte(i) for i in range(4, 260))
     check_every_piece(sp)
 
