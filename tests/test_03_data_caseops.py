@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, assert_one_error_line, SHARED_DATA, run_script, tiny_env
+from conftest import assert_one_error_line, SHARED_DATA, run_script, tiny_env
 
 CASEOPS_TOKENIZER = SHARED_DATA / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
@@ -246,30 +246,3 @@ def test_tiny_caseops_run_scores_the_sidecar_bytes(tmp_path):
             continue
         assert (r["tokens"], r["bytes"]) == (usable, side[1:usable + 1].sum()), phase
         assert r["val_bpb"] == pytest.approx(r["val_loss"] * r["tokens"] / (math.log(2) * r["bytes"]), rel=1e-12)
-
-
-@pytest.mark.parametrize("case,words", [
-    ("bad_json", ["line 2", "JSON object"]),
-    ("no_text", ["line 1", "text"]),
-    ("not_caseops", ["not a CaseOps tokenizer"]),
-    ("not_a_model", ["not a SentencePiece model"]),
-    ("val_docs", ["--val-docs 3", "3 documents"]),
-])
-def test_caseops_tool_bad_input_is_one_error_line(tmp_path, tiny_data, case, words):
-    """tests/tools/caseops_data.py on bad input: one `error:` line, exit 2, no shard written."""
-    import subprocess
-    import sys
-    docs = tmp_path / "docs.jsonl"
-    lines = {"bad_json": ['{"text": "A b"}', '{"text": '], "no_text": ['{"body": "x"}']}.get(
-        case, ['{"text": "One."}', '{"text": "Two."}', '{"text": "Three."}'])
-    docs.write_text("\n".join(lines) + "\n")
-    tokenizer = tiny_data / "tokenizer.model"
-    if case == "not_a_model":
-        tokenizer = tmp_path / "junk.model"
-        tokenizer.write_bytes(b"\x00junk" * 50)
-    out = tmp_path / "out"
-    tool = ROOT / "tests" / "tools" / "caseops_data.py"
-    proc = subprocess.run([sys.executable, tool, "--docs", str(docs), "--tokenizer", str(tokenizer), "--out", str(out),
-                           "--val-docs", "3" if case == "val_docs" else "1"], capture_output=True, text=True)
-    assert_one_error_line(proc, words)
-    assert not out.exists()

@@ -249,25 +249,6 @@ def test_process_group_gets_the_timeout(monkeypatch):
     assert seen["timeout"] == tg.PROCESS_GROUP_TIMEOUT >= tg.datetime.timedelta(minutes=20)
 
 
-@pytest.mark.parametrize("env,var", [
-    ({"QUANT_COMPRESSOR": "lrzip"}, "QUANT_COMPRESSOR"),
-    ({"QUANT_CLIP": "mse"}, "QUANT_CLIP"),
-    ({"MATRIX_BITS": "1"}, "MATRIX_BITS"),
-    ({"EMBED_BITS": "9"}, "EMBED_BITS"),
-    ({"LQER_FACTOR_BITS": "9"}, "LQER_FACTOR_BITS"),
-    ({"LQER_ENABLED": "1", "LQER_TOP_K": "13"}, "LQER_TOP_K"),  # tiny: 2 layers x 6 matrices = 12
-    ({"LQER_ENABLED": "1", "LQER_TOP_K": "0"}, "LQER_TOP_K"),
-    ({"MLP_CLIP_SIGMAS": "0"}, "MLP_CLIP_SIGMAS"),
-    ({"LQER_RNAK": "4"}, "LQER_RNAK"),
-], ids=lambda x: x if isinstance(x, str) else "")
-def test_bad_quant_input_is_one_error_line_exit_2(tiny_data, capsys, env, var):
-    assert tg.main(tiny_env(tiny_data, **env)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {var}")
-    ok = tg.Hyperparameters.from_env(tiny_env(tiny_data, LQER_ENABLED=1, LQER_TOP_K=13, QUANT_EMBED="gptq"))
-    assert ok.lqer_top_k == 13  # the tied embedding is the 13th GPTQ'd matrix
-
-
 @pytest.mark.slow
 def test_every_option_artifact_loads_with_eval_artifact_alone(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

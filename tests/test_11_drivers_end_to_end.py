@@ -353,31 +353,6 @@ def test_two_process_eval_matches_one_process(train_run, eval_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["logs_is_a_file", pytest.param("read_only", marks=pytest.mark.skipif(
-    os.geteuid() == 0, reason="root writes into a 0o555 folder all the same"))])
-def test_unwritable_working_directory_is_one_error_line(case, tmp_path):
-    """logs/ cannot be created (a file named logs; a folder without write permission): exit 2, one
-    `error:` line naming logs/ and the folder, nothing trained or written. PRESET=tiny's shipped sample."""
-    import subprocess
-    import sys
-    import tempfile
-    from conftest import script_env
-    cwd = Path(tempfile.mkdtemp(dir=tmp_path))
-    try:
-        if case == "logs_is_a_file":
-            (cwd / "logs").write_text("not a folder")
-        os.chmod(cwd, 0o555 if case == "read_only" else 0o755)
-        before = sorted(os.listdir(cwd))
-        proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=cwd, capture_output=True, text=True, timeout=120,
-                              env=script_env({"PRESET": "tiny", "RUN_ID": "err"}))
-        assert_one_error_line(proc, ["logs/err.txt", "cannot be written", str(cwd)])
-        assert sorted(os.listdir(cwd)) == before and "step:" not in proc.stdout
-    finally:
-        os.chmod(cwd, 0o755)
-        shutil.rmtree(cwd)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["random", "missing"])
 def test_eval_artifact_is_checked_before_the_val_shards(damage, tiny_data, tmp_path):
     """EVAL_ARTIFACT reads and checks the artifact first: a corrupt or missing artifact is the one error

@@ -1,6 +1,6 @@
 """PRESET=frontier end to end at tiny dims (env overrides on top of the preset): every phase on
 CPU, looping switched on mid-run and kept for calibration, eval and TTT; 1 and 2 processes
-agree; bad frontier settings stop with one error line and write nothing.
+agree (bad frontier settings: tests/test_14_errors.py).
 
     python3 -m pytest -q tests/test_11_drivers_frontier_e2e.py -m "slow or not slow" # about 40 s idle
 """
@@ -55,13 +55,3 @@ def test_frontier_two_processes_match_one(frontier_run, tmp_path):
     loss = [re.search(rf"step:{ITERATIONS}/{ITERATIONS} train_loss:([\d.]+)", t).group(1) for t in (log, two)]
     assert abs(float(loss[0]) - float(loss[1])) <= 1.0001e-4  # same global batch, float sum order aside
     assert exact(two, "prequant_ema") == pytest.approx(exact(log, "prequant_ema"), abs=1e-5)
-
-
-@pytest.mark.slow
-def test_bad_frontier_input_is_one_error_line_and_writes_nothing(tiny_data, tmp_path):
-    """The other bad settings are checked in-process (test_04_model_frontier.py): same code path."""
-    proc = run_script(frontier_env(tiny_data, PARALLEL_START_LAYER=5), tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: PARALLEL_START_LAYER=5:") and proc.stderr.count("\n") == 1
-    assert "Traceback" not in proc.stderr and not proc.stdout
-    assert not list(tmp_path.iterdir())  # settings are checked before anything is opened
