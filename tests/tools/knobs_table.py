@@ -7,7 +7,7 @@ comment lines inside the class.
     python3 tests/tools/knobs_table.py            # print the table
     python3 tests/tools/knobs_table.py --write    # replace the block between the README's knobs markers
 
-tests/test_config.py checks that the README's block equals this output.
+tests/test_01_config.py checks that the README's block equals this output.
 """
 
 import ast

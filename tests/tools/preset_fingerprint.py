@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python3 tests/tools/preset_fingerprint.py OUT.json --check BEFORE.json
 
 Each preset runs as `python3 train_gpt.py` on the tests' tiny dataset with the tests' tiny
-overrides (tests/test_presets.py, tests/test_frontier_e2e.py): shapes shrink, what the preset is
+overrides (tests/test_01_config_presets.py, tests/test_11_drivers_frontier_e2e.py): shapes shrink, what the preset is
 about stays. Recorded per preset: every eval phase's val_loss and val_bpb as logged, the
 artifact's bytes and sha256 and the steps trained (not the code
 bytes, which any edit moves). --check exits 1 naming every difference.
@@ -25,8 +25,8 @@ sys.path.insert(0, str(TESTS.parent))
 
 from conftest import run_script, tiny_env  # noqa: E402
 from make_tiny_data import make_dataset  # noqa: E402
-from test_frontier_e2e import frontier_env  # noqa: E402
-from test_presets import tiny_preset_env  # noqa: E402
+from helpers import frontier_env  # noqa: E402
+from helpers import tiny_preset_env  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
 
