@@ -136,7 +136,7 @@ def test_assignment_balance_on_the_frontier_shapes(world):
 
 
 def test_default_model_splits_exactly_in_two():
-    """tests/test_preflight_plan.py's hand computation halves GPTQ_S on 2 ranks: exact for the default model."""
+    """tests/test_11_drivers_preflight_plan.py's hand computation halves GPTQ_S on 2 ranks: exact for the default model."""
     h = tg.Hyperparameters()
     assert tg.gptq_split_share(h, 2) == 0.5
     assert tg.gptq_split_share(h, 1) == 1.0 == tg.gptq_split_share(tg.dataclasses.replace(h, gptq_split=False), 8)

@@ -4,7 +4,7 @@ One real preflight on the tiny preset (the table is printed, exit 0, nothing wri
 no validation token read: the val shard is garbage of the right size and every read_shard call is
 recorded), and the projection arithmetic of `preflight_table` against hand computations.
 
-    python3 -m pytest -q tests/test_preflight.py
+    python3 -m pytest -q tests/test_11_drivers_preflight.py
 """
 
 import json

@@ -9,7 +9,7 @@ full-size frontier plan: NO-GO on today's behaviour (pinned by copies of today's
 GO with the fixes (compiled LoRA TTT, as lora_ttt_compiled reports), and the
 split LPT schedule's per-rank balance on the same documents.
 
-    python3 -m pytest -q tests/test_preflight_plan.py
+    python3 -m pytest -q tests/test_11_drivers_preflight_plan.py
 """
 
 import builtins
