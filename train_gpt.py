@@ -722,7 +722,9 @@ PRESET_NOTES = {
 
 class View:
     """A frozen subset of Hyperparameters' fields, by the same names and types: what one part of
-    the run reads (issue 17). Built by name from the one flat config, never given defaults of its own."""
+    the run reads (issue 17). Built by name from the one flat config, never given defaults of its own.
+    A function typed with a view reads only its fields, so the flat config itself (a superset by
+    name) may be passed too, as tests and the planners do."""
 
     @classmethod
     def of(cls, h: Hyperparameters):
@@ -769,6 +771,43 @@ class ModelConfig(View):
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class DocTTTConfig(View):
+    """What EVAL_MODE=doc's TTT reads (lora_ttt_evaluate and everything it calls: per-document LoRA,
+    the batch schedule, phased global TTT), and nothing else of the run."""
+    compile: int
+    compile_mode: typing.Literal["default", "max-autotune-no-cudagraphs", "max-autotune"]
+    seed: int
+    eval_seq_len: int
+    eval_batch_seqs: int
+    ttt_chunk_size: int
+    ttt_batch_size: int
+    ttt_grad_steps: int
+    ttt_lora_rank: int
+    ttt_lora_alpha: float
+    ttt_lora_lr: float
+    ttt_beta1: float
+    ttt_beta2: float
+    ttt_weight_decay: float
+    ttt_warm_start_a: bool
+    ttt_k_lora: bool
+    ttt_o_lora: bool
+    ttt_mlp_lora: bool
+    ttt_lora_per_slot: bool
+    ttt_compile_dynamic: bool
+    ttt_balance: typing.Literal["lpt", "round_robin"]
+    ttt_split_batches: bool
+    phased_ttt_prefix_docs: int
+    phased_ttt_num_phases: int
+    phased_ttt_select: typing.Literal["shortest", "prefix"]
+    global_ttt_lr: float
+    global_ttt_momentum: float
+    global_ttt_epochs: int
+    global_ttt_chunk_tokens: int
+    global_ttt_batch_seqs: int
+    global_ttt_grad_clip: float
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3879,7 +3918,7 @@ class BatchedLoRA:
     b <= n: the first b documents; a one-slot adapter serves every pass. Stacked so the slot is a
     constant index in a compiled graph. Not an nn.Module, so attaching one adds nothing to a state_dict."""
 
-    def __init__(self, n: int, d_in: int, d_out: int, h: Hyperparameters, gen: torch.Generator, device,
+    def __init__(self, n: int, d_in: int, d_out: int, h: DocTTTConfig, gen: torch.Generator, device,
                  slots: int = 1):
         self.bound, self.slots = 1 / math.sqrt(d_in), slots
         self.A = torch.empty(slots, n, h.ttt_lora_rank, d_in, device=device).uniform_(-self.bound, self.bound,
@@ -3902,7 +3941,7 @@ class BatchedLoRA:
         return (x @ self.A[s, :b].transpose(1, 2).to(x.dtype)) @ self.B[s, :b].transpose(1, 2).to(x.dtype) * self.scale
 
 
-def lora_hosts(model: GPT, h: Hyperparameters) -> list[tuple[nn.Module, int, int]]:
+def lora_hosts(model: GPT, h: DocTTTConfig) -> list[tuple[nn.Module, int, int]]:
     """(module, in, out) for every adapter: Q, V and the LM head always; K, O and MLP by knob."""
     d, V = model.cfg.model_dim, model.cfg.vocab_size
     hosts = [(model, d, V)]
@@ -3915,7 +3954,7 @@ def lora_hosts(model: GPT, h: Hyperparameters) -> list[tuple[nn.Module, int, int
     return hosts
 
 
-def lora_slots(model: GPT, h: Hyperparameters) -> list[int]:
+def lora_slots(model: GPT, h: DocTTTConfig) -> list[int]:
     """Adapter slots of each host, in lora_hosts' order: with TTT_LORA_PER_SLOT=1 on a looping
     model, the passes of the host's layer over model.loop_order (the record's virtual layers: 17
     slots over 11 layers at PRESET=frontier); else 1, one adapter shared by every pass."""
@@ -3924,7 +3963,7 @@ def lora_slots(model: GPT, h: Hyperparameters) -> list[int]:
     return [order.count(layer[m]) if m in layer else 1 for m, _, _ in lora_hosts(model, h)]
 
 
-def attach_lora(model: GPT, h: Hyperparameters, gen: torch.Generator, device) -> list[BatchedLoRA]:
+def attach_lora(model: GPT, h: DocTTTConfig, gen: torch.Generator, device) -> list[BatchedLoRA]:
     adapters = []
     for (module, d_in, d_out), slots in zip(lora_hosts(model, h), lora_slots(model, h)):
         module.lora = BatchedLoRA(h.ttt_batch_size, d_in, d_out, h, gen, device, slots)
@@ -3947,7 +3986,7 @@ def zero_optimizer_state(opt: torch.optim.Optimizer):
                 v.zero_()
 
 
-def lora_ttt_compiled(h: Hyperparameters, rt: Runtime | None = None) -> bool:
+def lora_ttt_compiled(h: DocTTTConfig, rt: Runtime | None = None) -> bool:
     """Whether lora_ttt_evaluate runs its adapted forward compiled: COMPILE as maybe_compile reads
     it on `rt` (None: on CUDA, the device PREFLIGHT=plan projects for, so h.compile != 0)."""
     return compile_enabled(h, rt) if rt is not None else h.compile != 0
@@ -3956,7 +3995,7 @@ def lora_ttt_compiled(h: Hyperparameters, rt: Runtime | None = None) -> bool:
 LORA_TTT_MAX_GRAPHS = 8  # grad on/off x (rows 1 or more) x (length 1 or more): dynamo's 0/1 specialisation
 
 
-def lora_forward(model: GPT, h: Hyperparameters, rt: Runtime):
+def lora_forward(model: GPT, h: DocTTTConfig, rt: Runtime):
     """(x, y) -> per-token NLL (rows, T) through the adapted model, one document a row (plain
     causal attention). Compiled with dynamic shapes (TTT_COMPILE_DYNAMIC=1, as the record) when
     lora_ttt_compiled: the adapters' tensors keep their identity (reset in place), so graphs are
@@ -4012,14 +4051,14 @@ def score_first(forward, score, adapt, steps: int):
         adapt(nll if i == 0 else forward())
 
 
-def lora_optimizer(adapters: list[BatchedLoRA], h: Hyperparameters) -> torch.optim.Optimizer:
+def lora_optimizer(adapters: list[BatchedLoRA], h: DocTTTConfig) -> torch.optim.Optimizer:
     params = [t for a in adapters for t in (a.A, a.B)]
     return torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=LORA_ADAM_EPS,
                              weight_decay=h.ttt_weight_decay)
 
 
 def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters: list[BatchedLoRA], steps: int,
-                   h: Hyperparameters, rt: Runtime, losses: TokenLosses | None, opt=None, forward=None) -> Tensor:
+                   h: DocTTTConfig, rt: Runtime, losses: TokenLosses | None, opt=None, forward=None) -> Tensor:
     """Score one batch of documents chunk by chunk, stepping each document's adapters after each
     of its chunks is scored; returns the (nll, tokens, bytes) sums. Rows are padded with token 0
     after their end: the causal model never looks there for a scored position. `opt` (its state
@@ -4059,7 +4098,7 @@ def lora_ttt_batch(model: GPT, val: ValidationData, spans: np.ndarray, adapters:
     return acc.sums
 
 
-def global_pieces(spans: np.ndarray, h: Hyperparameters) -> tuple[np.ndarray, np.ndarray]:
+def global_pieces(spans: np.ndarray, h: DocTTTConfig) -> tuple[np.ndarray, np.ndarray]:
     """Global TTT's rows: (start, length) pieces of <= EVAL_SEQ_LEN tokens of one document each,
     and the SGD step of each (one step per GLOBAL_TTT_CHUNK_TOKENS tokens, in order)."""
     L = h.eval_seq_len
@@ -4067,7 +4106,7 @@ def global_pieces(spans: np.ndarray, h: Hyperparameters) -> tuple[np.ndarray, np
     return pieces, (np.cumsum(pieces[:, 1]) - pieces[:, 1]) // h.global_ttt_chunk_tokens
 
 
-def global_ttt(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime) -> int:
+def global_ttt(model: GPT, val: ValidationData, spans: np.ndarray, h: DocTTTConfig, rt: Runtime) -> int:
     """Phased TTT's global step (PR #1610, #1626): SGD with momentum on every base weight over
     documents already scored, GLOBAL_TTT_EPOCHS passes, one step per GLOBAL_TTT_CHUNK_TOKENS
     tokens with a cosine LR, gradients summed over ranks and clipped. Each row is one piece of
@@ -4158,7 +4197,7 @@ def split_heavy_batches(queue: list[np.ndarray], cuts: list[int], work, world_si
     return out, new_cuts
 
 
-def lora_schedule(spans: np.ndarray, h: Hyperparameters, world_size: int) -> LoraSchedule:
+def lora_schedule(spans: np.ndarray, h: DocTTTConfig, world_size: int) -> LoraSchedule:
     """The LoRA TTT plan, a pure function of the spans and knobs. Segments cut the queue at the
     phase boundaries; TTT_BALANCE=lpt spreads each segment's batches by work (round_robin: by
     index). Phase p trains on the b_p shortest documents scored before its pause
@@ -4199,7 +4238,7 @@ def schedule_done_after(plan: LoraSchedule, seg: int) -> bool:
     return not any(batches for rank in plan.mine for batches in rank[seg + 1:])
 
 
-def lora_plan_steps(h: Hyperparameters, pace: float, work_left: int, phase_tokens: int, token_s: float | None,
+def lora_plan_steps(h: DocTTTConfig, pace: float, work_left: int, phase_tokens: int, token_s: float | None,
                     time_left_s: float) -> int:
     """Grad steps per chunk for the rest of the queue: the most (<= TTT_GRAD_STEPS) whose projected
     time fits. A batch costs work x pace x (1 + STEP_COST x steps); each global phase still ahead
@@ -4210,7 +4249,7 @@ def lora_plan_steps(h: Hyperparameters, pace: float, work_left: int, phase_token
 
 
 def run_global_phase(model: GPT, val: ValidationData, prefix: np.ndarray, p: int, n_phases: int, last: bool,
-                     h: Hyperparameters, rt: Runtime, est_s: float | None, room_s: float) -> float | None:
+                     h: DocTTTConfig, rt: Runtime, est_s: float | None, room_s: float) -> float | None:
     """Global phase p over the `prefix` documents, unless no document is left to score after it,
     or its estimate (None: unknown) exceeds the room left on any rank. Returns its seconds per
     token trained, None when skipped; the next phase decides afresh."""
@@ -4245,7 +4284,7 @@ class LoraPlanner:
     def pace(self) -> float | None:
         return robust_pace(self.paces)
 
-    def prior(self, h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, rt: Runtime):
+    def prior(self, h: DocTTTConfig, spans: np.ndarray, plan: LoraSchedule, rt: Runtime):
         """Before any batch: the whole schedule at the prior (record) pace."""
         self.steps, projected = lora_prior_steps(h, spans, plan, rt.world_size, self.deadline - clock(), rt)
         mode = "compiled" if lora_ttt_compiled(h, rt) else "eager"
@@ -4254,7 +4293,7 @@ class LoraPlanner:
         self.changes += self.steps != h.ttt_grad_steps
 
     def after_batch(self, dt: float, work: int, work_left: int, phase_tokens: int, label: str,
-                    h: Hyperparameters, rt: Runtime):
+                    h: DocTTTConfig, rt: Runtime):
         """A batch of `work` took dt seconds; work_left is this rank's still to run, phase_tokens the
         global phases' still ahead; label names the batch in a plan line."""
         self.paces.append(dt / work / (1 + STEP_COST * self.steps))
@@ -4288,7 +4327,7 @@ def first_batches(mine: list[list[int]], limit: int | None) -> list[list[int]]:
     return out
 
 
-def log_lora_start(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule):
+def log_lora_start(h: DocTTTConfig, spans: np.ndarray, plan: LoraSchedule):
     log(f"ttt:start mode:lora docs:{len(spans)} batches:{len(plan.queue)} batch_docs:{h.ttt_batch_size} "
         f"chunk:{h.ttt_chunk_size} context:{h.eval_seq_len} rank:{h.ttt_lora_rank} alpha:{h.ttt_lora_alpha} "
         f"lr:{h.ttt_lora_lr} grad_steps:{h.ttt_grad_steps} warm_start_a:{int(h.ttt_warm_start_a)} "
@@ -4298,7 +4337,7 @@ def log_lora_start(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule):
 
 def lora_global_phase(model: GPT, val: ValidationData, spans: np.ndarray, plan: LoraSchedule, seg: int,
                       adapters: list[BatchedLoRA], planner: LoraPlanner, tokens: int, work_left: int,
-                      h: Hyperparameters, rt: Runtime):
+                      h: DocTTTConfig, rt: Runtime):
     """The global phase after segment `seg` on the base model alone (run_global_phase decides
     whether it runs), then the same adapter objects back, so the compiled forward's guards hold."""
     est_s, room_s = planner.phase_estimate(tokens, work_left)
@@ -4311,7 +4350,7 @@ def lora_global_phase(model: GPT, val: ValidationData, spans: np.ndarray, plan: 
         planner.token_s, planner.phases_run = ran, planner.phases_run + 1
 
 
-def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime,
+def lora_ttt_evaluate(model: GPT, val: ValidationData, spans: np.ndarray, h: DocTTTConfig, rt: Runtime,
                       losses: TokenLosses | None = None, deadline: float | None = None,
                       limit: int | None = None) -> EvalResult:
     """Batched per-document LoRA TTT (PR #1530 -> #1855), with PHASED_TTT_NUM_PHASES global SGD
@@ -4454,7 +4493,7 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
         phase("slot", lambda tl: evaluate(slot_fn, val, h, rt, h.eval_stride, tl),
               f" stride:{h.eval_stride} steps:{h.slot_steps} lr:{h.slot_lr}")
     if "ttt" in run_phases and h.eval_mode == "doc":
-        phase("ttt", lambda tl: lora_ttt_evaluate(model, val, spans, h, rt, tl, deadline=deadline))
+        phase("ttt", lambda tl: lora_ttt_evaluate(model, val, spans, DocTTTConfig.of(h), rt, tl, deadline=deadline))
     elif "ttt" in run_phases:
         phase("ttt", lambda tl: ttt_evaluate(model, nll_fn, val, h, rt, tl, deadline=deadline))
     for name in skipped:
@@ -4737,7 +4776,8 @@ def preflight_doc_measure(model: GPT, h: Hyperparameters, rt: Runtime) -> dict:
     stream = stand_in_stream(h, max(4 * B * L, 2 * h.global_ttt_chunk_tokens) + 1).to(rt.device)
     spans = document_spans(stream.tokens.cpu().numpy(), h.bos_id)
     spans[:, 1] = np.minimum(spans[:, 1], 2 * L)
-    order, one, m = np.argsort(-spans[:, 1], kind="stable"), dataclasses.replace(h, phased_ttt_num_phases=0), {}
+    one = DocTTTConfig.of(dataclasses.replace(h, phased_ttt_num_phases=0))
+    order, m = np.argsort(-spans[:, 1], kind="stable"), {}
     long = spans[np.sort(order[:B])]
     if lora_ttt_compiled(h, rt):
         cold = lora_ttt_evaluate(model, stream, long, one, rt).time_ms / 1000

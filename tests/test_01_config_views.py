@@ -8,7 +8,7 @@ import pytest
 
 import train_gpt as tg
 
-VIEWS = (tg.ModelConfig, tg.QuantSpec)
+VIEWS = (tg.ModelConfig, tg.QuantSpec, tg.DocTTTConfig)
 
 
 @pytest.mark.parametrize("view", VIEWS, ids=lambda v: v.__name__)
