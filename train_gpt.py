@@ -1792,9 +1792,25 @@ def training_kernels(model: nn.Module):
         route(False)
 
 
+CUDA_GRID_Y_MAX = 65_535  # gridDim.y limit (x: 2**31 - 1)
+
+
+def mlp_kernel_problems(M: int, N: int, K: int, blocks=MLP_BLOCKS) -> list[str]:
+    """Why mlp_matmul cannot take an (M,K) @ (K,N) product: its offsets are int32 (each operand and the
+    output under 2**31 elements) and its grid is (cdiv(M, BM), cdiv(N, BN)). [] when it can."""
+    problems = [f"{name} has {n:,} elements, over int32 offsets" for name, n in
+                (("the (M,N) output", M * N), ("the (M,K) input", M * K), ("the (K,N) weight", K * N)) if n >= 2**31]
+    if -(-N // blocks[1]) > CUDA_GRID_Y_MAX:
+        problems.append(f"N={N} needs {-(-N // blocks[1]):,} column blocks, over gridDim.y {CUDA_GRID_Y_MAX}")
+    return problems
+
+
 def _launch_mlp_matmul(a: Tensor, b: Tensor, out: Tensor, pre: Tensor, slope: float, dpre: bool, blocks):
     """a (M,K) @ b (K,N) (any strides) through mlp_matmul into the (M,N) buffers out and pre."""
     (M, K), N = a.shape, b.shape[1]
+    problems = mlp_kernel_problems(M, N, K, blocks)
+    if problems:
+        raise ValueError(f"FUSED_MLP_ENABLED: the fused MLP matmul cannot run ({'; '.join(problems)})")
     k, (bm, bn, bk) = _triton_kernels(), blocks
     grid = (k.triton.cdiv(M, bm), k.triton.cdiv(N, bn))
     k.mlp_matmul[grid](a, b, out, pre, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -2413,9 +2429,9 @@ def muon_momentum(step: int, h: Hyperparameters) -> float:
 
 class Schedule:
     """Everything that follows training progress, built once per run: the wall-clock cap (less the
-    calibration reserve), the LR multiplier (lr_scale), Muon's momentum (muon_momentum) and the step
-    at which depth recurrence switches on. `used` is the budget fraction both read: the wall clock
-    when capped, ITERATIONS otherwise."""
+    calibration reserve), the LR multiplier (lr_scale) and the step at which depth recurrence switches
+    on (Muon's momentum is muon_momentum(step), set by train_step). `used` is the budget fraction
+    both read: the wall clock when capped, ITERATIONS otherwise."""
 
     def __init__(self, h: Hyperparameters):
         self.h = h
@@ -2427,9 +2443,6 @@ class Schedule:
 
     def lr_scale(self, step: int, elapsed_ms: float) -> float:
         return lr_scale(step, elapsed_ms, self.cap_ms, self.h)
-
-    def muon_momentum(self, step: int) -> float:
-        return muon_momentum(step, self.h)
 
     def update_looping(self, model: GPT, step: int, elapsed_ms: float):
         """Depth recurrence switch-on (#1412 -> #1493): at the first step that has used ENABLE_LOOPING_AT."""
@@ -2568,7 +2581,7 @@ def train_step(model, opts: list, loader, h: Hyperparameters, rt: Runtime, geome
     for opt in opts:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
-    opts[-1].param_groups[0]["momentum"] = muon_momentum(step, h)  # = Schedule.muon_momentum
+    opts[-1].param_groups[0]["momentum"] = muon_momentum(step, h)
     if h.grad_clip_norm > 0 and h.grad_clip_mode == "averaged":
         clip_grad_norm(params, h.grad_clip_norm, muon, rt)
     for opt in opts:

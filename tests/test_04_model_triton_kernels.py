@@ -150,3 +150,18 @@ def test_knob_on_cuda_without_triton_logs_the_fallback(monkeypatch):
     assert tg.select_train_kernels(h, "cuda") == ("train_kernels: mlp:eager ce:eager (fallback: FUSED_*_ENABLED=1 "
                                                  "but triton is not importable; the eager path runs)")
     assert tg._TRAIN_KERNELS == {"mlp": False, "ce": False}
+
+
+def test_the_fused_mlp_fits_the_cuda_limits_at_the_records_per_gpu_shape():
+    """The GPU limits the fused MLP matmul could break (int32 offsets, gridDim.y), modelled from the
+    frontier preset's per-GPU micro-batch: forward x @ W_up^T and the backward d_pre product."""
+    h = tg.Hyperparameters.from_env({"PRESET": "frontier"})
+    M, hidden = h.micro_batch_seqs * h.train_seq_len, int(h.mlp_mult * h.model_dim)
+    assert (M, hidden, h.model_dim) == (98_304, 2048, 512)  # 48 x 2048 tokens per GPU, the record's shape
+    assert tg.mlp_kernel_problems(M, hidden, h.model_dim) == []  # forward: (M,d) @ (d,hidden)
+    assert tg.mlp_kernel_problems(M, hidden, h.model_dim) == tg.mlp_kernel_problems(M, hidden, hidden) == []
+    # 11x the rows puts the (M, hidden) output past int32 offsets (8x still fits); a 4.2M-wide N past gridDim.y
+    assert tg.mlp_kernel_problems(8 * M, hidden, h.model_dim) == []
+    assert tg.mlp_kernel_problems(11 * M, hidden, h.model_dim) == ["the (M,N) output has 2,214,592,512 elements, "
+                                                                   "over int32 offsets"]
+    assert "over gridDim.y 65535" in tg.mlp_kernel_problems(1, 64 * 65_536, 1)[0]
