@@ -781,7 +781,6 @@ class DocTTTConfig(View):
     compile_mode: typing.Literal["default", "max-autotune-no-cudagraphs", "max-autotune"]
     seed: int
     eval_seq_len: int
-    eval_batch_seqs: int
     ttt_chunk_size: int
     ttt_batch_size: int
     ttt_grad_steps: int
@@ -808,6 +807,126 @@ class DocTTTConfig(View):
     global_ttt_chunk_tokens: int
     global_ttt_batch_seqs: int
     global_ttt_grad_clip: float
+
+
+
+@dataclass(frozen=True)
+class CompileConfig(View):
+    """torch.compile's switch and mode: what maybe_compile reads, for training and eval alike."""
+    compile: int
+    compile_mode: typing.Literal["default", "max-autotune-no-cudagraphs", "max-autotune"]
+
+
+@dataclass(frozen=True)
+class BatchConfig(View):
+    """The global training batch, split into micro-steps by batch_geometry (training and calibration)."""
+    train_seq_len: int
+    train_batch_tokens: int
+    micro_batch_seqs: int
+
+
+@dataclass(frozen=True)
+class TrainConfig(CompileConfig, BatchConfig):
+    """What train() reads (the loader, optimizers, Schedule, weight averaging, training kernels). The
+    wall-clock cap leaves GPTQ_RESERVE_SECONDS to calibration when GPTQ_CALIB=train (rule B2)."""
+    seed: int
+    train_loader: typing.Literal["sequential", "coprime", "packed"]
+    loader_prefetch: int
+    fused_mlp_enabled: bool
+    fused_ce_enabled: bool
+    num_loops: int
+    enable_looping_at: float
+    doc_masking: bool
+    bos_id: int
+    iterations: int
+    warmdown_iters: int
+    warmdown_frac: float
+    min_lr: float
+    warmup_steps: int
+    max_wallclock_seconds: float
+    train_log_every: int
+    matrix_lr: float
+    scalar_lr: float
+    tied_embed_lr: float
+    muon_momentum: float
+    muon_momentum_warmup_start: float
+    muon_momentum_warmup_steps: int
+    muon_backend_steps: int
+    muon_wd: float
+    muon_row_normalize: bool
+    muon_ns_coeffs: typing.Literal["classic", "polar_express"]
+    muon_sharded: bool
+    adam_wd: float
+    embed_wd: float
+    beta1: float
+    beta2: float
+    adam_eps: float
+    grad_clip_norm: float
+    grad_clip_mode: typing.Literal["averaged", "local"]
+    ema_decay: float
+    ema_warmup: bool
+    swa_every: int
+    swa_start_scale: float
+    gptq_calib: typing.Literal["train", "selfgen", "none"]
+    gptq_reserve_seconds: float
+    data_path: str
+
+    train_files = Hyperparameters.train_files
+
+
+@dataclass(frozen=True)
+class CalibConfig(BatchConfig):
+    """What calibrate() reads: the Hessians' source and size, inside the training budget (rule B2)."""
+    seed: int
+    max_wallclock_seconds: float
+    gptq_calib: typing.Literal["train", "selfgen", "none"]
+    gptq_calib_batches: int
+    gptq_calib_attention: typing.Literal["masked", "dense"]
+    gptq_selfgen_temp: float
+
+
+@dataclass(frozen=True)
+class TTTConfig(View):
+    """What EVAL_MODE=sliding's score-first TTT reads (ttt_evaluate and its chunk trainer)."""
+    eval_seq_len: int
+    eval_stride: int
+    eval_batch_seqs: int
+    ttt_lr: float
+    ttt_epochs: int
+    ttt_chunk_tokens: int
+    ttt_freeze_blocks: int
+    ttt_momentum: float
+    ttt_optimizer: typing.Literal["sgd", "adamw", "adam"]
+    ttt_batch_seqs: int
+    ttt_grad_clip: float
+    beta1: float
+    beta2: float
+    adam_eps: float
+
+
+@dataclass(frozen=True)
+class EvalConfig(DocTTTConfig, TTTConfig):
+    """What evaluate_final reads: the val data, the phases and their budget, and each phase's own
+    view (DocTTTConfig, TTTConfig) by inheritance, so it passes itself to them."""
+    data_path: str
+    caseops_enabled: bool
+    eval_artifact: str
+    token_losses_dir: str
+    vocab_size: int
+    doc_masking: bool
+    bos_id: int
+    train_seq_len: int
+    ttt_enabled: bool
+    slot_enabled: bool
+    slot_steps: int
+    slot_lr: float
+    eval_mode: typing.Literal["sliding", "doc"]
+    eval_budget_seconds: float
+    eval_phases: str
+
+    val_files = Hyperparameters.val_files
+    val_bytes_files = Hyperparameters.val_bytes_files
+    eval_phase_list = Hyperparameters.eval_phase_list
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1080,7 +1199,7 @@ def check_train_shards(pattern: str) -> str:
     return f"train_shards:{len(paths)} train_tokens:{total} digest:{digest.hexdigest()[:16]}"
 
 
-def val_shard_paths(h: "Hyperparameters") -> list[str]:
+def val_shard_paths(h: EvalConfig) -> list[str]:
     """The val token shards: fineweb_val_*.bin without the CaseOps byte sidecars (fineweb_val_bytes_*)."""
     paths = [p for p in shard_paths(h.val_files) if not os.path.basename(p).startswith("fineweb_val_bytes_")]
     if not paths:
@@ -1088,7 +1207,7 @@ def val_shard_paths(h: "Hyperparameters") -> list[str]:
     return paths
 
 
-def val_bytes_paths(h: "Hyperparameters") -> list[str]:
+def val_bytes_paths(h: EvalConfig) -> list[str]:
     """CASEOPS_ENABLED: the byte sidecar shards, one per val token shard with the same token count
     (checked from the headers alone, before training; never a silent fall-back to the byte tables)."""
     tok = val_shard_paths(h)
@@ -1315,12 +1434,12 @@ class PrefetchLoader:
 TRAIN_LOADERS = {"sequential": SequentialLoader, "coprime": CoprimeLoader, "packed": PackedLoader}
 
 
-def packed_segment_len(h: Hyperparameters) -> int:
+def packed_segment_len(h: TrainConfig) -> int:
     """GPT.segment_len for training: TRAIN_SEQ_LEN with the packed loader's long rows, else 0 (the row)."""
     return h.train_seq_len if h.train_loader == "packed" and h.doc_masking else 0
 
 
-def make_train_loader(h: Hyperparameters, rt: Runtime):
+def make_train_loader(h: TrainConfig, rt: Runtime):
     loader = TRAIN_LOADERS[h.train_loader](shard_paths(h.train_files), rt, h.seed)
     loader.one_row = h.doc_masking
     if h.doc_masking:  # the capacity check runs here, on the host, before the compiled forward
@@ -1399,7 +1518,7 @@ def resolve_bos_id(h: Hyperparameters, sp) -> Hyperparameters:
     return h
 
 
-def load_validation(h: Hyperparameters, sp, rt: Runtime, seq_len: int) -> ValidationData:
+def load_validation(h: EvalConfig, sp, rt: Runtime, seq_len: int) -> ValidationData:
     """All val shards in sorted order. Called only once evaluation starts (rules C1, C3)."""
     stream = np.concatenate([read_shard(p) for p in val_shard_paths(h)])
     usable = (len(stream) - 1) // seq_len * seq_len
@@ -1760,7 +1879,7 @@ def _ce_kernels(triton, tl) -> dict:
     return dict(softcap_ce_fwd=softcap_ce_fwd, softcap_ce_bwd=softcap_ce_bwd)
 
 
-def select_train_kernels(h: Hyperparameters, device_type: str) -> str:
+def select_train_kernels(h: TrainConfig, device_type: str) -> str:
     """Which training MLP/loss path is in force (FUSED_MLP_ENABLED, FUSED_CE_ENABLED), chosen once
     per process as the attention backend is; returns the log line. A knob on without triton or off
     CUDA falls back to eager and says so."""
@@ -2148,13 +2267,13 @@ def build_model(cfg: ModelConfig, rt: Runtime) -> GPT:
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 
 
-def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
+def compile_enabled(h: CompileConfig, rt: Runtime) -> bool:
     """COMPILE=-1 (default): on CUDA only, CPU runs eagerly (interface.md); 1 forces it on CPU too
     (inductor's C++ backend: slow to build, used to test the compiled path); 0: off."""
     return h.compile > 0 or (h.compile < 0 and rt.is_cuda)
 
 
-def compile_kwargs(h: Hyperparameters) -> dict:
+def compile_kwargs(h: CompileConfig) -> dict:
     """maybe_compile's torch.compile arguments. COMPILE_MODE=default passes no mode (the call as it
     always was); max-autotune-no-cudagraphs: Inductor's Triton matmul templates, whose epilogue can
     take the LeakyReLU^2 (issue 16 item 3); max-autotune adds CUDA graphs."""
@@ -2162,7 +2281,7 @@ def compile_kwargs(h: Hyperparameters) -> dict:
     return dict(dynamic=False, fullgraph=True, **mode)
 
 
-def maybe_compile(module, h: Hyperparameters, rt: Runtime):
+def maybe_compile(module, h: CompileConfig, rt: Runtime):
     if compile_enabled(h, rt):
         return torch.compile(module, **compile_kwargs(h))
     return module
@@ -2383,7 +2502,7 @@ def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def compiled_newton_schulz(h: Hyperparameters, rt: Runtime) -> typing.Callable:
+def compiled_newton_schulz(h: TrainConfig, rt: Runtime) -> typing.Callable:
     """newton_schulz, compiled (one graph per bank shape) when MUON_SHARDED is active under COMPILE;
     otherwise the eager function itself, so MUON_SHARDED=0 runs today's code."""
     if h.muon_sharded and rt.distributed and compile_enabled(h, rt):
@@ -2391,7 +2510,7 @@ def compiled_newton_schulz(h: Hyperparameters, rt: Runtime) -> typing.Callable:
     return newton_schulz
 
 
-def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, h: TrainConfig, rt: Runtime) -> list[torch.optim.Optimizer]:
     g = param_groups(model)
     adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=rt.is_cuda)
     embed_wd = h.adam_wd if h.embed_wd == -1.0 else h.embed_wd  # EMBED_WD apart from ADAM_WD (#1218)
@@ -2405,7 +2524,7 @@ def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.
     return opts
 
 
-def lr_scale(step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameters) -> float:
+def lr_scale(step: int, elapsed_ms: float, cap_ms: float, h: TrainConfig) -> float:
     """LR multiplier: 1, then linear to 0 at the end, floored at MIN_LR once it starts to fall.
     WARMDOWN_FRAC > 0 (frontier.md 3.4, PR #1787): the warmdown is that fraction of the budget, the
     wall clock (cap_ms) when capped, else ITERATIONS. Otherwise, with a cap, the warmdown spans
@@ -2422,7 +2541,7 @@ def lr_scale(step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameters) ->
     return max(remaining_ms / max(warmdown_ms, 1e-9), h.min_lr) if remaining_ms <= warmdown_ms else 1.0
 
 
-def muon_momentum(step: int, h: Hyperparameters) -> float:
+def muon_momentum(step: int, h: TrainConfig) -> float:
     f = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - f) * h.muon_momentum_warmup_start + f * h.muon_momentum
 
@@ -2433,7 +2552,7 @@ class Schedule:
     on (Muon's momentum is muon_momentum(step), set by train_step). `used` is the budget fraction
     both read: the wall clock when capped, ITERATIONS otherwise."""
 
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, h: TrainConfig):
         self.h = h
         self.reserve_ms = 1000 * h.gptq_reserve_seconds if h.gptq_calib == "train" else 0.0
         self.cap_ms = max(1000 * h.max_wallclock_seconds - self.reserve_ms, 1.0) if h.max_wallclock_seconds > 0 else 0.0
@@ -2550,7 +2669,7 @@ class TrainResult:
     last_loss: float = math.nan  # the last step's loss, the ranks' mean when logged (PREFLIGHT=1's finite check)
 
 
-def batch_geometry(h: Hyperparameters, rt: Runtime) -> tuple[int, int]:
+def batch_geometry(h: BatchConfig, rt: Runtime) -> tuple[int, int]:
     """(sequences per rank per micro-step, gradient accumulation steps) for a global batch of
     TRAIN_BATCH_TOKENS at any world size: the fewest micro-steps of at most MICRO_BATCH_SEQS."""
     seqs = h.train_batch_tokens // h.train_seq_len
@@ -2562,7 +2681,7 @@ def batch_geometry(h: Hyperparameters, rt: Runtime) -> tuple[int, int]:
     return per_rank // accum, accum
 
 
-def train_step(model, opts: list, loader, h: Hyperparameters, rt: Runtime, geometry: tuple[int, int],
+def train_step(model, opts: list, loader, h: TrainConfig, rt: Runtime, geometry: tuple[int, int],
                params: list[nn.Parameter], scale: float, step: int) -> Tensor:
     """One optimizer step over grad_accum micro-batches; returns the mean training loss."""
     seqs, accum = geometry
@@ -2590,7 +2709,7 @@ def train_step(model, opts: list, loader, h: Hyperparameters, rt: Runtime, geome
     return total / accum
 
 
-def warm_up(model, opts: list, base_model: GPT, h: Hyperparameters, rt: Runtime, geometry, params):
+def warm_up(model, opts: list, base_model: GPT, h: TrainConfig, rt: Runtime, geometry, params):
     """Compile warm-up on real batches, then restore weights, optimizer state and data position:
     it is not an LR warm-up and its time is not counted (rule B1)."""
     saved = copy.deepcopy(base_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
@@ -2605,7 +2724,7 @@ def warm_up(model, opts: list, base_model: GPT, h: Hyperparameters, rt: Runtime,
         opt.load_state_dict(state)
 
 
-def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
+def train(model, base_model: GPT, h: TrainConfig, rt: Runtime):
     """Train until ITERATIONS or the wall-clock cap (MAX_WALLCLOCK_SECONDS less the calibration
     reserve). Returns the result, the weight averager and the loader (calibration continues it)."""
     params = list(base_model.parameters())
@@ -2628,7 +2747,7 @@ def train(model, base_model: GPT, h: Hyperparameters, rt: Runtime):
                 loader.close()  # the thread ends; batches it prepared are served first to calibration
 
 
-def _train_loop(model, base_model: GPT, h: Hyperparameters, rt: Runtime, params, opts, geometry, loader):
+def _train_loop(model, base_model: GPT, h: TrainConfig, rt: Runtime, params, opts, geometry, loader):
     averager, schedule = WeightAverager(base_model, h.ema_decay, h.ema_warmup), Schedule(h)
     cap_ms = schedule.cap_ms
     log(f"train:cap_ms:{cap_ms:.0f} calib_reserve_ms:{schedule.reserve_ms if cap_ms else 0:.0f} loader:{h.train_loader}")
@@ -2746,7 +2865,7 @@ def generate_sequences(model: GPT, n_seqs: int, seq_len: int, temperature: float
     return out
 
 
-def calibrate(base_model: GPT, loader, h: Hyperparameters, rt: Runtime, train_ms: float = 0.0) -> Calibration:
+def calibrate(base_model: GPT, loader, h: CalibConfig, rt: Runtime, train_ms: float = 0.0) -> Calibration:
     """Hessians for GPTQ: from training batches inside the training budget (rules B2, C3; logged
     with the `train_ms` before them), or from text the model generates itself after training (no
     data; rule B4), or none."""
@@ -2858,6 +2977,13 @@ class QuantSpec(View):
         return self.embed_clip_sigmas if name.startswith("tok_emb.") else self.mlp_clip_sigmas if ".mlp." in name \
             else self.attn_clip_sigmas if ".attn." in name else self.matrix_clip_sigmas
 
+
+
+@dataclass(frozen=True)
+class PackConfig(QuantSpec):
+    """What serialize() reads: the QuantSpec, the compressor and whether GPTQ is split over the ranks."""
+    quant_compressor: typing.Literal["zstd", "lzma", "brotli", "pergroup", "auto"]
+    gptq_split: bool
 
 def row_clip(W: Tensor, quantile: float = 1.0) -> Tensor:
     """Per-row clip: that quantile of |row| (max|row| at 1.0); zeros for an empty W."""
@@ -3405,14 +3531,13 @@ class ArtifactBuild:
     pruned: int
 
 
-def build_artifact(state: dict[str, Tensor], hessians: dict[str, Tensor], h: Hyperparameters,
+def build_artifact(state: dict[str, Tensor], hessians: dict[str, Tensor], cfg: ModelConfig, h: PackConfig,
                    budget_bytes: int | None = None,
                    gptq: dict[str, tuple[Tensor, Tensor]] | None = None) -> ArtifactBuild:
     """Quantized state -> artifact blob: quantize (QuantSpec from h; `gptq`: the GPTQ'd matrices
     already computed, see split_gptq), serialize, compress once with QUANT_COMPRESSOR (auto: once
     with each, the smallest kept), then prune to fit budget_bytes (None: no pruning)."""
     qstate = quantize_state(state, hessians, QuantSpec.of(h), gptq)
-    cfg = ModelConfig.of(h)
     raw = artifact_payload(qstate, cfg)
     blobs, compressed = {}, {}
     for method in COMPRESSORS if h.quant_compressor == "auto" else (h.quant_compressor,):
@@ -3451,7 +3576,7 @@ def unpack_artifact(blob: bytes) -> tuple[ModelConfig, dict]:
     return cfg, dequantize_state(qstate)
 
 
-def read_artifact(path: str, h: Hyperparameters) -> tuple[ModelConfig, dict]:
+def read_artifact(path: str, h: EvalConfig) -> tuple[ModelConfig, dict]:
     """unpack_artifact of the file at `path`, checked against VOCAB_SIZE: every problem one ConfigError."""
     if not os.path.isfile(path):
         raise ConfigError(f"EVAL_ARTIFACT={path}: file not found")
@@ -3489,7 +3614,7 @@ def write_artifact(blob: bytes, path: str, limit: int = SIZE_LIMIT_BYTES) -> dic
     return sizes
 
 
-def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, rt: Runtime) -> tuple[dict, float]:
+def serialize(base_model: GPT, hessians: dict[str, Tensor], h: PackConfig, rt: Runtime) -> tuple[dict, float]:
     """Quantize (data-free after calibration), compress, check the cap, write. With GPTQ_SPLIT and
     several ranks, every rank GPTQs its share of the matrices first (split_gptq; the same bytes as
     one process); the rest (LQER, the other tensors, compression, pruning) is on rank 0, while the
@@ -3503,7 +3628,7 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
     if rt.is_main:
         try:
             budget = SIZE_LIMIT_BYTES - PRUNE_MARGIN_BYTES - code_bytes()
-            built = build_artifact(state, hessians, h, budget, gptq)
+            built = build_artifact(state, hessians, base_model.cfg, h, budget, gptq)
             log(f"quant:payload:{built.payload_bytes} " + " ".join(
                 f"{m}:{n}bytes/{sec:.1f}s" for m, (n, sec) in built.compressed.items()) + f" chosen:{built.compressor}")
             if built.pruned:
@@ -3699,7 +3824,7 @@ def slot_nll_function(model: GPT, steps: int, lr: float):
     return nll
 
 
-def evaluate(nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime, stride: int,
+def evaluate(nll_fn, val: ValidationData, h: EvalConfig, rt: Runtime, stride: int,
              losses: TokenLosses | None = None, limit: int | None = None) -> EvalResult:
     """Plain eval is stride == EVAL_SEQ_LEN (disjoint windows); sliding eval uses EVAL_STRIDE.
     limit: at most that many windows per rank, the first of its share (None: all)."""
@@ -3771,7 +3896,7 @@ def base_ttt_step(opt: torch.optim.Optimizer, params: list, rt: Runtime, clip: f
 
 
 def ttt_train_chunk(model: GPT, opt, params: list, val: ValidationData, starts: np.ndarray, epochs: int,
-                    h: Hyperparameters, rt: Runtime, trace: list | None, chunk: int):
+                    h: TTTConfig, rt: Runtime, trace: list | None, chunk: int):
     """SGD on the whole sequences starting at `starts` (already scored), TTT_BATCH_SEQS per step
     across all ranks; the loss is normalised by the global batch so any world size agrees."""
     L = h.eval_seq_len
@@ -3790,7 +3915,7 @@ def ttt_train_chunk(model: GPT, opt, params: list, val: ValidationData, starts: 
             base_ttt_step(opt, params, rt, h.ttt_grad_clip, accumulate)
 
 
-def ttt_base_optimizer(model: GPT, h: Hyperparameters) -> tuple[list, torch.optim.Optimizer]:
+def ttt_base_optimizer(model: GPT, h: TTTConfig) -> tuple[list, torch.optim.Optimizer]:
     """ttt_evaluate's trained weights (all but the first TTT_FREEZE_BLOCKS blocks), their gradient
     buffers made zero, and their TTT_OPTIMIZER (SGD with momentum, or AdamW)."""
     for i, block in enumerate(model.blocks):
@@ -3818,7 +3943,7 @@ class EpochPlanner:
     changes: int = 0
 
     def after_chunk(self, c: int, n_chunks: int, t_chunk: float, t_train: float, now: float,
-                    h: Hyperparameters, rt: Runtime):
+                    h: TTTConfig, rt: Runtime):
         """Chunk c was scored from t_chunk, trained from t_train until now (clock seconds)."""
         self.trained.append(self.epochs)
         self.score_times.append(t_train - t_chunk)
@@ -3836,7 +3961,7 @@ class EpochPlanner:
             self.epochs, self.changes = planned, self.changes + 1
 
 
-def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: Hyperparameters, rt: Runtime,
+def ttt_evaluate(model: GPT, nll_fn, val: ValidationData, h: TTTConfig, rt: Runtime,
                  losses: TokenLosses | None = None, trace: list | None = None,
                  deadline: float | None = None, limit: int | None = None) -> EvalResult:
     """Legal score-first test-time training (rules A1-A5). The stride windows are grouped into
@@ -3915,7 +4040,7 @@ def doc_windows(spans: np.ndarray, seq_len: int, chunk: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
 
-def evaluate_docs(nll_fn, val: ValidationData, spans: np.ndarray, h: Hyperparameters, rt: Runtime,
+def evaluate_docs(nll_fn, val: ValidationData, spans: np.ndarray, h: EvalConfig, rt: Runtime,
                   losses: TokenLosses | None = None, limit: int | None = None) -> EvalResult:
     """Document-isolated scoring without adaptation: the `doc` phase, next to `sliding`.
     limit: at most that many windows per rank, the first of its share (None: all)."""
@@ -4441,7 +4566,7 @@ def validation_documents(val: ValidationData, bos_id: int) -> np.ndarray:
     return spans
 
 
-def compile_warm_up(nll_fn, h: Hyperparameters, rt: Runtime, vocab: int):
+def compile_warm_up(nll_fn, h: EvalConfig, rt: Runtime, vocab: int):
     """Compile the eval forward on random tokens, never validation tokens (rule A4, frontier.md 8.3),
     inside the eval clock; a no-op when nothing is compiled."""
     if not (rt.is_cuda and h.compile != 0):
@@ -4455,7 +4580,7 @@ def compile_warm_up(nll_fn, h: Hyperparameters, rt: Runtime, vocab: int):
     log(f"eval:compile_warmup tokens:random shape:{tuple(x.shape)} time:{rt.clock() - t:.1f}s")
 
 
-def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, prequant_model: GPT | None = None,
+def evaluate_final(h: EvalConfig, rt: Runtime, sp, artifact_path: str, prequant_model: GPT | None = None,
                    spent_s: float = 0.0, started: float | None = None,
                    artifact: tuple[ModelConfig, dict] | None = None) -> tuple[dict[str, EvalResult | None], float, int]:
     """Everything after training, timed as the eval budget: from `started` (the evaluation
@@ -4517,7 +4642,7 @@ def evaluate_final(h: Hyperparameters, rt: Runtime, sp, artifact_path: str, preq
     return results, eval_ms, len(val.tokens) - 1
 
 
-def artifact_model(h: Hyperparameters, rt: Runtime, artifact: tuple[ModelConfig, dict],
+def artifact_model(h: EvalConfig, rt: Runtime, artifact: tuple[ModelConfig, dict],
                    compiled: bool) -> tuple[ModelConfig, GPT, typing.Callable]:
     """The network rebuilt from the artifact alone and its scoring forward, compiled and warmed up
     when `compiled` (a phase runs it)."""
@@ -4531,7 +4656,7 @@ def artifact_model(h: Hyperparameters, rt: Runtime, artifact: tuple[ModelConfig,
     return cfg, model, nll_fn
 
 
-def eval_phases_run(h: Hyperparameters) -> list[str]:
+def eval_phases_run(h: EvalConfig) -> list[str]:
     """The phases evaluate_final runs, in EVAL_PHASE_ORDER: EVAL_PHASES's list, or (auto) prequant
     after a training run, roundtrip, doc (EVAL_MODE=doc) or sliding, slot if SLOT_ENABLED, ttt if
     TTT_ENABLED."""
@@ -4541,13 +4666,13 @@ def eval_phases_run(h: Hyperparameters) -> list[str]:
             + ["slot"] * h.slot_enabled + ["ttt"] * h.ttt_enabled)
 
 
-def eval_phases_skipped(h: Hyperparameters) -> list[str]:
+def eval_phases_skipped(h: EvalConfig) -> list[str]:
     """The phases auto would run that EVAL_PHASES leaves out: logged and summarized as skipped (null)."""
     run = eval_phases_run(h)
     return [p for p in eval_phases_run(dataclasses.replace(h, eval_phases="auto")) if p not in run]
 
 
-def eval_compiled_forwards(h: Hyperparameters, phases: typing.Sequence[str]) -> list[str]:
+def eval_compiled_forwards(h: EvalConfig, phases: typing.Sequence[str]) -> list[str]:
     """The eval forwards evaluate_final compiles and warms up (each costs a compile when COMPILE is
     on) for these phases: the trained weights' (prequant), the artifact model's plain forward
     (roundtrip, sliding, sliding-mode TTT, doc without DOC_MASKING) and with DOC_MASKING the doc
@@ -4558,7 +4683,7 @@ def eval_compiled_forwards(h: Hyperparameters, phases: typing.Sequence[str]) -> 
     return ["prequant"] * ("prequant" in ph) + ["artifact"] * artifact + ["doc"] * doc_own
 
 
-def eval_deadline_seconds(h: Hyperparameters) -> float:
+def eval_deadline_seconds(h: EvalConfig) -> float:
     """Seconds after training by which the last score must be in: the TTT planner's deadline (from
     the eval clock's start, less post-training work already spent) and PREFLIGHT=plan's limit, one
     definition. EVAL_BUDGET_SECONDS (default EVAL_LIMIT_MS / 1000, rule B3) less the named reserve
@@ -4729,18 +4854,18 @@ def preflight_measure(h: Hyperparameters, rt: Runtime) -> dict:
     model. Seconds, max over ranks."""
     short = dataclasses.replace(h, iterations=h.preflight_steps + 1, warmup_steps=0, max_wallclock_seconds=0.0)
     base_model = build_model(ModelConfig.of(h), rt)
-    result, _, loader = train(maybe_compile(base_model, h, rt), base_model, short, rt)  # the real loop, no warm-up
+    result, _, loader = train(maybe_compile(base_model, h, rt), base_model, TrainConfig.of(short), rt)  # no warm-up
     m = dict(train_compile_s=result.first_step_ms / 1000, loss_nan=float(not math.isfinite(result.last_loss)),
              step_s=(result.train_time_ms - result.first_step_ms) / 1000 / h.preflight_steps)
     m["peak_alloc_mib"], m["peak_reserved_mib"] = rt.max_memory_mib()
     log(f"preflight:trained steps:{h.preflight_steps + 1} last_train_loss:{result.last_loss:.4f}")
-    calib = calibrate(base_model, loader, h, rt)
+    calib = calibrate(base_model, loader, CalibConfig.of(h), rt)
     hessians = calib.hessians
     m["calib_s"], m["selfgen_s"] = calib.calib_time_ms / 1000, calib.selfgen_time_ms / 1000
     state, spec = {n: p.detach() for n, p in base_model.state_dict().items()}, QuantSpec.of(h)
     gptq, m["gptq_s"] = rt.timed(lambda: {n: gptq_tensor(n, t, hessians, spec) for n, t in state.items()
                                            if quant_kind(n, t, spec) == "gptq"})  # all of it: GPTQ_SPLIT's share apart
-    built, t = rt.timed(lambda: build_artifact(state, hessians, h, gptq=gptq))  # as serialize(), without pruning
+    built, t = rt.timed(lambda: build_artifact(state, hessians, base_model.cfg, PackConfig.of(h), gptq=gptq))  # as serialize(), no pruning
     m["compress_s"] = sum(sec for _, sec in built.compressed.values())
     m["quantize_s"], m["model_bytes"], m["payload_bytes"] = t - m["compress_s"], len(built.blob), built.payload_bytes
     (cfg, state), m["decompress_s"] = rt.timed(lambda: unpack_artifact(built.blob))  # as read_artifact
@@ -4759,18 +4884,18 @@ def preflight_eval_measure(model: GPT, h: Hyperparameters, rt: Runtime) -> dict:
     evaluate's first batch (the compile), then PREFLIGHT_EVAL_WINDOWS windows (the machine's pace
     per window); sliding-mode TTT (ttt_evaluate) over two chunks less their scoring; EVAL_MODE=doc's
     TTT: preflight_doc_measure. Seconds."""
-    C, L, m = h.ttt_chunk_tokens, h.eval_seq_len, {}
+    C, L, m, ev = h.ttt_chunk_tokens, h.eval_seq_len, {}, EvalConfig.of(h)
     stream = stand_in_stream(h, max(2 * C, L + h.preflight_eval_windows * h.eval_stride) + 1).to(rt.device)
     nll_fn = maybe_compile(nll_function(model), h, rt)
-    m["eval_compile_s"] = evaluate(nll_fn, stream, h, rt, h.eval_stride, limit=h.eval_batch_seqs).time_ms / 1000
+    m["eval_compile_s"] = evaluate(nll_fn, stream, ev, rt, h.eval_stride, limit=h.eval_batch_seqs).time_ms / 1000
     per_rank = max(h.preflight_eval_windows // rt.world_size, 1)
-    m["window_s"] = evaluate(nll_fn, stream, h, rt, h.eval_stride, limit=per_rank).time_ms / 1000 / (
+    m["window_s"] = evaluate(nll_fn, stream, ev, rt, h.eval_stride, limit=per_rank).time_ms / 1000 / (
         per_rank * rt.world_size)
     ttt = "ttt" in eval_phases_run(h)
     if ttt and h.eval_mode != "doc":  # two chunks: score, train TTT_EPOCHS on the first, score; minus the scoring
         two = ValidationData(stream.tokens[:2 * C + 1], 2 * C + 1, stream.base_bytes, stream.has_leading_space,
                              stream.is_boundary)
-        r = ttt_evaluate(model, nll_fn, two, h, rt)
+        r = ttt_evaluate(model, nll_fn, two, ev, rt)
         n_scored = len(sliding_windows(2 * C, L, h.eval_stride))
         m["ttt_chunk_train_s"] = max(r.time_ms / 1000 - n_scored * m["window_s"], 0.0)
     if ttt and h.eval_mode == "doc":
@@ -5083,7 +5208,7 @@ def plan_documents(h: Hyperparameters) -> np.ndarray:
     return np.stack((np.cumsum(n) - n, n), axis=1)
 
 
-def phase_tokens_run(spans: np.ndarray, plan: LoraSchedule, h: Hyperparameters) -> int:
+def phase_tokens_run(spans: np.ndarray, plan: LoraSchedule, h: DocTTTConfig) -> int:
     """Tokens the global phases train on, every epoch, counting only phases with batches after them."""
     return h.global_ttt_epochs * sum(int(spans[d, 1].sum()) for p, d in enumerate(plan.phase_docs)
                                      if not schedule_done_after(plan, p))
@@ -5102,7 +5227,7 @@ def gptq_split_share(h: Hyperparameters, world_size: int) -> float:
     return max(loads) / sum(loads)
 
 
-def lora_prior_pace(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, rt: Runtime | None = None) -> list[float]:
+def lora_prior_pace(h: DocTTTConfig, spans: np.ndarray, plan: LoraSchedule, rt: Runtime | None = None) -> list[float]:
     """Each queue batch's seconds per token-position of work at zero grad steps on an H100, from the
     record's logged rates (RECORD_LORA_LONG/SHORT_TOKENS_PER_S, measured at RECORD_LORA_GRAD_STEPS;
     the planner's STEP_COST model), times EAGER_TTT_FACTOR unless the LoRA path is compiled: the
@@ -5113,7 +5238,7 @@ def lora_prior_pace(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, r
                         else RECORD_LORA_SHORT_TOKENS_PER_S) for q in plan.queue]
 
 
-def lora_prior_steps(h: Hyperparameters, spans: np.ndarray, plan: LoraSchedule, world_size: int,
+def lora_prior_steps(h: DocTTTConfig, spans: np.ndarray, plan: LoraSchedule, world_size: int,
                      time_left_s: float, rt: Runtime | None = None) -> tuple[int, float]:
     """(grad steps, projected seconds at them) chosen before the first batch: the most (<=
     TTT_GRAD_STEPS) with which the whole schedule fits the time left at the prior pace
@@ -5310,17 +5435,17 @@ def run(h: Hyperparameters, rt: Runtime, started: float, alias_lines: typing.Seq
     if h.eval_artifact:
         record.sizes = artifact_sizes(h.eval_artifact)
         record.results, record.eval_ms, record.val_positions = evaluate_final(
-            h, rt, sp, h.eval_artifact, started=started, artifact=artifact)
+            EvalConfig.of(h), rt, sp, h.eval_artifact, started=started, artifact=artifact)
         return write_summary(h, rt, record)
     base_model = build_model(ModelConfig.of(h), rt)
     model = maybe_compile(base_model, h, rt)
-    record.train, averager, loader = train(model, base_model, h, rt)
+    record.train, averager, loader = train(model, base_model, TrainConfig.of(h), rt)
     apply_weight_average(base_model, averager, h.weight_average)
-    record.calib = calibrate(base_model, loader, h, rt, record.train.train_time_ms)
-    record.sizes, record.quant_time_ms = serialize(base_model, record.calib.hessians, h, rt)
+    record.calib = calibrate(base_model, loader, CalibConfig.of(h), rt, record.train.train_time_ms)
+    record.sizes, record.quant_time_ms = serialize(base_model, record.calib.hessians, PackConfig.of(h), rt)
     try:
         record.results, record.eval_ms, record.val_positions = evaluate_final(
-            h, rt, sp, ARTIFACT_NAME, base_model, record.post_train_ms / 1000)
+            EvalConfig.of(h), rt, sp, ARTIFACT_NAME, base_model, record.post_train_ms / 1000)
     except ConfigError as e:  # e.g. a bad val shard: its contents are first read here (rule C1)
         raise ConfigError(f"{e}; the artifact {ARTIFACT_NAME} is complete: score it with "
                           f"EVAL_ARTIFACT={ARTIFACT_NAME} once the data is fixed") from None
