@@ -66,7 +66,9 @@ from torch import Tensor
 #
 # Every knob is a field of Hyperparameters, read from the environment in one place (from_env: presets,
 # the records' names, typos) and checked in one place (__post_init__; choices are declared on the field).
-# A part of the run that needs only some fields reads a View of them (ModelConfig, QuantSpec).
+# Each phase of the run reads a View of the fields it needs (ModelConfig, TrainConfig, CalibConfig, PackConfig,
+# EvalConfig with DocTTTConfig and TTTConfig) and passes it on only to code typed with a view inside it;
+# the flat config itself is read only by the run's setup, the report and the drivers (tests check both).
 
 SIZE_LIMIT_BYTES = 16_000_000  # decimal bytes, code + compressed model (challenge README)
 ARTIFACT_NAME = "final_model.int6.ptz"
@@ -3534,9 +3536,10 @@ class ArtifactBuild:
 def build_artifact(state: dict[str, Tensor], hessians: dict[str, Tensor], cfg: ModelConfig, h: PackConfig,
                    budget_bytes: int | None = None,
                    gptq: dict[str, tuple[Tensor, Tensor]] | None = None) -> ArtifactBuild:
-    """Quantized state -> artifact blob: quantize (QuantSpec from h; `gptq`: the GPTQ'd matrices
-    already computed, see split_gptq), serialize, compress once with QUANT_COMPRESSOR (auto: once
-    with each, the smallest kept), then prune to fit budget_bytes (None: no pruning)."""
+    """Quantized state -> artifact blob, logged: serialize's part before the write, which PREFLIGHT=1
+    runs too. Quantize (QuantSpec from h; `gptq`: the GPTQ'd matrices already computed, see
+    split_gptq), serialize, compress once with QUANT_COMPRESSOR (auto: once with each, the smallest
+    kept), then prune to fit budget_bytes (None: no pruning)."""
     qstate = quantize_state(state, hessians, QuantSpec.of(h), gptq)
     raw = artifact_payload(qstate, cfg)
     blobs, compressed = {}, {}
@@ -3546,8 +3549,16 @@ def build_artifact(state: dict[str, Tensor], hessians: dict[str, Tensor], cfg: M
         compressed[method] = (len(blobs[method]), time.perf_counter() - t0)
     method = min(blobs, key=lambda m: (len(blobs[m]), m))
     blob, pruned = blobs[method], 0
+    log(f"quant:payload:{len(raw)} " + " ".join(f"{m}:{n}bytes/{sec:.1f}s" for m, (n, sec) in compressed.items())
+        + f" chosen:{method}")
     if budget_bytes is not None:
         blob, pruned = prune_to_fit(qstate, hessians, cfg, method, budget_bytes, blob)
+    if pruned:
+        log(f"quant:pruned {pruned} GPTQ entries of magnitude 1 (least scale^2*H_jj first) to fit {budget_bytes} "
+            "model bytes")
+    log(f"quant:gptq:{len(qstate['gptq'])} int8:{len(qstate['int8'])} gate:{len(qstate['gate'])} "
+        f"fp16:{len(qstate['fp16'])} lqer:{','.join(qstate['lqer']) or 'none'} clip:{h.quant_clip} "
+        f"gptq_hessians:{len(hessians)}")
     return ArtifactBuild(blob, qstate, method, len(raw), compressed, pruned)
 
 
@@ -3628,16 +3639,8 @@ def serialize(base_model: GPT, hessians: dict[str, Tensor], h: PackConfig, rt: R
     if rt.is_main:
         try:
             budget = SIZE_LIMIT_BYTES - PRUNE_MARGIN_BYTES - code_bytes()
-            built = build_artifact(state, hessians, base_model.cfg, h, budget, gptq)
-            log(f"quant:payload:{built.payload_bytes} " + " ".join(
-                f"{m}:{n}bytes/{sec:.1f}s" for m, (n, sec) in built.compressed.items()) + f" chosen:{built.compressor}")
-            if built.pruned:
-                log(f"quant:pruned {built.pruned} GPTQ entries of magnitude 1 (least scale^2*H_jj first) to fit "
-                    f"{budget} model bytes")
+            built = build_artifact(state, hessians, base_model.cfg, h, budget, gptq)  # logs what it built
             sizes = write_artifact(built.blob, ARTIFACT_NAME)
-            q = built.qstate
-            log(f"quant:gptq:{len(q['gptq'])} int8:{len(q['int8'])} gate:{len(q['gate'])} fp16:{len(q['fp16'])} "
-                f"lqer:{','.join(q['lqer']) or 'none'} clip:{h.quant_clip} gptq_hessians:{len(hessians)}")
         except ConfigError as e:
             error = str(e)
     if rt.any_rank(bool(error)):

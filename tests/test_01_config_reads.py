@@ -170,3 +170,14 @@ def test_every_field_of_a_view_is_read_by_a_function_typed_with_it_or_a_view_ins
                 used |= read[other]
         used |= {f for a in list(used) for f in borrowed.get(a, ())}
         assert fields(view) - used == set(), view
+
+
+# The run's setup before the phases: the log and its header, the tokenizer and its checks.
+SETUP = {"setup_logging", "log_run_header", "load_tokenizer", "check_caseops_tokenizer", "resolve_bos_id"}
+
+
+def test_only_the_setup_the_report_and_the_drivers_take_the_flat_config():
+    lines = inspect.getsource(tg).splitlines()
+    report = lines.index("# Report") + 1  # the report and the drivers follow, to the end of the file
+    flat = {n for n, fn in FUNCTIONS.items() if "Hyperparameters" in config_params(fn).values()}
+    assert flat and {n for n in flat if FUNCTIONS[n].lineno < report} == SETUP
