@@ -326,13 +326,13 @@ class Hyperparameters:
             allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
             self._need(not allowed or getattr(self, f.name) in allowed, f.name.upper(), f"must be one of {allowed}")
         for check in (self._check_sizes, self._check_model, self._check_quant, self._check_train, self._check_eval):
-            check(self._need)
+            check()
 
     def _need(self, cond: bool, var: str, msg: str):
         if not cond:
             raise ConfigError(f"{var}={getattr(self, var.lower())}: {msg}")
 
-    def _check_sizes(self, need: typing.Callable[[bool, str, str], None]):
+    def _check_sizes(self):
         """Counts and sizes that must be positive."""
         for var in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
                     "TRAIN_BATCH_TOKENS", "MICRO_BATCH_SEQS", "ITERATIONS", "EVAL_SEQ_LEN", "EVAL_BATCH_SEQS",
@@ -342,84 +342,85 @@ class Hyperparameters:
                     "TTT_BATCH_SIZE", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "PREFLIGHT_STEPS",
                     "PREFLIGHT_EVAL_WINDOWS", "PREFLIGHT_WORLD_SIZE", "PREFLIGHT_GPU_GIB",
                     "PREFLIGHT_VAL_TOKENS", "PREFLIGHT_VAL_DOCS"):
-            need(getattr(self, var.lower()) > 0, var, "must be > 0")
+            self._need(getattr(self, var.lower()) > 0, var, "must be > 0")
 
-    def _check_model(self, need: typing.Callable[[bool, str, str], None]):
+    def _check_model(self):
         """The network's shape."""
-        need(all(s.strip().isdigit() for s in self.ve_layers.split(",") if s.strip()), "VE_LAYERS",
-             "must be a comma-separated list of layer ids")
-        need(set(self.gate_patterns) <= set(GATE_PARAM_PATTERNS), "QUANT_GATE_PATTERNS",
-             f"must be a comma-separated subset of {','.join(GATE_PARAM_PATTERNS)}")
-        need(self.model_dim % self.num_heads == 0, "MODEL_DIM", "must be divisible by NUM_HEADS")
-        need(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS", "must be divisible by NUM_KV_HEADS")
-        need(0 < self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
-             f"must be even and in (0, head_dim={self.head_dim}]")
-        need(0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N", "must be in [0, NUM_LAYERS]")
-        need(self.num_loops >= 0, "NUM_LOOPS", "must be >= 0")
-        need(self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end, "LOOP_START",
-             f"must be in [0, LOOP_END={self.loop_end}]")
-        need(self.num_loops == 0 or self.loop_end < self.num_layers, "LOOP_END",
-             f"must be < NUM_LAYERS={self.num_layers}")
-        need(0 <= self.enable_looping_at <= 1, "ENABLE_LOOPING_AT", "must be a fraction in [0, 1]")
-        need(0 <= self.parallel_start_layer < self.num_layers, "PARALLEL_START_LAYER",
-             f"must be 0 (off) or a layer id below NUM_LAYERS={self.num_layers}")
-        need(0 < self.gate_window <= self.model_dim, "GATE_WINDOW", f"must be in (0, MODEL_DIM={self.model_dim}]")
-        need(self.sparse_attn_gate_init_std >= 0, "SPARSE_ATTN_GATE_INIT_STD", "must be >= 0")
-        need(all(0 <= i < self.num_layers for i in self.ve_layer_ids), "VE_LAYERS",
-             "layer ids must be in [0, NUM_LAYERS)")
+        self._need(all(s.strip().isdigit() for s in self.ve_layers.split(",") if s.strip()), "VE_LAYERS",
+                   "must be a comma-separated list of layer ids")
+        self._need(set(self.gate_patterns) <= set(GATE_PARAM_PATTERNS), "QUANT_GATE_PATTERNS",
+                   f"must be a comma-separated subset of {','.join(GATE_PARAM_PATTERNS)}")
+        self._need(self.model_dim % self.num_heads == 0, "MODEL_DIM", "must be divisible by NUM_HEADS")
+        self._need(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS", "must be divisible by NUM_KV_HEADS")
+        self._need(0 < self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
+                   f"must be even and in (0, head_dim={self.head_dim}]")
+        self._need(0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N", "must be in [0, NUM_LAYERS]")
+        self._need(self.num_loops >= 0, "NUM_LOOPS", "must be >= 0")
+        self._need(self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end, "LOOP_START",
+                   f"must be in [0, LOOP_END={self.loop_end}]")
+        self._need(self.num_loops == 0 or self.loop_end < self.num_layers, "LOOP_END",
+                   f"must be < NUM_LAYERS={self.num_layers}")
+        self._need(0 <= self.enable_looping_at <= 1, "ENABLE_LOOPING_AT", "must be a fraction in [0, 1]")
+        self._need(0 <= self.parallel_start_layer < self.num_layers, "PARALLEL_START_LAYER",
+                   f"must be 0 (off) or a layer id below NUM_LAYERS={self.num_layers}")
+        self._need(0 < self.gate_window <= self.model_dim, "GATE_WINDOW", f"must be in (0, MODEL_DIM={self.model_dim}]")
+        self._need(self.sparse_attn_gate_init_std >= 0, "SPARSE_ATTN_GATE_INIT_STD", "must be >= 0")
+        self._need(all(0 <= i < self.num_layers for i in self.ve_layer_ids), "VE_LAYERS",
+                   "layer ids must be in [0, NUM_LAYERS)")
 
-    def _check_quant(self, need: typing.Callable[[bool, str, str], None]):
+    def _check_quant(self):
         """Quantization and calibration."""
-        need(self.int6_scale_floor > 0, "INT6_SCALE_FLOOR", "must be > 0")
+        self._need(self.int6_scale_floor > 0, "INT6_SCALE_FLOOR", "must be > 0")
         for var in ("MATRIX_BITS", "EMBED_BITS", "LQER_FACTOR_BITS"):
-            need(2 <= getattr(self, var.lower()) <= 8, var, "must be in 2..8")
+            self._need(2 <= getattr(self, var.lower()) <= 8, var, "must be in 2..8")
         gptq_matrices = 6 * self.num_layers + (self.quant_embed == "gptq")
-        need(not self.lqer_enabled or 0 < self.lqer_top_k <= gptq_matrices, "LQER_TOP_K",
-             f"must be in [1, {gptq_matrices}], the GPTQ'd matrices (6 per layer, +1 with QUANT_EMBED=gptq)")
-        need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE", "must be 0 or >= 2")
+        self._need(not self.lqer_enabled or 0 < self.lqer_top_k <= gptq_matrices, "LQER_TOP_K",
+                   f"must be in [1, {gptq_matrices}], the GPTQ'd matrices (6 per layer, +1 with QUANT_EMBED=gptq)")
+        self._need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE", "must be 0 or >= 2")
 
-    def _check_train(self, need: typing.Callable[[bool, str, str], None]):
+    def _check_train(self):
         """Optimizer, schedule and loader."""
-        need(self.muon_ns_coeffs == "classic" or self.muon_backend_steps <= len(POLAR_EXPRESS_COEFFS),
-             "MUON_BACKEND_STEPS", f"must be <= {len(POLAR_EXPRESS_COEFFS)} with MUON_NS_COEFFS=polar_express "
-             "(one coefficient triple per step)")
-        need(0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC", "must be in [0, 1]")
-        need(0.0 <= self.min_lr < 1.0, "MIN_LR", "must be in [0, 1)")
-        need(self.loader_prefetch >= 0, "LOADER_PREFETCH", "must be >= 0")
-        need(self.embed_wd >= 0 or self.embed_wd == -1.0, "EMBED_WD", "must be >= 0, or -1 for ADAM_WD's value")
-        need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
-             f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        self._need(self.muon_ns_coeffs == "classic" or self.muon_backend_steps <= len(POLAR_EXPRESS_COEFFS),
+                   "MUON_BACKEND_STEPS", f"must be <= {len(POLAR_EXPRESS_COEFFS)} with MUON_NS_COEFFS=polar_express "
+                   "(one coefficient triple per step)")
+        self._need(0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC", "must be in [0, 1]")
+        self._need(0.0 <= self.min_lr < 1.0, "MIN_LR", "must be in [0, 1)")
+        self._need(self.loader_prefetch >= 0, "LOADER_PREFETCH", "must be >= 0")
+        self._need(self.embed_wd >= 0 or self.embed_wd == -1.0, "EMBED_WD", "must be >= 0, or -1 for ADAM_WD's value")
+        self._need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
+                   f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
 
-    def _check_eval(self, need: typing.Callable[[bool, str, str], None]):
+    def _check_eval(self):
         """Evaluation phases, TTT and preflight."""
-        need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", "must be in (0, EVAL_SEQ_LEN]")
-        need(self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
-             f"must be a multiple of EVAL_SEQ_LEN={self.eval_seq_len}")
-        need(0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", "must be in [0, NUM_LAYERS]")
+        self._need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", "must be in (0, EVAL_SEQ_LEN]")
+        self._need(self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
+                   f"must be a multiple of EVAL_SEQ_LEN={self.eval_seq_len}")
+        self._need(0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", "must be in [0, NUM_LAYERS]")
         for var in ("TTT_GRAD_STEPS", "PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_NUM_PHASES", "GLOBAL_TTT_EPOCHS"):
-            need(getattr(self, var.lower()) >= 0, var, "must be >= 0")
-        need(self.eval_mode != "doc" or self.ttt_chunk_size <= self.eval_seq_len, "TTT_CHUNK_SIZE",
-             f"must be <= EVAL_SEQ_LEN={self.eval_seq_len}: a chunk is scored in one window of its document")
-        need(self.ttt_lora_rank > 0 or not (self.eval_mode == "doc" and self.ttt_enabled), "TTT_LORA_RANK",
-             "must be > 0 with LoRA TTT on (EVAL_MODE=doc, TTT_ENABLED=1)")
-        need(self.phased_ttt_num_phases <= self.phased_ttt_prefix_docs, "PHASED_TTT_NUM_PHASES",
-             f"must be <= PHASED_TTT_PREFIX_DOCS={self.phased_ttt_prefix_docs}: each phase needs a document")
-        need(self.eval_phases == "auto" or (bool(self.eval_phase_list) and set(self.eval_phase_list) <= set(EVAL_PHASE_ORDER)
-                                            and len(set(self.eval_phase_list)) == len(self.eval_phase_list)),
-             "EVAL_PHASES", f"must be auto or a comma list of distinct phases of {','.join(EVAL_PHASE_ORDER)}")
+            self._need(getattr(self, var.lower()) >= 0, var, "must be >= 0")
+        self._need(self.eval_mode != "doc" or self.ttt_chunk_size <= self.eval_seq_len, "TTT_CHUNK_SIZE",
+                   f"must be <= EVAL_SEQ_LEN={self.eval_seq_len}: a chunk is scored in one window of its document")
+        self._need(self.ttt_lora_rank > 0 or not (self.eval_mode == "doc" and self.ttt_enabled), "TTT_LORA_RANK",
+                   "must be > 0 with LoRA TTT on (EVAL_MODE=doc, TTT_ENABLED=1)")
+        self._need(self.phased_ttt_num_phases <= self.phased_ttt_prefix_docs, "PHASED_TTT_NUM_PHASES",
+                   f"must be <= PHASED_TTT_PREFIX_DOCS={self.phased_ttt_prefix_docs}: each phase needs a document")
+        phases = self.eval_phase_list
+        self._need(self.eval_phases == "auto" or (bool(phases) and set(phases) <= set(EVAL_PHASE_ORDER)
+                                                  and len(set(phases)) == len(phases)),
+                   "EVAL_PHASES", f"must be auto or a comma list of distinct phases of {','.join(EVAL_PHASE_ORDER)}")
         for phase, ok, why in (("ttt", self.ttt_enabled, "needs TTT_ENABLED=1"),
                                ("slot", self.slot_enabled, "needs SLOT_ENABLED=1"),
                                ("doc", self.eval_mode == "doc", "needs EVAL_MODE=doc"),
                                ("prequant", not self.eval_artifact, "needs the trained weights: EVAL_ARTIFACT loads "
                                                                     "only the artifact")):
-            need(phase not in self.eval_phase_list or ok, "EVAL_PHASES", f"{phase} {why}")
-        need(self.eval_phases == "auto" or set(self.eval_phase_list) - {"slot"}, "EVAL_PHASES",
-             "needs a phase besides slot: causal SLOT is never the headline (rule A7)")
-        need(self.quant_compressor != "pergroup" or zpaq_module() is not None, "QUANT_COMPRESSOR",
-             "pergroup needs the zpaq package: pip install zpaq")
-        need(self.ttt_optimizer != "adam" or self.eval_mode == "doc", "TTT_OPTIMIZER",
-             "adam is the 1.06 records' name for the LoRA TTT optimizer (EVAL_MODE=doc); EVAL_MODE=sliding's "
-             "full-model TTT takes sgd|adamw")
+            self._need(phase not in self.eval_phase_list or ok, "EVAL_PHASES", f"{phase} {why}")
+        self._need(self.eval_phases == "auto" or set(self.eval_phase_list) - {"slot"}, "EVAL_PHASES",
+                   "needs a phase besides slot: causal SLOT is never the headline (rule A7)")
+        self._need(self.quant_compressor != "pergroup" or zpaq_module() is not None, "QUANT_COMPRESSOR",
+                   "pergroup needs the zpaq package: pip install zpaq")
+        self._need(self.ttt_optimizer != "adam" or self.eval_mode == "doc", "TTT_OPTIMIZER",
+                   "adam is the 1.06 records' name for the LoRA TTT optimizer (EVAL_MODE=doc); EVAL_MODE=sliding's "
+                   "full-model TTT takes sgd|adamw")
 
     @property
     def head_dim(self) -> int:
