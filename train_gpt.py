@@ -3119,10 +3119,18 @@ def is_gate_param(name: str, t: Tensor, patterns: tuple[str, ...] = GATE_PARAM_P
     return any(p in name for p in patterns) and GATE_NUMEL_RANGE[0] <= t.numel() <= GATE_NUMEL_RANGE[1]
 
 
+def stored_group(n: int, group: int) -> int:
+    """The group size quantize_groups uses for n entries: `group`, or when dequantize_groups could
+    not tell it from the counts alone (ceil(n / ceil(n / group)) != group, e.g. 10 entries in groups
+    of 6), the largest smaller one it can (the artifact stores codes and scales, not the size)."""
+    return next(g for g in range(min(group, n), 0, -1) if -(-n // -(-n // g)) == g)
+
+
 def quantize_groups(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
     """Asymmetric-range groupwise codes of LQER's factors (#1797): the flattened x in groups of
-    `group`, step max|group| / (2^(bits-1) - 0.5), codes in [-2^(bits-1), 2^(bits-1) - 1]."""
+    `group` (stored_group), step max|group| / (2^(bits-1) - 0.5), codes in [-2^(bits-1), 2^(bits-1) - 1]."""
     flat = x.detach().float().flatten()
+    group = stored_group(flat.numel(), group)
     flat = F.pad(flat, (0, -flat.numel() % group)).view(-1, group)
     half = 2 ** (bits - 1)
     q, s = quantize_rows(flat, stored_step(row_clip(flat), half - 0.5, SDCLIP_SCALE_FLOOR), -half, half - 1)
@@ -3130,7 +3138,7 @@ def quantize_groups(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
 
 
 def dequantize_groups(q: Tensor, s: Tensor) -> Tensor:
-    group = -(-q.numel() // s.numel())
+    group = -(-q.numel() // s.numel())  # exact: stored_group
     flat = F.pad(q.float().flatten(), (0, s.numel() * group - q.numel()))
     return dequantize_rows(flat, s)[:q.numel()].view(q.shape)
 
