@@ -15,10 +15,10 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt as tg  # noqa: E402
+from benchlib import bench_hparams, train_averaged  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data")
 BENCH_MODEL = dict(PRESET="frontier", DATA_PATH=os.path.join(DATA, "standin_sp8192"),
@@ -31,22 +31,12 @@ BENCH_MODEL = dict(PRESET="frontier", DATA_PATH=os.path.join(DATA, "standin_sp81
                    GPTQ_CALIB_BATCHES="16", DEVICE="cpu", COMPILE="0")
 
 
-def hparams(seed: str) -> "tg.Hyperparameters":
-    names = {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}
-    return tg.Hyperparameters.from_env({**BENCH_MODEL, **{k: v for k, v in os.environ.items() if k in names},
-                                        "SEED": seed})
-
-
 def one_seed(seed: str, rt) -> dict:
-    h = hparams(seed)
+    h = bench_hparams(BENCH_MODEL, SEED=seed)
     sp = tg.load_tokenizer(h)
     h = tg.resolve_bos_id(h, sp)
-    torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
-    base = tg.build_model(tg.ModelConfig.of(h), rt)
     t0 = time.perf_counter()
-    result, averager, loader = tg.train(base, base, h, rt)
-    tg.apply_weight_average(base, averager, h.weight_average)
+    base, result, loader = train_averaged(h, rt)
     seqs = tg.batch_geometry(h, rt)[0]
     batches = [loader.next_batch(seqs, h.train_seq_len) for _ in range(h.gptq_calib_batches)]  # same for both
     dense = [(x.reshape(-1, h.train_seq_len), y.reshape(-1, h.train_seq_len)) for x, y in batches]

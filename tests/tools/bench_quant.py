@@ -19,11 +19,10 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt as tg  # noqa: E402
+from benchlib import train_averaged  # noqa: E402
 
 
 def rtn_state(state: dict, hessians: dict, block: int, embed_gptq: bool = False,
@@ -39,11 +38,7 @@ def main() -> int:
     h = tg.Hyperparameters.from_env(os.environ)
     rt = tg.setup_runtime(h.device, os.environ)
     tg.select_attention_backend(h.attn_backend, rt.device.type)
-    torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
-    base = tg.build_model(tg.ModelConfig.of(h), rt)
-    result, averager, loader = tg.train(tg.maybe_compile(base, h, rt), base, h, rt)
-    tg.apply_weight_average(base, averager, h.weight_average)
+    base, result, loader = train_averaged(h, rt, compiled=True)
     hess = {"none": {}}
     for source in ("train", "selfgen"):
         t0 = time.perf_counter()

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt as tg  # noqa: E402
+from benchlib import bench_hparams, train_averaged  # noqa: E402
 
 BENCH_MODEL = dict(PRESET="tiny", NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2",
                    MLP_MULT="4.0", ROPE_DIMS="16", XSA_LAST_N="4", VE_LAYERS="2,3", VE_DIM="32",
@@ -29,22 +30,13 @@ BENCH_MODEL = dict(PRESET="tiny", NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4"
                    GPTQ_CALIB="train", GPTQ_CALIB_BATCHES="8", TTT_ENABLED="0")
 
 
-def hparams() -> "tg.Hyperparameters":
-    return tg.Hyperparameters.from_env({**BENCH_MODEL, **{k: v for k, v in os.environ.items()
-                                                          if k in {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}}})
-
-
 def train_or_load(h, rt, path: str) -> tuple[dict, dict]:
     """(averaged state dict, training-data Hessians), trained once and cached at `path`."""
     if os.path.exists(path):
         saved = torch.load(path, weights_only=True)
         return saved["state"], saved["hessians"]
-    torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
-    base = tg.build_model(tg.ModelConfig.of(h), rt)
     t0 = time.perf_counter()
-    result, averager, loader = tg.train(base, base, h, rt)
-    tg.apply_weight_average(base, averager, h.weight_average)
+    base, result, loader = train_averaged(h, rt)
     hessians = tg.calibrate(base, loader, h, rt).hessians
     print(f"bench_quant_frontier:trained steps:{result.steps} seconds:{time.perf_counter() - t0:.0f}")
     state = {n: p.detach().clone() for n, p in base.state_dict().items()}
@@ -97,7 +89,7 @@ VARIANTS = {  # name -> QuantSpec changes against the seed stack's defaults
 
 
 def main() -> int:
-    h = hparams()
+    h = bench_hparams(BENCH_MODEL)
     rt = tg.setup_runtime(h.device, os.environ)
     tg.select_attention_backend(h.attn_backend, rt.device.type)
     state, hessians = train_or_load(h, rt, os.environ.get("BENCH_WEIGHTS", "/tmp/bench_quant_frontier.pt"))
