@@ -235,7 +235,7 @@ class Hyperparameters:
     ema_warmup: bool = True  # decay min(EMA_DECAY, (1+step)/(10+step)): early steps do not keep the init
     swa_every: int = 50  # steps between SWA snapshots during the warmdown
     swa_start_scale: float = 0.2  # SWA collects once the LR scale is below this
-    weight_average: typing.Literal["ema", "swa", "blend"] = "ema"  # ema | swa | blend (mean of the two): what gets quantized
+    weight_average: typing.Literal["ema", "blend"] = "ema"  # ema | blend (the mean of EMA and SWA): what gets quantized
     # quantization and artifact
     gptq_calib: typing.Literal["train", "selfgen", "none"] = "train"  # train (inside the cap) | selfgen (model-generated text) | none (GPTQ-lite)
     gptq_calib_batches: int = 64  # train: micro-batches per rank; selfgen: sequences in all
@@ -297,8 +297,6 @@ class Hyperparameters:
     ttt_compile_dynamic: bool = True  # compiled LoRA TTT forward with dynamic shapes (rows, length); 0: static
     phased_ttt_prefix_docs: int = 2500  # global SGD phases cover the first this many documents of the queue
     phased_ttt_num_phases: int = 0  # 0 = plain LoRA TTT; N = global SGD at N boundaries over the prefix
-    phased_ttt_select: typing.Literal["shortest", "prefix"] = "shortest"  # phase p trains on the b shortest scored docs (the record) | prefix (queue's b longest)
-    ttt_balance: typing.Literal["lpt", "round_robin"] = "lpt"  # batches to ranks per phase segment: lpt (most work first, least-loaded rank) | round_robin
     ttt_split_batches: bool = False  # lpt, > 1 rank: halve heavy batches (A seeds then differ from 1 rank without warm start)
     global_ttt_lr: float = 0.001  # SGD on the base weights, cosine over the phase's steps
     global_ttt_momentum: float = 0.9
@@ -799,11 +797,9 @@ class DocTTTConfig(View):
     ttt_mlp_lora: bool
     ttt_lora_per_slot: bool
     ttt_compile_dynamic: bool
-    ttt_balance: typing.Literal["lpt", "round_robin"]
     ttt_split_batches: bool
     phased_ttt_prefix_docs: int
     phased_ttt_num_phases: int
-    phased_ttt_select: typing.Literal["shortest", "prefix"]
     global_ttt_lr: float
     global_ttt_momentum: float
     global_ttt_epochs: int
@@ -4349,29 +4345,20 @@ def split_heavy_batches(queue: list[np.ndarray], cuts: list[int], work, world_si
 
 def lora_schedule(spans: np.ndarray, h: DocTTTConfig, world_size: int) -> LoraSchedule:
     """The LoRA TTT plan, a pure function of the spans and knobs. Segments cut the queue at the
-    phase boundaries; TTT_BALANCE=lpt spreads each segment's batches by work (round_robin: by
-    index). Phase p trains on the b_p shortest documents scored before its pause
-    (PHASED_TTT_SELECT=shortest, the record's reading, review F5) or on the queue's first b_p
-    (prefix: the longest)."""
+    phase boundaries; each segment's batches are spread over the ranks by work (lpt_assign). Phase p
+    trains on the b_p shortest documents scored before its pause (the record's reading, review F5)."""
     queue = ttt_queue(spans, h.ttt_batch_size)
-    order = np.concatenate(queue)
     bounds = phase_boundaries(len(spans), h.ttt_batch_size, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases)
     cuts = [0] + [min(k, len(queue)) for k, _ in bounds] + [len(queue)]
     bw = lambda q: lora_batch_work(spans[q], h.ttt_chunk_size, h.eval_seq_len)
-    if h.ttt_balance == "lpt" and h.ttt_split_batches and world_size > 1:
+    if h.ttt_split_batches and world_size > 1:
         queue, cuts = split_heavy_batches(queue, cuts, bw, world_size)
     work = [bw(q) for q in queue]
     segs = [list(range(cuts[s], cuts[s + 1])) for s in range(len(cuts) - 1)]
-    if h.ttt_balance == "lpt":
-        per_seg = [lpt_assign(b, work, world_size) for b in segs]
-    else:
-        per_seg = [[b[r::world_size] for r in range(world_size)] for b in segs]
+    per_seg = [lpt_assign(b, work, world_size) for b in segs]
     mine = [[per_seg[s][r] for s in range(len(segs))] for r in range(world_size)]
     phase_docs = []
-    for p, (_, b) in enumerate(bounds):
-        if h.phased_ttt_select == "prefix":
-            phase_docs.append(order[:b])
-            continue
+    for p, (_, b) in enumerate(bounds):  # the shortest first, ties: the earlier start
         scored = np.concatenate(queue[:cuts[p + 1]])
         phase_docs.append(scored[np.lexsort((spans[scored, 0], spans[scored, 1]))][:b])
     return LoraSchedule(queue, mine, work, phase_docs, cuts)
@@ -4482,7 +4469,7 @@ def log_lora_start(h: DocTTTConfig, spans: np.ndarray, plan: LoraSchedule):
         f"chunk:{h.ttt_chunk_size} context:{h.eval_seq_len} rank:{h.ttt_lora_rank} alpha:{h.ttt_lora_alpha} "
         f"lr:{h.ttt_lora_lr} grad_steps:{h.ttt_grad_steps} warm_start_a:{int(h.ttt_warm_start_a)} "
         f"phases:{len(plan.phase_docs)} phase_docs:{[len(d) for d in plan.phase_docs]} "
-        f"phase_select:{h.phased_ttt_select} balance:{h.ttt_balance} protocol:score_first")
+        f"phase_select:shortest balance:lpt protocol:score_first")
 
 
 def lora_global_phase(model: GPT, val: ValidationData, spans: np.ndarray, plan: LoraSchedule, seg: int,
