@@ -1,4 +1,5 @@
-"""Section 01 of train_gpt.py, config: Hyperparameters, the records' aliases, presets, views and what each phase reads.
+"""Section 01 of train_gpt.py, config: Hyperparameters, the records' aliases, presets, views and
+what each phase reads.
 
 Hyperparameters.from_env: record defaults, the tiny preset and its precedence, strict parsing of
 booleans/ints/floats, unknown owned variables, impossible shapes and enum values, an import

@@ -26,8 +26,8 @@ a missing, misaligned or short sidecar and a tokenizer/flag mismatch are one err
 
 Document masking's FA3 varlen path (issue 19 F1): segment starts against an independent walk,
 cu_seqlens of a small static length (varlen_capacity) whose attention equals each segment run on
-its own and the old B*T+1 padding, the host-side overflow check (a VarlenOverflow, and exit 2 from
-the script), the count at the record's shapes on the sp8192 stand-in train shard, and single-document
+its own and the old B*T+1 padding, the host-side overflow check (a VarlenOverflow; the script's exit 2 is in
+test_14_errors.py), the count at the record's shapes on the sp8192 stand-in train shard, and single-document
 rows (doc phase, LoRA TTT, global TTT) that never reach the varlen kernel and score the same.
 FA3 is replaced by a reference varlen function (per-segment SDPA), so all of it runs on CPU.
 

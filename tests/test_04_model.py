@@ -1,4 +1,5 @@
-"""Section 04 of train_gpt.py, model: the seed model, the frontier options, FA3 through kernels, Triton kernels.
+"""Section 04 of train_gpt.py, model: the seed model, the frontier options, FA3 through kernels,
+Triton kernels.
 
 Model tests (stack.md sections 3-5): parameter counts of the record configs, causality of the
 whole stack, the loss and its reductions, BigramHash buckets, partial RoPE, XSA, the U-Net skips,

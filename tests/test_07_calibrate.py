@@ -1,4 +1,5 @@
-"""Section 07 of train_gpt.py, calibrate: the GPTQ reserve, Hessians, the calibration forward, self-generated text.
+"""Section 07 of train_gpt.py, calibrate: the GPTQ reserve, Hessians, the calibration forward,
+self-generated text.
 
 Single-process calibration tests (GPTQ_SPLIT on 2 processes is in test_12_two_process.py): the
 wallclock cap keeps GPTQ_RESERVE_SECONDS for calibration; collect_hessians against X^T X from our

@@ -1,4 +1,5 @@
-"""Section 08 of train_gpt.py, quantize and pack: GPTQ and int6, the frontier quantizer, pergroup, the packed script.
+"""Section 08 of train_gpt.py, quantize and pack: GPTQ and int6, the frontier quantizer, pergroup,
+the packed script.
 
 Quantization and serialization (train_gpt.py section "Quantization and serialization";
 spec/stack.md section 7; rules D1/D2).
@@ -7,8 +8,8 @@ Covers:
 - gptq_quantize with H=None against round-to-nearest computed here in numpy: one clip candidate
   (scale = fp16(max(clip/31, 1/31)) per row), and the full candidate list (each row keeps the
   candidate with the least squared error), on rows above and below the 1/31 scale floor;
-- full-Hessian GPTQ beats RTN in output error ||X (W - Wq)^T||^2 on correlated activations, and on
-  a tiny GPT with Hessians from collect_hessians (checked against X^T X from our own hooks);
+- full-Hessian GPTQ beats RTN in output error ||X (W - Wq)^T||^2 on correlated activations (on a tiny
+  GPT with Hessians from collect_hessians: test_07_calibrate.py);
   dead inputs (diag(H) = 0) quantize to 0;
 - error bounds of the int6 and int8 row quantizers, value ranges and dtypes;
 - quantize_state classification (int6 / int8 / fp16), pack/unpack bitwise exactness with both
@@ -30,7 +31,7 @@ Covers:
   unpacks bit for bit; QUANT_COMPRESSOR=auto compresses once per compressor and keeps the smallest;
 - pruning to fit lands under the budget with the new formats in a few compressions (counted);
 - GPTQ's Cholesky fallback: more damping, then the identity Hessian, logged with the matrix name;
-- the process group's timeout; bad input (compressor, bits, LQER_TOP_K) -> one error line, exit 2;
+- the process group's timeout (bad input, one error line and exit 2: test_14_errors.py);
 - an artifact written with every option on loads with EVAL_ARTIFACT alone.
 
 QUANT_COMPRESSOR=pergroup (issue 19 finding 4): #1855's per-group layout with zpaq for its lrzip,
@@ -49,7 +50,7 @@ reads every byte value back; the packed file is small, stdlib-only Python that u
 source and runs as the script itself (`__name__`, `__file__`, the source's line numbers in a
 traceback); run on the tiny CPU path it gives the same scores as the source (bit for bit), logs as
 code bytes its own size on disk and the source inside as the logged code, and counts artifact total =
-that + model bytes; the usage error.
+that + model bytes (the usage error: test_14_errors.py).
 
     python3 -m pytest -q tests/test_08_quantize.py -m "slow or not slow"
 """

@@ -18,7 +18,8 @@ for plain and adapted scoring (zero adapters are bit-identical to the plain mode
 option set), every adapter live, adapters per virtual slot (TTT_LORA_PER_SLOT=1: pass j of a looped
 layer uses slot j; 0 is the pre-change shared adapter bit for bit), the per-document flip test (rule
 A2) with warm-start A, global phases and per-slot adapters, a step-before-score variant that the
-flip test catches, the planners on a virtual clock with a slow first chunk/batch, and bad input.
+flip test catches, the planners on a virtual clock with a slow first chunk/batch (bad input:
+test_14_errors.py).
 
 CPU only, about half a minute:
 

@@ -2,7 +2,7 @@
 
 Rules a reviewer checks (shared/spec/rules.md): validation data opened only after the artifact
 is written (C1, C3), the eval-budget planner for TTT (B3), the compliance audit and RECORD=1,
-pruning to a byte target (D1), self-generated calibration, and the multi-seed summarizer's
+pruning to a byte target (D1), and the multi-seed summarizer's
 statistics against scipy (F1).
 
 The committed record files describe the shipped script: train.log's `code:` line (bytes and

@@ -5,7 +5,7 @@ End to end: the real script as a subprocess on the tiny preset and a tiny Senten
 Covers the interface (interface.md): the log (sorted hyperparameters, final labels), the summary
 JSON, the artifact and its size (rule D1), EVAL_ARTIFACT reproducing a run's scores from the
 artifact and the val shard alone (rules C1, C2), TOKEN_LOSSES_DIR files, bitwise determinism,
-one-line errors with exit status 2 and nothing left behind, and (slow) 2 gloo processes against 1.
+and (slow) 2 gloo processes against 1 (the one-line errors with exit status 2: test_14_errors.py).
 
 PRESET=frontier end to end at tiny dims (env overrides on top of the preset): every phase on
 CPU, looping switched on mid-run and kept for calibration, eval and TTT; 1 and 2 processes
