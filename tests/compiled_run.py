@@ -1,4 +1,4 @@
-"""The run's compiled phases in miniature, for tests/test_02_runtime_compile_cpu.py and tests/gpu/: training
+"""The run's compiled phases in miniature, for tests/test_02_runtime.py and tests/gpu/: training
 steps through `maybe_compile(model)`, sliding eval and score-first TTT through
 `maybe_compile(nll_function(model))`, with TorchDynamo's counters read after each phase so that a
 test can assert one graph per phase, no graph break and no recompile across steps and batches."""

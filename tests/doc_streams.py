@@ -73,3 +73,13 @@ def run_doc(model, val, h, rt, lora: bool):
     else:
         r = tg.evaluate_docs(tg.nll_function(model), val, spans, h, rt, losses)
     return r, losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Random token rows with BOS about every bos_every tokens (test_03_data.py, test_07_calibrate.py)
+
+def random_ids(shape, bos_every: float, seed: int) -> torch.Tensor:
+    g = np.random.default_rng(seed)
+    ids = g.integers(4, 60, shape)
+    ids[g.random(shape) < 1 / bos_every] = BOS
+    return torch.from_numpy(ids)

@@ -1,6 +1,9 @@
 """Helpers shared by several test files (and tests/tools/preset_fingerprint.py): each was written in
 the file named in its section and moved here unchanged when the tests were regrouped by section."""
 
+import dataclasses
+import re
+
 import numpy as np
 import torch
 
@@ -9,7 +12,7 @@ from conftest import quant_spec
 
 
 # ---------------------------------------------------------------------------------------------
-# Byte tables (test_03_data_bpb.py, test_03_data_vocab.py)
+# Byte tables (test_03_data.py)
 
 BOS = 1
 
@@ -52,7 +55,7 @@ def check_every_piece(sp):
 
 
 # ---------------------------------------------------------------------------------------------
-# The frontier model's parameter count (test_04_model_frontier.py, test_11_drivers_frontier_e2e.py, test_01_config_presets.py)
+# The frontier model's parameter count (test_04_model.py, test_11_drivers.py, test_01_config.py)
 
 def frontier_param_count(V, L, d, H, kv_heads, mlp_mult, window, n_virtual):
     """Written from frontier.md 2.9, independently of the model code."""
@@ -64,7 +67,7 @@ def frontier_param_count(V, L, d, H, kv_heads, mlp_mult, window, n_virtual):
 
 
 # ---------------------------------------------------------------------------------------------
-# A tiny PRESET=frontier run's environment (test_11_drivers_frontier_e2e.py, test_01_config_presets.py, tools/preset_fingerprint.py)
+# A tiny PRESET=frontier run's environment (test_11_drivers.py, test_01_config.py, tools/preset_fingerprint.py)
 
 ITERATIONS = 12
 
@@ -87,7 +90,7 @@ def frontier_env(data, **overrides) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Every preset at tiny dims (test_01_config_presets.py, tools/preset_fingerprint.py)
+# Every preset at tiny dims (test_01_config.py, tools/preset_fingerprint.py)
 
 TINY_KEEP_PRESET = {"train_loader", "gptq_reserve_seconds", "ttt_epochs"}
 
@@ -98,7 +101,7 @@ TINY_EXTRA = {"pr639": dict(TTT_FREEZE_BLOCKS=1),  # "the first 9 of 11" becomes
 
 def tiny_preset_env(name: str, data) -> dict:
     if name == "pr1855":
-        # plain tiny shards: the CaseOps data path runs in test_03_data_caseops.py's tiny run
+        # plain tiny shards: the CaseOps data path runs in test_03_data.py's tiny run
         return frontier_env(data, PRESET="pr1855", CASEOPS_ENABLED=0, RUN_ID=name, ITERATIONS=4,
                             TRAIN_BATCH_TOKENS=1024,
                             PHASED_TTT_PREFIX_DOCS=4, PHASED_TTT_NUM_PHASES=1, TTT_BATCH_SIZE=16,
@@ -113,7 +116,7 @@ def tiny_preset_env(name: str, data) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# A trained-like state dict and every quantizer option (test_08_quantize_frontier.py, test_08_quantize_pergroup.py)
+# A trained-like state dict and every quantizer option (test_08_quantize.py)
 
 def trained_like_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """A small state dict with the real names: 2 layers of block matrices, a tied embedding,
@@ -136,3 +139,51 @@ def trained_like_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 ALL_OPTIONS = quant_spec(quant_clip="sdclip", quant_embed="gptq", embed_bits=7, gated_attn_quant_gate=True,
                          lqer_enabled=True, lqer_top_k=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPTQ on a tiny GPT with trained-like weights (test_07_calibrate.py, test_08_quantize.py)
+
+BLOCK_LINEAR = re.compile(r"^blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight$")
+
+
+def output_error(X: torch.Tensor, W: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> float:
+    D = (W.double() - tg.dequantize_rows(q, s).double())
+    return float((X.double() @ D.T).pow(2).sum())
+
+
+def realistic_model(hparams, vocab_size: int | None = None, seed: int = 1) -> tg.GPT:
+    """A tiny GPT whose weights have trained-like magnitudes: block matrices with rows above the
+    1/31 floor, nonzero zero-initialised projections and bigram table."""
+    cfg = tg.ModelConfig.of(hparams)
+    if vocab_size is not None:
+        cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    model = tg.GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if tg.is_int6_matrix(name, p) or name == "tok_emb.weight":
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def token_batches(vocab: int, n: int = 3, B: int = 4, T: int = 64, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (B, T + 1), generator=g)
+        out.append((ids[:, :-1], ids[:, 1:]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_gpu_step's output (test_12_two_process.py, test_13_tools.py)
+
+def bench_step_rows(out: str) -> tuple[list[dict], list[str], dict]:
+    """bench_gpu_step's measured rows (key=value dicts), its skipped rows and its done line."""
+    lines = [line.removeprefix("bench_step:") for line in out.splitlines() if line.startswith("bench_step:")]
+    kv = lambda text: dict(w.split("=", 1) for w in text.split() if "=" in w)  # noqa: E731
+    rows = [kv(x) for x in lines if x.startswith("compile_mode=")]
+    return rows, [x for x in lines if x.startswith("skipped ")], kv(lines[-1].removeprefix("done"))

@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python3 tests/tools/preset_fingerprint.py OUT.json --check BEFORE.json
 
 Each preset runs as `python3 train_gpt.py` on the tests' tiny dataset with the tests' tiny
-overrides (tests/test_01_config_presets.py, tests/test_11_drivers_frontier_e2e.py): shapes shrink, what the preset is
+overrides (tests/test_01_config.py, tests/test_11_drivers.py): shapes shrink, what the preset is
 about stays. Recorded per preset: every eval phase's val_loss and val_bpb as logged, the
 artifact's bytes and sha256 and the steps trained (not the code
 bytes, which any edit moves). --check exits 1 naming every difference.

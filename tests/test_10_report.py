@@ -1,14 +1,22 @@
-"""Rules a reviewer checks (shared/spec/rules.md): validation data opened only after the artifact
+"""Section 10 of train_gpt.py, report: compliance rules and the record files.
+
+Rules a reviewer checks (shared/spec/rules.md): validation data opened only after the artifact
 is written (C1, C3), the eval-budget planner for TTT (B3), the compliance audit and RECORD=1,
-pruning to a byte target (D1), self-generated calibration, and the multi-seed summarizer's
+pruning to a byte target (D1), and the multi-seed summarizer's
 statistics against scipy (F1).
 
-    python3 -m pytest -q tests/test_10_report_compliance.py
+The committed record files describe the shipped script: train.log's `code:` line (bytes and
+sha256 of the source that ran) must equal train_gpt.py as committed. Fails whenever train_gpt.py
+changes after train.log was made: rerun tests/README.md's `train.log` command on the final file.
+
+    python3 -m pytest -q tests/test_10_report.py -m "slow or not slow"
 """
 
+import hashlib
 import json
-import re
 import math
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -18,6 +26,10 @@ from scipy import stats
 import summarize
 import train_gpt as tg
 from conftest import tiny_env
+
+
+# ==============================================================================================
+# report compliance
 
 
 @pytest.mark.slow
@@ -135,14 +147,6 @@ def test_prune_to_fit_lands_under_target(tiny_model):
         tg.prune_to_fit(qstate, {}, cfg, "zstd", 100)
 
 
-def test_selfgen_sequences_are_model_samples(tiny_model, runtime):
-    seqs = tg.generate_sequences(tiny_model, 5, 12, 0.8, seed=3, rt=runtime, batch=2)
-    ids = torch.cat(seqs)
-    assert ids.shape == (5, 12) and ids.min() >= 0 and ids.max() < tiny_model.cfg.vocab_size
-    again = torch.cat(tg.generate_sequences(tiny_model, 5, 12, 0.8, seed=3, rt=runtime, batch=2))
-    assert torch.equal(ids, again)
-
-
 def test_welch_matches_scipy():
     new, base = [1.1151, 1.1144, 1.1148], [1.1192, 1.1200, 1.1189, 1.1195]
     ours = summarize.welch(new, base)
@@ -238,25 +242,6 @@ def test_slot_is_never_the_headline_and_breaks_a_record(tiny_data, tmp_path, mon
     assert any(b.startswith("A7") for b in json.load(open("logs/slot2.json"))["compliance"]["broken"])
 
 
-def test_wallclock_cap_stops_training_with_the_calibration_reserve(tiny_data, runtime, tmp_path, monkeypatch, capsys):
-    """MAX_WALLCLOCK_SECONDS=3 with GPTQ_RESERVE_SECONDS=1: the loop stops on the clock at about
-    2 s, long before ITERATIONS, logs stopping_early, and the LR has decayed toward zero."""
-    monkeypatch.chdir(tmp_path)
-    tg.select_attention_backend("sdpa", "cpu")
-    h = tg.Hyperparameters.from_env(tiny_env(tiny_data, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3,
-                                             GPTQ_RESERVE_SECONDS=1, WARMDOWN_ITERS=5, WARMUP_STEPS=0,
-                                             TRAIN_BATCH_TOKENS=1024, TRAIN_LOG_EVERY=1))
-    model = tg.GPT(tg.ModelConfig.of(h))
-    result, _, _ = tg.train(model, model, h, runtime)
-    assert result.stop == "wallclock" and result.cap_ms == 2000
-    assert 5 < result.steps < 100_000
-    assert 2000 <= result.train_time_ms < 2000 + 1000  # the crossing step completes, nothing more
-    out = capsys.readouterr().out
-    assert "stopping_early: wallclock_cap train_time:" in out and f"step:{result.steps}/100000" in out
-    last_scale = float(re.findall(r"lr_scale:(\S+)", out)[-1])
-    assert last_scale < 0.5  # warmdown of ~5 steps before the cap
-
-
 def test_budget_cuts_name_every_cut_of_the_planners_and_nothing_else():
     R = lambda **notes: tg.EvalResult(1.0, 1, 1, notes=notes)  # noqa: E731
     results = {"prequant": R(), "sliding": R(),
@@ -284,3 +269,35 @@ def test_a_small_eval_budget_shows_in_the_summary_line(tiny_data, tmp_path, monk
     summary = json.load(open("logs/nocut.json"))
     assert summary["budget_cuts"] == [] and summary["eval"]["ttt"]["epochs_min"] == 3
     assert open("logs/nocut.txt").read().splitlines()[-1].endswith("budget_cuts:none")
+
+
+# ==============================================================================================
+# report record files
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_train_log_code_hash_is_the_shipped_script():
+    code = (ROOT / "train_gpt.py").read_bytes()
+    lines = [l for l in (ROOT / "train.log").read_text().splitlines() if l.startswith("code: bytes:")]
+    assert len(lines) == 1, f"expected one 'code:' line in train.log, found {len(lines)}"
+    m = re.match(r"code: bytes:(\d+) sha256:([0-9a-f]{64})", lines[0])
+    assert m, lines[0]
+    assert (int(m.group(1)), m.group(2)) == (len(code), hashlib.sha256(code).hexdigest()), (
+        "train.log was made by another train_gpt.py: regenerate it with tests/README.md's train.log command")
+
+
+def test_submission_json_holds_train_log_s_numbers():
+    """submission.json (tests/tools/summarize.py over the seeds) has train.log's seed with the headline
+    val_bpb of its `legal_ttt_exact` line and the artifact bytes of its `Total submission size` line,
+    and its mean is the mean of its seeds."""
+    log = (ROOT / "train.log").read_text()
+    sub = json.loads((ROOT / "submission.json").read_text())
+    seed = re.search(r"^hparam:seed=(\d+)$", log, re.M).group(1)
+    bpb = float(re.search(r"^legal_ttt_exact val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M).group(1))
+    total = int(re.search(r"^Total submission size [^:]*: (\d+) bytes", log, re.M).group(1))
+    assert sub["seed_results"][seed]["val_bpb"] == pytest.approx(bpb, abs=5e-9)
+    assert sub["seed_results"][seed]["artifact_bytes"] == total
+    assert sub["val_bpb"] == pytest.approx(sum(r["val_bpb"] for r in sub["seed_results"].values()) / len(sub["seeds"]))
+    assert "not a leaderboard score" in sub["name"] and "CPU" in sub["hardware"].upper()
+
