@@ -263,11 +263,11 @@ def test_row_quantizers_match_a_numpy_reference_bit_for_bit():
     assert np.array_equal(q.numpy(), rq) and np.array_equal(s.numpy(), rs)
     assert (q[3] == 0).all() and s[3].item() == np.float16(tg.SDCLIP_SCALE_FLOOR)
     assert s[5].item() == 0.25 and q[5, :5].tolist() == [127, 0, 2, -2, 4]
-    for bits, group in ((2, a.size), (4, 64), (4, 7)):
+    for bits, asked, group in ((2, a.size, a.size), (4, 64, 60), (4, 7, 7)):  # 480 entries: 8 groups of 60
         flat = np.pad(a.ravel(), (0, -a.size % group)).reshape(-1, group)
         half = 2 ** (bits - 1)
         rq, rs = numpy_row_codes(flat, np.abs(flat).max(1), half - 0.5, tg.SDCLIP_SCALE_FLOOR, -half, half - 1)
-        q, s = tg.quantize_groups(W, bits, group)
+        q, s = tg.quantize_groups(W, bits, asked)
         assert q.shape == W.shape and np.array_equal(q.numpy().ravel(), rq.ravel()[:a.size])
         assert np.array_equal(s.numpy(), rs), (bits, group)
     clip = torch.quantile(W.abs(), tg.INT8_CLIP_QUANTILE, dim=1).numpy()
@@ -704,12 +704,14 @@ def test_auto_compresses_once_per_compressor_and_keeps_the_smallest(hparams, tin
     real = tg.compress
     monkeypatch.setattr(tg, "compress", lambda raw, m: calls.append(m) or real(raw, m))
     state = {n: p.detach() for n, p in tiny_model.state_dict().items()}
-    built = tg.build_artifact(state, {}, tg.dataclasses.replace(hparams, quant_compressor="auto"), 10**9)
+    built = tg.build_artifact(state, {}, tg.ModelConfig.of(hparams), tg.dataclasses.replace(hparams, quant_compressor="auto"),
+                              10**9)
     assert sorted(calls) == sorted(tg.COMPRESSORS)  # no extra pass for the log line or the cap check
     sizes = {m: n for m, (n, _) in built.compressed.items()}
     assert built.compressor == min(sizes, key=sizes.get) and len(built.blob) == min(sizes.values())
     calls.clear()
-    one = tg.build_artifact(state, {}, tg.dataclasses.replace(hparams, quant_compressor="zstd"), 10**9)
+    one = tg.build_artifact(state, {}, tg.ModelConfig.of(hparams), tg.dataclasses.replace(hparams, quant_compressor="zstd"),
+                            10**9)
     assert calls == ["zstd"] and one.blob == real(tg.artifact_payload(one.qstate, tg.ModelConfig.of(hparams)), "zstd")
 
 

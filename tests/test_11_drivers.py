@@ -662,19 +662,19 @@ def test_lora_largest_chunk_and_global_rows_from_chunk_rows():
 
 
 def test_eval_projection_against_a_hand_computation(monkeypatch):
-    """World 2, one document per batch, no phases, round robin: rank 0 runs batches 0 and 2, rank 1 batch 1.
+    """World 2, one document per batch, no phases, LPT: rank 0 runs batch 0, rank 1 batches 1 and 2.
     The hand computation models the eager LoRA path (pinned); the compiled one (the default) at the end."""
-    h = tg.dataclasses.replace(tg.Hyperparameters(), eval_mode="doc", ttt_balance="round_robin",
+    h = tg.dataclasses.replace(tg.Hyperparameters(), eval_mode="doc",
                                ttt_batch_size=1, ttt_chunk_size=48,
                                eval_seq_len=2048, phased_ttt_num_phases=0, ttt_grad_steps=1)
     spans = spans_of([5000, 3000, 100])
     plan = tg.lora_schedule(spans, h, 2)
-    assert plan.mine == [[[0, 2]], [[1]]] and plan.phase_docs == []
+    assert plan.mine == [[[0]], [[1, 2]]] and plan.phase_docs == []
 
     def work(n):  # rows x padded length per chunk, one document
         return sum(min((ci + 1) * 48, n, 2048) for ci in range(-(-n // 48)))
     assert plan.work == [work(5000), work(3000), work(100)]
-    lora = 1.8 * max(work(5000) / 0.38e6 + work(100) / 0.5e6, work(3000) / 0.38e6)
+    lora = 1.8 * max(work(5000) / 0.38e6, work(3000) / 0.38e6 + work(100) / 0.5e6)
     fwd = 47.85e6 / 6.7 / 8 * 2
     monkeypatch.setattr(tg, "lora_ttt_compiled", lambda h, rt=None: False)
     parts = tg.plan_eval_seconds(h, spans, plan, 2)
