@@ -1278,3 +1278,30 @@ def test_compiled_equals_eager_without_recompiles(backend, model_kind, compiled_
     assert torch.allclose(lc.nll, le.nll, rtol=1e-4, atol=1e-4)  # fp32, reordered sums over 13 chunks of TTT
     assert comp.val_bpb == pytest.approx(eager.val_bpb, rel=1e-5)
 
+
+
+@pytest.mark.slow
+def test_a_second_lora_ttt_run_on_the_same_model_compiles_nothing_new(compiled_h, monkeypatch):
+    """PREFLIGHT=1 times a compiled LoRA TTT run twice on one model (preflight_doc_measure: the first
+    run's extra time is the compile warm-up, the second's is the warm pace): the second run, a new
+    lora_forward over new adapters, must reuse the first run's graphs, and so must a third on other
+    documents of the same shapes' kinds. Counted with dynamo on the eager backend (no codegen)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    compiled_h = dataclasses.replace(compiled_h, ttt_warm_start_a=True, compile=1, **MODELS["plain"])
+    val = make_val(doc_stream(compiled_h.vocab_size, LENGTHS), compiled_h.vocab_size)
+    spans = tg.document_spans(val.tokens.numpy(), BOS)
+    model = noisy_model(compiled_h)
+    counter = CompileCounterWithBackend("eager")
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counter, **kw))
+    torch._dynamo.reset()
+    try:
+        first = tg.lora_ttt_evaluate(model, val, spans, compiled_h, RT)
+        graphs = counter.frame_count
+        second = tg.lora_ttt_evaluate(model, val, spans, compiled_h, RT)
+        assert counter.frame_count == graphs >= 2
+        tg.lora_ttt_evaluate(model, val, spans[::-1].copy(), compiled_h, RT)
+        assert counter.frame_count == graphs
+    finally:
+        torch._dynamo.reset()
+    assert second.val_bpb == first.val_bpb  # the same model and documents: the same scores
