@@ -684,7 +684,7 @@ def test_eval_projection_against_a_hand_computation(monkeypatch):
     assert parts["eval compiles"] == 2 * tg.EVAL_COMPILE_S and "global phases" in parts
     assert parts["global phases"] == 0
     # GPTQ_SPLIT on 2 ranks halves the GPTQ part exactly here: the default model's GPTQ costs split into two
-    # equal halves (tests/test_gptq_split.py); compression stays on rank 0
+    # equal halves (tests/test_12_two_process.py); compression stays on rank 0
     assert parts["quantize+compress"] == pytest.approx(tg.RANK0_COMPRESS_S + tg.GPTQ_S / 2)
     alone = tg.plan_eval_seconds(tg.dataclasses.replace(h, gptq_split=False), spans, plan, 2)["quantize+compress"]
     assert alone == tg.RANK0_COMPRESS_S + tg.GPTQ_S
