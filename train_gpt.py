@@ -4630,7 +4630,7 @@ def evaluate_final(h: EvalConfig, rt: Runtime, sp, artifact_path: str, prequant_
         phase("slot", lambda tl: evaluate(slot_fn, val, h, rt, h.eval_stride, tl),
               f" stride:{h.eval_stride} steps:{h.slot_steps} lr:{h.slot_lr}")
     if "ttt" in run_phases and h.eval_mode == "doc":
-        phase("ttt", lambda tl: lora_ttt_evaluate(model, val, spans, DocTTTConfig.of(h), rt, tl, deadline=deadline))
+        phase("ttt", lambda tl: lora_ttt_evaluate(model, val, spans, h, rt, tl, deadline=deadline))
     elif "ttt" in run_phases:
         phase("ttt", lambda tl: ttt_evaluate(model, nll_fn, val, h, rt, tl, deadline=deadline))
     for name in skipped:

@@ -42,6 +42,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt as tg  # noqa: E402
+from benchlib import script_fields  # noqa: E402
 
 MODES = ("default", "max-autotune-no-cudagraphs")
 PREFETCH = (0, 2)
@@ -65,7 +66,7 @@ def synthetic_shard(folder: str, vocab: int, bos: int, tokens: int, seed: int = 
 def bench_env(tiny: bool, environ, world_size: int) -> dict:
     """The run's environment: the preset, one micro-batch per rank per step, then environ's values."""
     env = dict(TINY_ENV) if tiny else dict(PRESET="frontier")
-    env.update({k: v for k, v in environ.items() if k in {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}})
+    env.update(script_fields(environ))
     preset = tg.PRESETS[env["PRESET"]]
     micro = int(env.get("MICRO_BATCH_SEQS", preset.get("micro_batch_seqs", 48)))
     seq = int(env.get("TRAIN_SEQ_LEN", preset.get("train_seq_len", 2048)))

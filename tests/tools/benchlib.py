@@ -11,10 +11,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import train_gpt as tg  # noqa: E402
 
 
+def script_fields(environ=os.environ) -> dict:
+    """The variables of `environ` that name a Hyperparameters field."""
+    names = {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}
+    return {k: v for k, v in environ.items() if k in names}
+
+
 def bench_hparams(model: dict, **fixed: str) -> "tg.Hyperparameters":
     """`model` (env names -> values), overridden by the fields the environment sets, then `fixed`."""
-    names = {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}
-    return tg.Hyperparameters.from_env({**model, **{k: v for k, v in os.environ.items() if k in names}, **fixed})
+    return tg.Hyperparameters.from_env({**model, **script_fields(), **fixed})
 
 
 def train_averaged(h: "tg.Hyperparameters", rt, compiled: bool = False):
